@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Run the whole test suite: notebook tests (nbdev-test) and pytest, then print "N passed, N failed".
+# Usage: bash tools/test.sh            (from the repository root, with the dev install active)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export MPLBACKEND=Agg
+# one BLAS/OpenMP thread per process: nbdev-test runs notebooks in parallel and oversubscribed threads crawl
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
+bin=$(dirname "$(command -v python)")
+log=$(mktemp)
+
+# notebooks: nbdev-test lists the failing ones; count every notebook it runs
+nb_total=$(python - <<'PY'
+from nbdev.test import _keep_file
+from nbdev.doclinks import nbglob
+print(sum(1 for f in nbglob("nbs", as_path=True) if _keep_file(f, ".notest")))
+PY
+)
+"$bin/nbdev-test" --n-workers 2 --timing 2> >(tee "$log" >&2)
+nb_rc=$?
+nb_failed=$(awk '/Failed On The Following Notebooks/{f=1;next} f && /\.ipynb/{n++} END{print n+0}' "$log")
+[ "$nb_rc" -ne 0 ] && [ "$nb_failed" -eq 0 ] && nb_failed=1
+nb_passed=$((nb_total - nb_failed))
+echo "notebooks: $nb_passed passed, $nb_failed failed (of $nb_total)"
+
+# pytest
+"$bin/python" -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$log"
+py_rc=${PIPESTATUS[0]}
+py_passed=$(grep -Eo '[0-9]+ passed' "$log" | tail -1 | grep -Eo '[0-9]+' || echo 0)
+py_failed=$(grep -Eo '[0-9]+ (failed|error|errors)' "$log" | grep -Eo '[0-9]+' | paste -sd+ | bc 2>/dev/null || echo 0)
+[ -z "$py_failed" ] && py_failed=0
+[ "$py_rc" -ne 0 ] && [ "$py_rc" -ne 5 ] && [ "$py_failed" -eq 0 ] && py_failed=1
+rm -f "$log"
+
+passed=$((nb_passed + py_passed)); failed=$((nb_failed + py_failed))
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
