@@ -1,0 +1,66 @@
+"The `imagerefl` command: config checks before loading, one-line errors with status 2, shipped configs."
+import os, subprocess, sys, filecmp
+from pathlib import Path
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pytest, yaml
+from imagerefl.cli import main
+from imagerefl.train import load_config, config_names, config_dir, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ["sd15_hps21_imagerefl", "sd15_hps21_refl", "sd15_hps21_draftk", "sd15_pickscore_imagerefl", "sdxl_hps21_imagerefl"]
+
+def test_paper_configs_are_shipped_and_valid():
+    assert set(PAPER) <= set(config_names())
+    for name in config_names():
+        cfg = load_config(name)
+        assert isinstance(cfg, TrainConfig)
+    c = load_config("sd15_hps21_imagerefl")
+    assert (c.objective["name"], c.objective["start_index"], c.objective["diffusion_weight"], c.optimizer.lr,
+            c.batch_size * c.gradient_accumulation_steps, c.max_steps) == ("imagerefl", 30, 0.01, 3e-4, 32, 4000)
+    assert load_config("sd15_hps21_draftk").objective["k"] == 1
+    assert load_config("sd15_pickscore_imagerefl").objective["reward_offset"] == -20.0
+
+def test_repo_configs_match_package_configs():
+    "configs/ (repo) is a plain copy of imagerefl/configs/ (package data): the same files, byte for byte."
+    repo = {p.name for p in (ROOT/"configs").glob("*.yaml")}
+    pkg = {p.name for p in config_dir().glob("*.yaml")}
+    assert repo == pkg, f"only in configs/: {repo - pkg}; only in imagerefl/configs/: {pkg - repo}"
+    for n in repo: assert filecmp.cmp(ROOT/"configs"/n, config_dir()/n, shallow=False), n
+
+def test_accelerate_example_configs_parse():
+    for p in (ROOT/"configs"/"accelerate").glob("*.yaml"):
+        assert yaml.safe_load(p.read_text())["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.lrr=1", "unknown key 'optimizer.lrr'"),
+    ("batch_size=eight", "batch_size must be an integer, got 'eight'"),
+    ("objective.start_index=45", "start_index"),
+    ("mixed_precision=fp8", "mixed_precision='fp8' is not allowed: use one of bf16, fp16, no"),
+    ("model.lora_rank=-1", "model.lora_rank=-1 is too small"),
+])
+def test_bad_override_is_one_line_and_status_2(capsys, override, message):
+    assert main(["train", "--config", "sd15_hps21_imagerefl", "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+def test_draftk_k_larger_than_schedule(capsys):
+    assert main(["train", "--config", "sd15_hps21_draftk", "--set", "objective.k=32"]) == 2
+    assert "k must be in [1, num_inference_steps=31]" in capsys.readouterr().err
+
+def test_unknown_config_and_offline_model(capsys, tmp_path):
+    assert main(["train", "--config", "nope"]) == 2
+    assert "neither a yaml file nor a shipped config" in capsys.readouterr().err
+    # a valid config whose model is a hub id that is not cached: one line, before any download is tried
+    assert main(["train", "--config", "sd15_hps21_refl", "--set", f"out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "HF_HUB_OFFLINE=1" in err
+
+def test_console_script_runs_as_module(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "import sys; from imagerefl.cli import main; sys.exit(main())", "train",
+                        "--config", "sd15_hps21_imagerefl", "--set", "seed=x"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "imagerefl: error: seed must be an integer, got 'x'"
+
+def test_configs_subcommand(capsys):
+    assert main(["configs"]) == 0
+    assert "sd15_hps21_imagerefl" in capsys.readouterr().out

@@ -1,0 +1,146 @@
+"Trainer integration: exact resume after SIGINT, LoRA export, DDP on two CPU processes, train() from a config."
+import os, signal, subprocess, sys, textwrap, json
+from pathlib import Path
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pytest, torch
+from torch import nn
+from safetensors.torch import load_file
+from imagerefl.core import UserError
+from imagerefl.testing import tiny_sd_pipeline
+from imagerefl.diffusion import Backbone
+from imagerefl.data import ImageCaptionDataset
+from imagerefl.objectives import ImageReFL, ImageReFLConfig
+from imagerefl.train import Trainer, load_config, PromptDataset, FixedNoiseObjective, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+class Brightness(nn.Module):
+    def forward(self, images, prompts): return images.float().mean((1, 2, 3))
+
+def images_data(n=10, res=32):
+    g = torch.Generator().manual_seed(0)
+    return ImageCaptionDataset(list(torch.rand(n, 3, res, res, generator=g)), [f"a photo of thing {i}" for i in range(n)], res)
+
+def cfg(out, *over):
+    base = dict(out_dir=str(out), mixed_precision="no", log_with="none", max_steps=4, batch_size=2, gradient_accumulation_steps=2,
+                checkpoint_every=0, export=False, model=dict(scheduler="ddpm", gradient_checkpointing=False),
+                validation=dict(every=0), optimizer=dict(name="adam", lr=1e-3),
+                objective=dict(name="imagerefl", num_inference_steps=6, start_index=3, max_mid_index=6, min_mid_index=3))
+    return load_config(base, list(over))
+
+class SignalAt(ImageReFL):
+    "ImageReFL that sends this process SIGINT at micro-batch `at` (as Ctrl-C would)."
+    def __init__(self, at, **kw): super().__init__(ImageReFLConfig(**kw)); self.at = at
+    def __call__(self, *a, **k):
+        out = super().__call__(*a, **k)
+        if self.calls == self.at: signal.raise_signal(signal.SIGINT)
+        return out
+
+def run(out, objective, *over):
+    bb = Backbone(tiny_sd_pipeline(resolution=32), scheduler="ddpm", num_inference_steps=6)
+    tr = Trainer(cfg(out, *over), bb, objective, Brightness(), images_data())
+    return tr, tr.fit()
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
+    kw = dict(num_inference_steps=6, start_index=3, max_mid_index=6, min_mid_index=3)
+    full, r = run(tmp_path/"a", ImageReFL(ImageReFLConfig(**kw)))
+    assert r["status"] == "finished" and r["step"] == 4
+    # 10 rows, global batch 2: the epoch ends inside step 3, so the resume also crosses an epoch boundary
+    part, r = run(tmp_path/"b", SignalAt(3, **kw))                     # SIGINT during step 2
+    assert r["status"] == "interrupted" and r["step"] == 2 and r["checkpoint"].name == "checkpoint-2"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handlers restored
+    rest, r = run(tmp_path/"b", ImageReFL(ImageReFLConfig(**kw)), "resume=latest")
+    assert r["status"] == "finished" and r["step"] == 4 and rest.objective.calls == 8
+    a, b = full.named_trainable(), rest.named_trainable()
+    assert all(torch.equal(a[n], b[n]) for n in a)                       # bit-identical weights
+    import pandas as pd
+    log = pd.read_csv(tmp_path/"b"/"train_log.csv")
+    assert sorted(log[log.name == "loss"].step) == [1, 2, 3, 4]           # no duplicated rows after the resume
+    full_log = pd.read_csv(tmp_path/"a"/"train_log.csv")
+    assert log[log.name == "loss"].value.tolist() == pytest.approx(full_log[full_log.name == "loss"].value.tolist(), rel=1e-6)
+
+def test_resume_refuses_other_process_count_and_conflicting_folder(tmp_path):
+    run(tmp_path, FixedNoiseObjective(), "max_steps=1")
+    with pytest.raises(UserError, match="already holds checkpoints"): run(tmp_path, FixedNoiseObjective())
+    ck = tmp_path/"checkpoints"/"checkpoint-1"; st = json.loads((ck/"trainer_state.json").read_text())
+    (ck/"trainer_state.json").write_text(json.dumps(dict(st, processes=2)))
+    with pytest.raises(UserError, match="same number of processes"): run(tmp_path, FixedNoiseObjective(), "resume=latest")
+
+def test_lora_trains_only_the_adapter_and_exports(tmp_path):
+    pipe = tiny_sd_pipeline(resolution=32); pipe.save_pretrained(tmp_path/"base")
+    base_w = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    bb = Backbone(pipe, scheduler="ddpm", num_inference_steps=6)
+    c = cfg(tmp_path/"run", "model.lora_rank=4", "max_steps=2", "export=true", "optimizer.lr=1e-2")
+    tr = Trainer(c, bb, ImageReFL(ImageReFLConfig(num_inference_steps=6, start_index=3, max_mid_index=6, min_mid_index=3)), Brightness(), images_data(),
+                 base_source=str(tmp_path/"base"))
+    assert tr.fit()["status"] == "finished"
+    names = set(tr.named_trainable())
+    assert names and all("lora" in n for n in names)
+    for n, p in tr.unet.named_parameters():                              # base weights untouched
+        if "lora" not in n: assert torch.equal(p, base_w[n.replace(".base_layer", "")])
+    fresh = tiny_sd_pipeline(resolution=32); fresh.load_lora_weights(tmp_path/"run"/"final"/"lora")
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor(500)
+    e = torch.randn(1, 77, 32)
+    with torch.no_grad():
+        assert torch.allclose(fresh.unet(x, t, e).sample, tr.unet(x, t, e).sample, atol=1e-5)
+        from imagerefl.sampling import CombinedStableDiffusionPipeline
+        comb = CombinedStableDiffusionPipeline.from_pretrained(tmp_path/"run"/"final"/"combined")
+        assert torch.allclose(comb.fine_tuned_unet(x, t, e).sample, tr.unet(x, t, e).sample, atol=1e-5)
+        assert torch.allclose(comb.original_unet(x, t, e).sample, tiny_sd_pipeline(resolution=32).unet(x, t, e).sample, atol=1e-6)
+
+WORKER = textwrap.dedent('''
+    import os, sys; os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    from imagerefl.testing import tiny_sd_pipeline
+    from imagerefl.diffusion import Backbone
+    from imagerefl.train import Trainer, load_config, PromptDataset, FixedNoiseObjective, save_safetensors
+    out, batch = sys.argv[1], int(sys.argv[2])
+    torch.set_num_threads(1)
+    cfg = load_config(dict(out_dir=out, mixed_precision="no", log_with="none", max_steps=2, batch_size=batch,
+                           gradient_accumulation_steps=2, checkpoint_every=0, export=False, validation=dict(every=0),
+                           model=dict(scheduler="ddim", gradient_checkpointing=False), optimizer=dict(name="sgd", lr=0.5),
+                           objective=dict(name="refl", num_inference_steps=6, min_mid_index=3, max_mid_index=6)))
+    bb = Backbone(tiny_sd_pipeline(resolution=32), scheduler="ddim", num_inference_steps=6)
+    tr = Trainer(cfg, bb, FixedNoiseObjective(), None, PromptDataset([f"prompt {i}" for i in range(16)]))
+    r = tr.fit()
+    if tr.accelerator.is_main_process:
+        save_safetensors(tr.named_trainable(), out + "/weights.safetensors")
+        print("processes", tr.accelerator.num_processes, r["status"])
+''')
+
+def test_ddp_two_cpu_processes_equal_one(tmp_path):
+    script = tmp_path/"worker.py"; script.write_text(WORKER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    one = subprocess.run([sys.executable, str(script), str(tmp_path/"one"), "4"], env=env, capture_output=True, text=True, timeout=300)
+    assert "processes 1 finished" in one.stdout, one.stderr[-2000:]
+    # two CPU processes with the gloo backend, the way `accelerate launch`/torchrun start them (env:// rendezvous)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                          str(script), str(tmp_path/"two"), "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert "processes 2 finished" in two.stdout, two.stderr[-3000:]
+    a, b = load_file(tmp_path/"one"/"weights.safetensors"), load_file(tmp_path/"two"/"weights.safetensors")
+    base = tiny_sd_pipeline(resolution=32).unet
+    moved = max((a[n] - p.detach()).abs().max().item() for n, p in base.named_parameters())
+    assert moved > 1e-3                                                    # the updates are not trivially zero
+    for n in a: torch.testing.assert_close(b[n], a[n], rtol=1e-5, atol=1e-6)
+
+def test_train_from_config_with_saved_model_and_reward(tmp_path):
+    import open_clip
+    from imagerefl.rewards import open_clip_model
+    tiny = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=32, patch_size=8, head_width=16),
+                text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
+    (tmp_path/"cfgs").mkdir(); (tmp_path/"cfgs"/"tiny-hps-train.json").write_text(json.dumps(tiny))
+    open_clip.add_model_config(tmp_path/"cfgs")
+    m, _ = open_clip_model("tiny-hps-train")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in m.state_dict().items()}}, tmp_path/"HPS_v2.1_compressed.pt")
+    tiny_sd_pipeline(resolution=32).save_pretrained(tmp_path/"base")
+    (tmp_path/"prompts.txt").write_text("\n".join(f"a photo of thing {i}" for i in range(6)))
+    r = train(dict(out_dir=str(tmp_path/"run"), mixed_precision="no", log_with="none", max_steps=1, batch_size=2,
+                   gradient_accumulation_steps=1, validation=dict(every=0),
+                   model=dict(source=str(tmp_path/"base"), scheduler="ddim", gradient_checkpointing=False),
+                   reward=dict(name="hps-v2.1", path=str(tmp_path/"HPS_v2.1_compressed.pt"), arch="tiny-hps-train"),
+                   data=dict(prompts=str(tmp_path/"prompts.txt")),
+                   objective=dict(name="refl", num_inference_steps=4, min_mid_index=2, max_mid_index=4)))
+    assert r["status"] == "finished"
+    assert (tmp_path/"run"/"final"/"unet"/"diffusion_pytorch_model.safetensors").exists()
+    assert (tmp_path/"run"/"final"/"combined"/"model_index.json").exists()
+    assert "name: refl" in (tmp_path/"run"/"config.yaml").read_text()
