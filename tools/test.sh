@@ -7,11 +7,13 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_
 export MPLBACKEND=Agg
 # one BLAS/OpenMP thread per process: nbdev-test runs notebooks in parallel and oversubscribed threads crawl
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
+# the active virtualenv, else ./.venv, else whatever python is on PATH
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then export PATH="$PWD/.venv/bin:$PATH"; fi
 bin=$(dirname "$(command -v python)")
 log=$(mktemp)
 
 # notebooks: nbdev-test lists the failing ones; count every notebook it runs
-nb_total=$(python - <<'PY'
+nb_total=$("$bin/python" - <<'PY'
 from nbdev.test import _keep_file
 from nbdev.doclinks import nbglob
 print(sum(1 for f in nbglob("nbs", as_path=True) if _keep_file(f, ".notest")))
