@@ -27,11 +27,12 @@ nb_passed=$((nb_total - nb_failed))
 echo "notebooks: $nb_passed passed, $nb_failed failed (of $nb_total)"
 
 # pytest
-"$bin/python" -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$log"
+"$bin/python" -m pytest tests -q -o addopts="" -p no:cacheprovider 2>&1 | tee "$log"
 py_rc=${PIPESTATUS[0]}
-py_passed=$(grep -Eo '[0-9]+ passed' "$log" | tail -1 | grep -Eo '[0-9]+' || echo 0)
-py_failed=$(grep -Eo '[0-9]+ (failed|error|errors)' "$log" | grep -Eo '[0-9]+' | paste -sd+ | bc 2>/dev/null || echo 0)
-[ -z "$py_failed" ] && py_failed=0
+summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed|error|errors|skipped|deselected)' "$log" | tail -1)
+count() { echo "$summary" | grep -Eo "[0-9]+ ($1)" | awk '{s += $1} END {print s + 0}'; }
+py_passed=$(count passed)
+py_failed=$(count 'failed|error|errors')
 [ "$py_rc" -ne 0 ] && [ "$py_rc" -ne 5 ] && [ "$py_failed" -eq 0 ] && py_failed=1
 rm -f "$log"
 
