@@ -9,11 +9,12 @@ export MPLBACKEND=Agg
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 # the active virtualenv, else ./.venv, else whatever python is on PATH
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then export PATH="$PWD/.venv/bin:$PATH"; fi
-bin=$(dirname "$(command -v python)")
+py=$(command -v python || command -v python3)
+bin=$(dirname "$py")
 log=$(mktemp)
 
 # notebooks: nbdev-test lists the failing ones; count every notebook it runs
-nb_total=$("$bin/python" - <<'PY'
+nb_total=$("$py" - <<'PY'
 from nbdev.test import _keep_file
 from nbdev.doclinks import nbglob
 print(sum(1 for f in nbglob("nbs", as_path=True) if _keep_file(f, ".notest")))
@@ -27,7 +28,7 @@ nb_passed=$((nb_total - nb_failed))
 echo "notebooks: $nb_passed passed, $nb_failed failed (of $nb_total)"
 
 # pytest
-"$bin/python" -m pytest tests -q -o addopts="" -p no:cacheprovider 2>&1 | tee "$log"
+"$py" -m pytest tests -q -o addopts="" -p no:cacheprovider 2>&1 | tee "$log"
 py_rc=${PIPESTATUS[0]}
 summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed|error|errors|skipped|deselected)' "$log" | tail -1)
 count() { echo "$summary" | grep -Eo "[0-9]+ ($1)" | awk '{s += $1} END {print s + 0}'; }
