@@ -15,9 +15,9 @@ from torch import nn, Tensor
 from .core import UserError, seed_everything, atomic_path, atomic_write_text, save_safetensors
 
 # %% auto #0
-__all__ = ['CHOICES', 'MINIMA', 'ModelConfig', 'RewardConfig', 'DataConfig', 'OptimizerConfig', 'ValidationConfig', 'TrainConfig',
-           'build_section', 'check_values', 'resolve_objective', 'config_dir', 'config_names', 'find_config',
-           'parse_override', 'apply_overrides', 'load_config', 'config_yaml', 'save_state', 'load_state',
+__all__ = ['CHOICES', 'MINIMA', 'RANGES', 'ModelConfig', 'RewardConfig', 'DataConfig', 'OptimizerConfig', 'ValidationConfig',
+           'TrainConfig', 'build_section', 'check_values', 'resolve_objective', 'config_dir', 'config_names',
+           'find_config', 'parse_override', 'apply_overrides', 'load_config', 'config_yaml', 'save_state', 'load_state',
            'PromptDataset', 'collate_batch', 'EpochBatches', 'prepare_trainable', 'make_optimizer', 'make_lr_schedule',
            'latest_checkpoint', 'resume_point', 'rng_state', 'set_rng_state', 'atomic_dir', 'pipe_like',
            'combined_pipeline', 'Trainer', 'update', 'save_checkpoint', 'load_checkpoint', 'validate', 'log', 'fit',
@@ -137,11 +137,14 @@ def _coerce(key:str, value, tp):
         if isinstance(value, int) and not isinstance(value, bool): return value
         raise bad()
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool): return float(value)
-        if isinstance(value, str):
-            try: return float(value)
+        x = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool): x = float(value)
+        elif isinstance(value, str):
+            try: x = float(value)
             except ValueError: pass
-        raise bad()
+        if x is None: raise bad()
+        if not math.isfinite(x): raise UserError(f"{key}={value!r} is not allowed: it must be a finite number")
+        return x
     if tp is str:
         if isinstance(value, str): return value
         if isinstance(value, bool): return "yes" if value else "no"   # YAML 1.1 reads an unquoted no/yes as a bool
@@ -171,10 +174,20 @@ MINIMA = {"max_steps": 1, "batch_size": 1, "gradient_accumulation_steps": 1, "ch
           "keep_checkpoints": 1, "max_bad_steps": 1, "log_every": 1, "model.lora_rank": 0, "optimizer.warmup_steps": 0,
           "validation.every": 0, "validation.num_prompts": 1, "validation.images_per_prompt": 1,
           "validation.num_inference_steps": 1, "validation.batch_size": 1, "data.num_workers": 0, "data.limit": 1}
+# numbers (already finite: `_coerce` refuses nan and inf) and the interval each allows; None passes where the type allows it
+RANGES = {"optimizer.lr": (0, None, "> 0"), "optimizer.eps": (0, None, "> 0"), "optimizer.weight_decay": (0, None, ">= 0"),
+          "optimizer.betas[0]": (0, 1, "in [0, 1)"), "optimizer.betas[1]": (0, 1, "in [0, 1)"),
+          "optimizer.max_grad_norm": (0, None, "> 0, or null for no clipping"), "ema_decay": (0, 1, "in [0, 1)"),
+          "model.lora_alpha": (0, None, "> 0, or null for the rank"),
+          "validation.guidance_scale": (0, None, ">= 0"), "validation.base_guidance_scale": (0, None, ">= 0")}
 
 def _get(cfg, key:str):
-    for k in key.split("."): cfg = getattr(cfg, k)
+    for k in key.replace("[", ".").replace("]", "").split("."): cfg = cfg[int(k)] if k.isdigit() else getattr(cfg, k)
     return cfg
+
+def _in_range(v, lo, hi, rule:str)->bool:
+    "`v` within the interval `rule` describes: `> lo` / `>= lo`, `in [lo, hi)`."
+    return (v > lo if rule.startswith(">") and not rule.startswith(">=") else v >= lo) and (hi is None or v < hi)
 
 def check_values(cfg:TrainConfig)->TrainConfig:
     "Check allowed values and ranges, and resolve the objective section; one-line `UserError` otherwise."
@@ -184,9 +197,10 @@ def check_values(cfg:TrainConfig)->TrainConfig:
     for key, lo in MINIMA.items():
         v = _get(cfg, key)
         if v is not None and v < lo: raise UserError(f"{key}={v} is too small: it must be >= {lo}")
-    if not cfg.optimizer.lr > 0: raise UserError(f"optimizer.lr={cfg.optimizer.lr} must be > 0")
-    if not 0 <= cfg.ema_decay < 1: raise UserError(f"ema_decay={cfg.ema_decay} must be in [0, 1)")
     if len(cfg.optimizer.betas) != 2: raise UserError(f"optimizer.betas must be two numbers, got {cfg.optimizer.betas}")
+    for key, (lo, hi, rule) in RANGES.items():
+        v = _get(cfg, key)
+        if v is not None and not _in_range(v, lo, hi, rule): raise UserError(f"{key}={v} is not allowed: it must be {rule}")
     v = cfg.validation
     if v.original_unet_steps is not None and not 0 <= v.original_unet_steps <= v.num_inference_steps:
         raise UserError(f"validation.original_unet_steps={v.original_unet_steps} is outside the schedule: use 0 to "
@@ -198,13 +212,16 @@ def check_values(cfg:TrainConfig)->TrainConfig:
     return cfg
 
 def resolve_objective(section:dict)->dict:
-    "The objective section with every field of its dataclass, checked (types, then the dataclass's `validate`)."
+    "The objective section with every field of its dataclass, checked (types, ranges, then the dataclass's `validate`)."
     from imagerefl.objectives import OBJECTIVES
     section = dict(section or {})
     name = section.pop("name", "imagerefl")
     if name not in OBJECTIVES:
         raise UserError(f"objective.name={name!r} is not allowed: use one of {', '.join(OBJECTIVES)}")
     oc = build_section(OBJECTIVES[name].config_class, section, "objective.")
+    for k, x in asdict(oc).items():       # weights >= 0 (0 = that term off), scales > 0, guidance >= 0
+        rule = ">= 0" if k.endswith("_weight") or k == "guidance_scale" else "> 0" if k == "loss_scale" else None
+        if rule and not _in_range(x, 0, None, rule): raise UserError(f"objective.{k}={x} is not allowed: it must be {rule}")
     try: oc.validate()
     except UserError as e: raise UserError(f"objective ({name}): {e}") from None
     return dict(name=name, **asdict(oc))
