@@ -42,7 +42,7 @@ class RunLock:
     def busy(self)->str|None:
         "Why the folder cannot be locked now (a live owner), or None."
         o = self.owner()
-        if not o or (o["pid"] == os.getpid() and o.get("host") == socket.gethostname() and self.held): return None
+        if not o or (o["pid"] == os.getpid() and o.get("host") == socket.gethostname()): return None   # this process
         if o.get("host") == socket.gethostname() and not _alive(o["pid"]): return None
         return (f"{self.folder} is in use by another run (pid {o['pid']} on {o.get('host')}, since {o.get('since')}): "
                 f"wait for it, choose another out_dir, or delete {self.path} if that process is gone")
@@ -56,6 +56,8 @@ class RunLock:
             for _ in range(3):
                 try: os.link(tmp, self.path); self.held = True; return self
                 except FileExistsError: pass
+                o = self.owner()
+                if o and o["pid"] == os.getpid() and o.get("host") == me["host"]: return self   # held by this process already
                 if why := self.busy(): raise UserError(why)
                 o = self.owner()
                 self.say(f"{self.folder}: took over a stale lock" + (f" (pid {o['pid']} on {o.get('host')} no longer runs)" if o else " (unreadable)"))

@@ -13,15 +13,18 @@ import numpy as np
 import torch, yaml
 from torch import nn, Tensor
 from .core import UserError, seed_everything, atomic_path, atomic_write_text, save_safetensors
+from .runfolder import (RunLock, atomic_dir, checkpoints, checkpoint_step, check_resume_config, commit_checkpoint,
+                                 find_checkpoint, record_provenance, rotate_checkpoints, run_files, verify_checkpoint)
 
 # %% auto #0
-__all__ = ['CHOICES', 'MINIMA', 'RANGES', 'ModelConfig', 'RewardConfig', 'DataConfig', 'OptimizerConfig', 'ValidationConfig',
-           'TrainConfig', 'build_section', 'check_values', 'resolve_objective', 'config_dir', 'config_names',
-           'find_config', 'parse_override', 'apply_overrides', 'load_config', 'config_yaml', 'save_state', 'load_state',
-           'PromptDataset', 'collate_batch', 'EpochBatches', 'prepare_trainable', 'make_optimizer', 'make_lr_schedule',
-           'latest_checkpoint', 'resume_point', 'rng_state', 'set_rng_state', 'atomic_dir', 'pipe_like',
-           'combined_pipeline', 'Trainer', 'update', 'save_checkpoint', 'load_checkpoint', 'validate', 'log', 'fit',
-           'export', 'FixedNoiseObjective', 'build_data', 'model_source', 'feature_diversity', 'train']
+__all__ = ['CHOICES', 'MINIMA', 'RANGES', 'RESUMABLE', 'ModelConfig', 'RewardConfig', 'DataConfig', 'OptimizerConfig',
+           'ValidationConfig', 'TrainConfig', 'build_section', 'check_values', 'resolve_objective', 'config_dir',
+           'config_names', 'find_config', 'parse_override', 'apply_overrides', 'load_config', 'config_yaml',
+           'save_state', 'load_state', 'PromptDataset', 'collate_batch', 'EpochBatches', 'prepare_trainable',
+           'make_optimizer', 'make_lr_schedule', 'latest_checkpoint', 'resume_point', 'check_resume', 'rng_state',
+           'set_rng_state', 'pipe_like', 'combined_pipeline', 'Trainer', 'update', 'save_checkpoint', 'load_checkpoint',
+           'last_good_checkpoint', 'validate', 'log', 'fit', 'export', 'FixedNoiseObjective', 'build_data',
+           'model_source', 'feature_diversity', 'train']
 
 # %% ../nbs/09_train.ipynb #4351ac4b
 @dataclass
@@ -104,8 +107,14 @@ class TrainConfig:
     max_bad_steps:int=5             # stop after this many non-finite updates in a row
     log_every:int=10                # optimizer steps between log lines (the CSV gets every step)
     log_with:str="tensorboard"      # tensorboard, wandb or none
+    tracker_project_name:str="imagerefl" # the trackers' project (wandb project; tensorboard: a folder under logs/)
+    run_name:str|None=None          # the run's name in the tracker (wandb run name; tensorboard: a sub-folder)
+    tracker_kwargs:dict=field(default_factory=dict) # passed to the tracker's init (wandb.init / SummaryWriter), e.g. {entity: me}
     resume:str|None=None            # "latest" (the newest checkpoint in out_dir, if any) or a checkpoint folder
     export:bool=True                # write final/ (tuned UNet or LoRA, and a combined pipeline folder) at the end
+    push_to_hub:bool=False          # upload final/combined with a model card to the Hub (`hub_model_id`) after the export
+    hub_model_id:str|None=None      # the Hub repository, e.g. me/sd15-imagerefl-hps; needed by push_to_hub
+    hub_private:bool=False          # create the Hub repository as private
 
 # %% ../nbs/09_train.ipynb #1edae9e6
 def _type_name(tp)->str:
@@ -374,24 +383,49 @@ def make_lr_schedule(optimizer, c:OptimizerConfig, max_steps:int):
     return get_scheduler(name, optimizer, num_warmup_steps=c.warmup_steps, num_training_steps=max_steps)
 
 # %% ../nbs/09_train.ipynb #04a11565
-def latest_checkpoint(root:str|Path)->Path|None:
-    "The newest complete `checkpoint-<step>` folder under `root`, or None."
-    found = [(int(p.name.split("-")[1]), p) for p in Path(root).glob("checkpoint-*")
-             if p.name.split("-")[1].isdigit() and (p/"trainer_state.json").exists()]
-    return max(found)[1] if found else None
+# what may change when a run resumes (fnmatch patterns over dotted keys); every other key must equal the checkpoint's
+RESUMABLE = ["resume", "out_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "log_every", "log_with",
+             "tracker_project_name", "run_name", "tracker_kwargs*", "export", "push_to_hub", "hub_model_id", "hub_private",
+             "validation.*", "data.num_workers"]
 
-def resume_point(cfg:TrainConfig)->Path|None:
+def latest_checkpoint(root:str|Path, say=print)->Path|None:
+    "The newest intact checkpoint under `root` (damaged newer ones are named through `say` and skipped), or None."
+    return find_checkpoint(root, say)
+
+def resume_point(cfg:TrainConfig,        # the run's config
+                 say=print,              # where messages about skipped checkpoints go
+                 check_lock:bool=True,   # refuse a folder another live run holds
+                )->Path|None:
     "The checkpoint a run resumes from, None for a fresh run; a one-line `UserError` for a conflicting run folder."
-    root = Path(cfg.out_dir)/"checkpoints"
-    if cfg.resume == "latest": return latest_checkpoint(root)
+    out = Path(cfg.out_dir)
+    if check_lock and (why := RunLock(out).busy()): raise UserError(why)
+    if cfg.resume == "latest":
+        p = latest_checkpoint(out/"checkpoints", say)
+        if p is None and (held := run_files(out)):
+            raise UserError(f"{out} holds a run ({', '.join(held)}) but no intact checkpoint to resume from: "
+                            f"choose another out_dir, or delete {out} to start over")
+        return p
     if cfg.resume:
         p = Path(cfg.resume).expanduser()
         if not (p/"trainer_state.json").exists():
             raise UserError(f"resume={cfg.resume} is not a checkpoint folder (no trainer_state.json): use 'latest' or a checkpoints/checkpoint-<step> folder")
+        if why := verify_checkpoint(p):
+            raise UserError(f"resume={cfg.resume} is damaged ({why}): resume from another checkpoint, or resume=latest for the newest intact one")
         return p
-    if latest_checkpoint(root) is not None:
-        raise UserError(f"{cfg.out_dir} already holds checkpoints: pass --set resume=latest to continue that run, or choose another out_dir")
+    if held := run_files(out):
+        raise UserError(f"{out} already holds a run ({', '.join(held)}): pass --set resume=latest to continue it, or choose another out_dir")
     return None
+
+def check_resume(cfg:TrainConfig, checkpoint:Path, fallback:Path|None=None)->dict:
+    "The config changes a resume from `checkpoint` allows (`{key: (old, new)}`); a one-line `UserError` for any other."
+    saved = checkpoint/"config.yaml"
+    if not saved.exists(): saved = fallback
+    if saved is None or not saved.exists(): return {}
+    changed = check_resume_config(yaml.safe_load(saved.read_text()), asdict(cfg), RESUMABLE, where=str(checkpoint))
+    if "max_steps" in changed and cfg.optimizer.lr_scheduler != "constant":
+        raise UserError(f"cannot resume with a changed max_steps under optimizer.lr_scheduler={cfg.optimizer.lr_scheduler}: "
+                        f"the decay is laid out over max_steps={changed['max_steps'][0]}; keep it, or start a new run")
+    return changed
 
 def rng_state()->dict:
     "The state of every RNG a run draws from."
@@ -404,17 +438,6 @@ def set_rng_state(s:dict):
     import random
     random.setstate(s["python"]); np.random.set_state(s["numpy"]); torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
-
-@contextlib.contextmanager
-def atomic_dir(path:str|Path):
-    "Yield a temporary folder beside `path`; on success it replaces `path`, on error it is removed."
-    path = Path(path); tmp, old = path.parent/f".tmp-{path.name}", path.parent/f".old-{path.name}"
-    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if path.exists(): os.replace(path, old)
-        os.replace(tmp, path); shutil.rmtree(old, ignore_errors=True)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
 
 def pipe_like(pipe, **parts):
     "A pipeline of the same class with some components replaced (e.g. `unet=`, `scheduler=`)."
@@ -528,7 +551,15 @@ def update(self:Trainer)->dict|None:
         if acc.scaler is not None: acc.scaler.update()   # clip_grad_norm_ unscaled; close that cycle
         self.skipped += 1; self.bad_in_row += 1
         return None
+    before = [p.detach().clone() for p in self.params]    # finite gradients can still overflow the weights (a huge lr)
     self.optimizer.step()
+    if not bool(torch.stack([p.detach().isfinite().all() for p in self.params]).all()):
+        with torch.no_grad():
+            for p, b in zip(self.params, before): p.copy_(b)   # the update is undone; the optimizer's moments keep this (finite) gradient
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1; self.bad_in_row += 1
+        return None
+    del before
     if not self.optimizer.step_was_skipped:              # an fp16 overflow step changes nothing
         self.lr_schedule.step()
         if self.ema is not None: self.ema.step(self.params)
@@ -539,28 +570,31 @@ Trainer.update = update
 
 # %% ../nbs/09_train.ipynb #0d488cac
 def save_checkpoint(self:Trainer)->Path:
-    "Write the whole training state to `checkpoints/checkpoint-<step>`, atomically; keep the last K."
+    "Write the whole training state to `checkpoints/checkpoint-<step>`, atomically, with a manifest; keep the last K."
     acc, root = self.accelerator, self.out/"checkpoints"
     final, tmp = root/f"checkpoint-{self.step}", root/f".tmp-checkpoint-{self.step}"
-    if acc.is_main_process: shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    save_state(rng_state(), tmp/f"rng-{acc.process_index}.safetensors")
-    if acc.is_main_process:
-        save_safetensors(self.named_trainable(), tmp/"trainable.safetensors")
-        save_state(self.optimizer.optimizer.state_dict(), tmp/"optimizer.safetensors")
-        save_state(dict(lr_schedule=self.lr_schedule.state_dict(), ema=self.ema.state_dict() if self.ema else None,
-                        scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
-                        objective=self.objective.state_dict() if hasattr(self.objective, "state_dict") else None),
-                   tmp/"state.safetensors")
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        atomic_write_text(tmp/"trainer_state.json", json.dumps(dict(step=self.step, epoch=self.epoch,
-            batch_in_epoch=self.batch_in_epoch, skipped_updates=self.skipped, processes=acc.num_processes)))
-        if final.exists(): shutil.rmtree(final)
-        os.replace(tmp, final)
-        kept = sorted((int(p.name.split("-")[1]), p) for p in root.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
-        for _, p in kept[:-self.config.keep_checkpoints]: shutil.rmtree(p, ignore_errors=True)
-    acc.wait_for_everyone()
+    self._saving = True                                    # a second Ctrl-C now waits for the save to finish
+    try:
+        if acc.is_main_process: shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        save_state(rng_state(), tmp/f"rng-{acc.process_index}.safetensors")
+        if acc.is_main_process:
+            save_safetensors(self.named_trainable(), tmp/"trainable.safetensors")
+            save_state(self.optimizer.optimizer.state_dict(), tmp/"optimizer.safetensors")
+            save_state(dict(lr_schedule=self.lr_schedule.state_dict(), ema=self.ema.state_dict() if self.ema else None,
+                            scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
+                            objective=self.objective.state_dict() if hasattr(self.objective, "state_dict") else None),
+                       tmp/"state.safetensors")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            atomic_write_text(tmp/"trainer_state.json", json.dumps(dict(step=self.step, epoch=self.epoch,
+                batch_in_epoch=self.batch_in_epoch, skipped_updates=self.skipped, processes=acc.num_processes)))
+            atomic_write_text(tmp/"config.yaml", config_yaml(self.config))      # what a resume is checked against
+            commit_checkpoint(tmp, final)                  # manifest last; an older copy of this step stays until replaced
+            rotate_checkpoints(root, self.config.keep_checkpoints)
+        acc.wait_for_everyone()
+        self._saved_step = self.step
+    finally: self._saving = False
     return final
 Trainer.save_checkpoint = save_checkpoint
 
@@ -585,8 +619,17 @@ def load_checkpoint(self:Trainer, path:str|Path):
     if s["objective"] is not None: self.objective.load_state_dict(s["objective"])
     set_rng_state(load_state(rng))
     self.step, self.epoch, self.batch_in_epoch, self.skipped = st["step"], st["epoch"], st["batch_in_epoch"], st["skipped_updates"]
-    self._batches = None
+    self._batches, self._saved_step = None, self.step
 Trainer.load_checkpoint = load_checkpoint
+
+def last_good_checkpoint(self:Trainer)->Path|None:
+    "The newest intact checkpoint from before the current step whose weights are all finite (after a divergence)."
+    from safetensors.torch import load_file
+    for p in checkpoints(self.out/"checkpoints"):        # the current step's weights gave only non-finite updates
+        if checkpoint_step(p) < self.step and verify_checkpoint(p) is None and \
+           all(bool(t.isfinite().all()) for t in load_file(str(p/"trainable.safetensors")).values()): return p
+    return None
+Trainer.last_good_checkpoint = last_good_checkpoint
 
 # %% ../nbs/09_train.ipynb #87e92fbe
 @torch.no_grad()
@@ -622,10 +665,23 @@ def validate(self:Trainer)->dict:
         (self.out/"samples").mkdir(parents=True, exist_ok=True)
         with atomic_path(self.out/"samples"/f"step-{self.step}.png") as tmp:
             save_image(torch.cat([x.float().cpu() for x in runs.values()]), tmp, nrow=min(len(prompts), 8), format="png")
+        self._log_images(runs, prompts)
         self.log(logs)
     acc.wait_for_everyone()
     return logs
 Trainer.validate = validate
+
+def _log_images(self:Trainer, runs:dict, prompts:list[str]):
+    "Validation images to the trackers, labelled: one tag per sampler (tuned, combined), the prompt on each image."
+    for t in self.accelerator.trackers:
+        if t.name == "tensorboard":
+            for name, images in runs.items(): t.writer.add_images(f"val/{name}", images.float().clamp(0, 1), self.step)
+            t.writer.add_text("val/prompts", "  \n".join(f"{i}: {p}" for i, p in enumerate(prompts)), self.step)
+        elif t.name == "wandb":
+            import wandb
+            t.log({f"val/{name}": [wandb.Image(x.float().clamp(0, 1).permute(1, 2, 0).numpy(), caption=f"{name}: {p}")
+                                   for x, p in zip(images, prompts)] for name, images in runs.items()}, step=self.step)
+Trainer._log_images = _log_images
 
 # %% ../nbs/09_train.ipynb #a9d28c69
 def log(self:Trainer, logs:dict):
@@ -656,14 +712,25 @@ def _tracker_config(cfg:TrainConfig)->dict:
             else: out[pre + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
     walk(asdict(cfg), ""); return out
 
+def _tracker_init(cfg:TrainConfig)->dict:
+    "Arguments of `Accelerator.init_trackers`: project, run name and the user's tracker kwargs."
+    kw = dict(cfg.tracker_kwargs)
+    if cfg.log_with == "wandb":
+        if cfg.run_name: kw.setdefault("name", cfg.run_name)
+        name = cfg.tracker_project_name
+    else: name = cfg.tracker_project_name + (f"/{cfg.run_name}" if cfg.run_name else "")
+    return dict(project_name=name, config=_tracker_config(cfg), init_kwargs={cfg.log_with: kw})
+
 # %% ../nbs/09_train.ipynb #08e6206d
 def _install_signals(self:Trainer):
     import threading
-    self._signal, self._old_handlers = None, {}
+    self._signal, self._old_handlers, self._saving = None, {}, False
     if threading.current_thread() is not threading.main_thread(): return
     def handler(signum, frame):
-        self._signal = signum
-        signal.signal(signum, self._old_handlers[signum])      # a second signal acts as usual
+        if self._signal is None: self._signal = signum; return    # the first: finish the update, save, stop
+        if self._saving:                                            # a second during a save: finish the save first
+            print("finishing the checkpoint save, then stopping", flush=True); return
+        signal.signal(signum, self._old_handlers[signum]); signal.raise_signal(signum)   # otherwise it acts as usual
     for s in (signal.SIGINT, signal.SIGTERM): self._old_handlers[s] = signal.signal(s, handler)
 Trainer._install_signals = _install_signals
 
@@ -678,48 +745,75 @@ def _signalled(self:Trainer)->bool:
     return acc.reduce(torch.tensor(float(self._signal is not None), device=acc.device), "max").item() > 0
 Trainer._signalled = _signalled
 
-def fit(self:Trainer)->dict:
+def _start(self:Trainer, say)->Path|None:
+    "Accept the start or resume (nothing written before), load the checkpoint, then write `config.yaml` and provenance."
+    c, acc = self.config, self.accelerator
+    start = resume_point(c, say, check_lock=False)
+    changed = check_resume(c, start, self.out/"config.yaml") if start is not None else {}
+    if start is not None:
+        self.load_checkpoint(start)
+        say(f"resumed from {start.name} (step {self.step})" + "".join(f"; {k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k != "resume"))
+    if acc.is_main_process:
+        atomic_write_text(self.out/"config.yaml", config_yaml(c))
+        if start is not None: _cut_csv(self.out/"train_log.csv", self.step)
+        record_provenance(self.out, event="resume" if start is not None else "start", step=self.step,
+                          checkpoint=str(start) if start is not None else None)
+    return start
+Trainer._start = _start
+
+def _lock(self:Trainer)->RunLock:
+    "Lock the run folder on the main process; every process fails if that fails."
+    acc, lock, err = self.accelerator, RunLock(self.out), None
+    if acc.is_main_process:
+        try: lock.acquire()
+        except UserError as e: err = e
+    if acc.reduce(torch.tensor(float(err is not None), device=acc.device), "max").item() > 0:
+        raise err or UserError(f"{self.out} is in use by another run: choose another out_dir")
+    return lock
+Trainer._lock = _lock
+
+def fit(self:Trainer, report:bool=True, # print the closing message
+       )->dict:
     "Train to `max_steps` (resuming if configured); returns status, step, skipped updates, a message and paths."
     from tqdm.auto import tqdm
     c, acc = self.config, self.accelerator
-    start = resume_point(c)
-    if acc.is_main_process:
-        self.out.mkdir(parents=True, exist_ok=True); atomic_write_text(self.out/"config.yaml", config_yaml(c))
-        if start is None and (self.out/"train_log.csv").exists(): (self.out/"train_log.csv").unlink()
-    if start is not None:
-        self.load_checkpoint(start)
-        if acc.is_main_process: _cut_csv(self.out/"train_log.csv", self.step)
-    if c.log_with != "none": acc.init_trackers("imagerefl", config=_tracker_config(c))
-    self._install_signals()
-    bar = tqdm(total=c.max_steps, initial=self.step, disable=not acc.is_local_main_process, desc="train", unit="step")
-    status, t0 = "finished", time.time()
+    say = print if acc.is_main_process else (lambda *a: None)
+    lock = self._lock()
     try:
-        if self.step == 0 and c.validation.every: self.validate()
-        while self.step < c.max_steps:
-            logs = self.update()
-            if logs is None:
-                if self.bad_in_row >= c.max_bad_steps: status = "diverged"; break
-            else:
-                self.step += 1; bar.update(1)
-                logs["skipped_updates"] = self.skipped
-                bar.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "reward", "diffusion_loss") if k in logs}, refresh=False)
-                self.log(logs)
-                if c.validation.every and self.step % c.validation.every == 0: self.validate()
-                if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.max_steps: self.save_checkpoint()
-            if self._signalled(): status = "interrupted"; break
-        if status != "diverged": self.save_checkpoint()
-        if status == "finished" and c.export: self.export()
-    finally:
-        self._restore_signals(); bar.close()
-        if c.log_with != "none": acc.end_training()
-    last = latest_checkpoint(self.out/"checkpoints")
-    msg = {"finished": f"finished {self.step} steps in {time.time() - t0:.0f} s ({self.skipped} skipped updates); checkpoint {last}",
-           "interrupted": f"interrupted at step {self.step}; saved {last}; continue with --set resume=latest",
-           "diverged": f"stopped: {self.bad_in_row} updates in a row had a non-finite loss or gradient (at step {self.step}); "
-                       f"they changed nothing; the last good checkpoint is {last or 'none (none was written yet)'}; "
-                       f"lower optimizer.lr or set optimizer.max_grad_norm"}[status]
-    if acc.is_main_process: print(msg)
-    return dict(status=status, step=self.step, skipped_updates=self.skipped, message=msg, checkpoint=last, out_dir=self.out)
+        self._start(say)
+        if c.log_with != "none": acc.init_trackers(**_tracker_init(c))
+        self._install_signals()
+        bar = tqdm(total=c.max_steps, initial=self.step, disable=not acc.is_local_main_process, desc="train", unit="step")
+        status, t0 = "finished", time.time()
+        try:
+            if self.step == 0 and c.validation.every: self.validate()
+            while self.step < c.max_steps:
+                logs = self.update()
+                if logs is None:
+                    if self.bad_in_row >= c.max_bad_steps: status = "diverged"; break
+                else:
+                    self.step += 1; bar.update(1)
+                    logs["skipped_updates"] = self.skipped
+                    bar.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "reward", "diffusion_loss") if k in logs}, refresh=False)
+                    self.log(logs)
+                    if c.validation.every and self.step % c.validation.every == 0: self.validate()
+                    if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.max_steps: self.save_checkpoint()
+                if self._signalled(): status = "interrupted"; break
+            if status != "diverged" and getattr(self, "_saved_step", None) != self.step: self.save_checkpoint()
+            if status == "finished" and c.export: self.export()
+        finally:
+            self._restore_signals(); bar.close()
+            if c.log_with != "none": acc.end_training()
+        quiet = lambda *a: None
+        last = self.last_good_checkpoint() if status == "diverged" else latest_checkpoint(self.out/"checkpoints", quiet)
+        msg = {"finished": f"finished {self.step} steps in {time.time() - t0:.0f} s ({self.skipped} skipped updates); checkpoint {last}",
+               "interrupted": f"interrupted at step {self.step}; saved {last}; continue with --set resume=latest",
+               "diverged": f"stopped: {self.bad_in_row} updates in a row had a non-finite loss, gradient or weights (at step {self.step}); "
+                           f"they changed nothing; the last good checkpoint (finite weights, from before step {self.step}) is "
+                           f"{last or 'none'}; lower optimizer.lr or set optimizer.max_grad_norm"}[status]
+        if report and acc.is_main_process: print(msg)
+        return dict(status=status, step=self.step, skipped_updates=self.skipped, message=msg, checkpoint=last, out_dir=self.out)
+    finally: lock.release()
 Trainer.fit = fit
 
 # %% ../nbs/09_train.ipynb #eb837679
@@ -806,7 +900,8 @@ def train(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped confi
          )->dict:
     "Run the training a config describes; returns `Trainer.fit`'s summary (a diverged run raises `UserError`)."
     cfg = load_config(config, overrides)
-    resume_point(cfg)                                   # a run-folder conflict fails before anything loads
+    resume_point(cfg, say=lambda *a: None,              # a run-folder conflict fails before anything loads
+                 check_lock=os.environ.get("RANK", "0") == "0")
     from imagerefl.objectives import make_objective
     from imagerefl.diffusion import Backbone
     from imagerefl.rewards import load_reward
@@ -820,6 +915,8 @@ def train(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped confi
     v = cfg.validation
     val_prompts = load_prompts(v.prompts, v.split, v.num_prompts) if v.every else None
     if diversity is None and v.every and v.diversity_features: diversity = feature_diversity(v.diversity_features)
-    result = Trainer(cfg, backbone, objective, reward, data, val_prompts, diversity, base_source=source).fit()
-    if result["status"] == "diverged": raise UserError(result["message"])
+    trainer = Trainer(cfg, backbone, objective, reward, data, val_prompts, diversity, base_source=source)
+    result = trainer.fit(report=False)
+    if result["status"] == "diverged": raise UserError(result["message"])   # printed once, by the caller
+    if trainer.accelerator.is_main_process: print(result["message"])
     return result

@@ -11,6 +11,7 @@ from imagerefl.diffusion import Backbone
 from imagerefl.data import ImageCaptionDataset
 from imagerefl.objectives import ImageReFL, ImageReFLConfig
 from imagerefl.train import Trainer, load_config, PromptDataset, FixedNoiseObjective, train
+from imagerefl.runfolder import write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,9 +62,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
 
 def test_resume_refuses_other_process_count_and_conflicting_folder(tmp_path):
     run(tmp_path, FixedNoiseObjective(), "max_steps=1")
-    with pytest.raises(UserError, match="already holds checkpoints"): run(tmp_path, FixedNoiseObjective())
+    with pytest.raises(UserError, match="already holds a run"): run(tmp_path, FixedNoiseObjective())
     ck = tmp_path/"checkpoints"/"checkpoint-1"; st = json.loads((ck/"trainer_state.json").read_text())
-    (ck/"trainer_state.json").write_text(json.dumps(dict(st, processes=2)))
+    (ck/"trainer_state.json").write_text(json.dumps(dict(st, processes=2))); write_manifest(ck)
     with pytest.raises(UserError, match="same number of processes"): run(tmp_path, FixedNoiseObjective(), "resume=latest")
 
 def test_lora_trains_only_the_adapter_and_exports(tmp_path):
