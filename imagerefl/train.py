@@ -23,8 +23,8 @@ __all__ = ['CHOICES', 'MINIMA', 'RANGES', 'RESUMABLE', 'ModelConfig', 'RewardCon
            'save_state', 'load_state', 'PromptDataset', 'collate_batch', 'EpochBatches', 'prepare_trainable',
            'make_optimizer', 'make_lr_schedule', 'latest_checkpoint', 'resume_point', 'check_resume', 'rng_state',
            'set_rng_state', 'pipe_like', 'combined_pipeline', 'Trainer', 'update', 'save_checkpoint', 'load_checkpoint',
-           'last_good_checkpoint', 'validate', 'log', 'fit', 'export', 'FixedNoiseObjective', 'build_data',
-           'model_source', 'feature_diversity', 'train']
+           'last_good_checkpoint', 'validate', 'log', 'fit', 'export', 'model_card', 'push_to_hub',
+           'FixedNoiseObjective', 'build_data', 'model_source', 'feature_diversity', 'train']
 
 # %% ../nbs/09_train.ipynb #4351ac4b
 @dataclass
@@ -210,6 +210,8 @@ def check_values(cfg:TrainConfig)->TrainConfig:
     for key, (lo, hi, rule) in RANGES.items():
         v = _get(cfg, key)
         if v is not None and not _in_range(v, lo, hi, rule): raise UserError(f"{key}={v} is not allowed: it must be {rule}")
+    if cfg.push_to_hub and not (cfg.export and cfg.hub_model_id):
+        raise UserError("push_to_hub needs export: true and hub_model_id (e.g. --set hub_model_id=you/sd15-imagerefl)")
     v = cfg.validation
     if v.original_unet_steps is not None and not 0 <= v.original_unet_steps <= v.num_inference_steps:
         raise UserError(f"validation.original_unet_steps={v.original_unet_steps} is outside the schedule: use 0 to "
@@ -801,6 +803,7 @@ def fit(self:Trainer, report:bool=True, # print the closing message
                 if self._signalled(): status = "interrupted"; break
             if status != "diverged" and getattr(self, "_saved_step", None) != self.step: self.save_checkpoint()
             if status == "finished" and c.export: self.export()
+            if status == "finished" and c.push_to_hub and acc.is_main_process: self.push_to_hub()
         finally:
             self._restore_signals(); bar.close()
             if c.log_with != "none": acc.end_training()
@@ -853,6 +856,57 @@ def export(self:Trainer)->Path:
     acc.wait_for_everyone()
     return final
 Trainer.export = export
+
+# %% ../nbs/09_train.ipynb #aecca690
+def model_card(cfg:TrainConfig,          # the run's config
+               pipeline_class:str,       # CombinedStableDiffusionPipeline or CombinedStableDiffusionXLPipeline
+               grid:str|None=None,       # file name of the validation grid beside the card, if any
+              )->str:
+    "The model card (`README.md`) of an exported combined pipeline."
+    o, v = cfg.objective, cfg.validation
+    base = cfg.model.source
+    front = ["---", "library_name: diffusers", "pipeline_tag: text-to-image",
+             "tags: [text-to-image, diffusers, imagerefl, reward-fine-tuning, " + o["name"] + "]",
+             *([f"base_model: {base}"] if base != "mini" and "/" in base and not base.startswith((".", "/", "~")) else []), "---"]
+    steps = v.original_unet_steps if v.original_unet_steps is not None else 3 * v.num_inference_steps // 4
+    settings = ", ".join(f"{k}={val}" for k, val in o.items() if k != "name")
+    return "\n".join([*front, "", f"# {cfg.hub_model_id or 'imagerefl model'}", "",
+        f"Reward fine-tuning of `{base}` with **{o['name']}** on the reward **{cfg.reward.name}**, trained with "
+        f"[imagerefl](https://github.com/ControlGenAI/ImageReFL) ({cfg.max_steps} optimizer steps, batch "
+        f"{cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation, {cfg.optimizer.name} lr {cfg.optimizer.lr}"
+        f"{f', LoRA rank {cfg.model.lora_rank}' if cfg.model.lora_rank else ''}).", "",
+        "The folder holds both UNets: `original_unet` (the base model) and `fine_tuned_unet` (the tuned one). Combined "
+        "generation runs the first `original_unet_steps` steps with the base UNet (keeping its diversity) and the rest "
+        "with the tuned one (its reward).", "",
+        f"- base model: `{base}`", f"- reward: `{cfg.reward.name}`" + (f" (`{cfg.reward.path}`)" if cfg.reward.path else ""),
+        f"- objective: `{o['name']}` ({settings})", "",
+        "## How to load", "", "```python", "import torch",
+        f"from imagerefl.sampling import {pipeline_class}",
+        f"pipe = {pipeline_class}.from_pretrained(\"{cfg.hub_model_id or 'path/to/final/combined'}\")",
+        f"image = pipe(\"a photo of a cat\", num_inference_steps={v.num_inference_steps}, original_unet_steps={steps},",
+        f"             guidance_scale={v.base_guidance_scale}, fine_tuned_guidance_scale={v.guidance_scale}).images[0]", "```", "",
+        *(["## Validation", "", f"![validation grid]({grid})", "",
+           "Rows: the tuned model alone, then combined generation, on the fixed validation prompts and seeds.", ""] if grid else []),
+        "## Training config", "", "```yaml", config_yaml(cfg).rstrip(), "```", ""])
+
+def push_to_hub(self:Trainer)->Path:
+    "Write the model card and validation grid into `final/combined`, then upload that folder to `hub_model_id`."
+    c, folder = self.config, self.out/"final"/"combined"
+    grids = sorted(self.out.glob("samples/step-*.png"), key=lambda p: int(p.stem.split("-")[1]))
+    if grids: shutil.copyfile(grids[-1], folder/"validation.png")
+    index = json.loads((folder/"model_index.json").read_text())
+    atomic_write_text(folder/"README.md", model_card(c, index["_class_name"], "validation.png" if grids else None))
+    try:
+        from huggingface_hub import HfApi
+        api = HfApi()
+        api.create_repo(c.hub_model_id, private=c.hub_private, exist_ok=True)
+        api.upload_folder(repo_id=c.hub_model_id, folder_path=str(folder), commit_message=f"imagerefl {c.objective['name']} on {c.reward.name}, step {self.step}")
+    except Exception as e:
+        raise UserError(f"could not upload to the Hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the model is "
+                        f"saved in {folder}: upload it later with `hf upload {c.hub_model_id} {folder}`") from None
+    print(f"uploaded {folder} to https://huggingface.co/{c.hub_model_id}")
+    return folder
+Trainer.push_to_hub = push_to_hub
 
 # %% ../nbs/09_train.ipynb #c771f8b4
 class FixedNoiseObjective:

@@ -19,9 +19,12 @@ def cfg(out, *over):
                 objective=dict(name="refl", num_inference_steps=6, min_mid_index=3, max_mid_index=6))
     return load_config(base, list(over))
 
-def trainer(out, *over, objective=None):
+class Brightness(torch.nn.Module):
+    def forward(self, images, prompts): return images.float().mean((1, 2, 3))
+
+def trainer(out, *over, objective=None, val_prompts=None):
     bb = Backbone(tiny_sd_pipeline(resolution=32), scheduler="ddim", num_inference_steps=6)
-    return Trainer(cfg(out, *over), bb, objective or FixedNoiseObjective(), None, PromptDataset(PROMPTS))
+    return Trainer(cfg(out, *over), bb, objective or FixedNoiseObjective(), Brightness(), PromptDataset(PROMPTS), val_prompts)
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
@@ -109,3 +112,27 @@ def test_second_ctrl_c_during_a_checkpoint_save_finishes_the_save(tmp_path, monk
     from imagerefl.runfolder import verify_checkpoint
     assert verify_checkpoint(tmp_path/"checkpoints"/"checkpoint-2") is None
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+def test_push_to_hub_writes_the_card_and_uploads_final_combined(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    calls = []
+    class FakeApi:                                                       # the upload itself, offline
+        def create_repo(self, repo_id, **kw): calls.append(("create", repo_id, kw))
+        def upload_folder(self, **kw): calls.append(("upload", sorted(p.name for p in Path(kw["folder_path"]).iterdir()), kw))
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    (tmp_path/"val.txt").write_text("a cat\na dog\n")
+    tr = trainer(tmp_path/"run", "max_steps=1", "model.lora_rank=2", "export=true", "push_to_hub=true", "hub_model_id=me/tiny",
+                 "validation.every=1", f"validation.prompts={tmp_path/'val.txt'}", "validation.num_prompts=2",
+                 "validation.images_per_prompt=1", "validation.num_inference_steps=2", "validation.original_unet_steps=1",
+                 val_prompts=["a cat", "a dog"])
+    assert tr.fit()["status"] == "finished"
+    folder = tmp_path/"run"/"final"/"combined"
+    assert calls[0] == ("create", "me/tiny", dict(private=False, exist_ok=True))
+    assert calls[1][0] == "upload" and calls[1][2]["repo_id"] == "me/tiny" and calls[1][2]["folder_path"] == str(folder)
+    assert {"README.md", "validation.png", "model_index.json", "original_unet", "fine_tuned_unet"} <= set(calls[1][1])
+    card = (folder/"README.md").read_text()
+    for text in ["**refl**", "reward **hps-v2.1**", "CombinedStableDiffusionPipeline.from_pretrained(\"me/tiny\")",
+                 "original_unet_steps=1", "![validation grid](validation.png)", "lora_rank: 2", "LoRA rank 2"]:
+        assert text in card, text
+    assert "uploaded" in capsys.readouterr().out
+    with pytest.raises(UserError, match="push_to_hub needs export: true and hub_model_id"): cfg(tmp_path, "push_to_hub=true")
