@@ -8,7 +8,7 @@ Docs: https://imagerefl.github.io/imagerefl/runfolder.html.md"""
 from __future__ import annotations
 import contextlib, fnmatch, hashlib, json, os, shutil, socket, subprocess, sys, time
 from pathlib import Path
-from .core import UserError, atomic_path, atomic_write_text
+from .core import UserError, atomic_write_text
 
 # %% auto #0
 __all__ = ['MANIFEST', 'PACKAGES', 'RUN_FILES', 'RunLock', 'write_manifest', 'verify_checkpoint', 'checkpoint_step',
@@ -51,8 +51,9 @@ class RunLock:
         "Take the lock, taking over a stale one (with a message); a one-line `UserError` if another run holds it."
         self.folder.mkdir(parents=True, exist_ok=True)
         me = dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime("%Y-%m-%d %H:%M:%S"))
-        with atomic_path(self.folder/".lock.new") as tmp:
-            tmp.write_text(json.dumps(me))
+        tmp = self.folder/f".lock.{me['pid']}.{me['host']}"
+        tmp.write_text(json.dumps(me))
+        try:
             for _ in range(3):
                 try: os.link(tmp, self.path); self.held = True; return self
                 except FileExistsError: pass
@@ -62,6 +63,7 @@ class RunLock:
                 o = self.owner()
                 self.say(f"{self.folder}: took over a stale lock" + (f" (pid {o['pid']} on {o.get('host')} no longer runs)" if o else " (unreadable)"))
                 with contextlib.suppress(FileNotFoundError): self.path.unlink()
+        finally: tmp.unlink()
         raise UserError(f"could not lock {self.folder}: another run keeps taking it; choose another out_dir")
 
     def release(self):
@@ -154,6 +156,7 @@ def check_resume_config(saved:dict,     # the config the checkpoint was written 
                         new:dict,       # the config of the resuming run
                         may_change:list[str], # keys (fnmatch patterns) that may differ on resume
                         where:str="the checkpoint", # named in the message
+                        allowed:str|None=None, # how the message describes `may_change`; None = the patterns
                        )->dict:
     "The allowed changes as `{key: (old, new)}`; a one-line `UserError` naming any other changed key."
     a, b = flat_items(saved), flat_items(new)
@@ -162,7 +165,7 @@ def check_resume_config(saved:dict,     # the config the checkpoint was written 
     if refused:
         shown = ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in refused)
         raise UserError(f"cannot resume with a changed {shown}: {where} was trained with the old value(s); "
-                        f"resume with the run's config.yaml (only {', '.join(may_change)} may change) or start a new run in another out_dir")
+                        f"resume with the run's config.yaml (only {allowed or ', '.join(may_change)} may change) or start a new run in another out_dir")
     return changed
 
 # %% ../nbs/00b_runfolder.ipynb #rf000018

@@ -423,7 +423,8 @@ def check_resume(cfg:TrainConfig, checkpoint:Path, fallback:Path|None=None)->dic
     saved = checkpoint/"config.yaml"
     if not saved.exists(): saved = fallback
     if saved is None or not saved.exists(): return {}
-    changed = check_resume_config(yaml.safe_load(saved.read_text()), asdict(cfg), RESUMABLE, where=str(checkpoint))
+    changed = check_resume_config(yaml.safe_load(saved.read_text()), asdict(cfg), RESUMABLE, where=str(checkpoint),
+                                  allowed="max_steps, logging, tracker, checkpoint, validation and export settings")
     if "max_steps" in changed and cfg.optimizer.lr_scheduler != "constant":
         raise UserError(f"cannot resume with a changed max_steps under optimizer.lr_scheduler={cfg.optimizer.lr_scheduler}: "
                         f"the decay is laid out over max_steps={changed['max_steps'][0]}; keep it, or start a new run")
