@@ -136,3 +136,15 @@ def test_push_to_hub_writes_the_card_and_uploads_final_combined(tmp_path, monkey
         assert text in card, text
     assert "uploaded" in capsys.readouterr().out
     with pytest.raises(UserError, match="push_to_hub needs export: true and hub_model_id"): cfg(tmp_path, "push_to_hub=true")
+
+def test_cli_prints_a_divergence_once(tmp_path, capsys):
+    from imagerefl.cli import main
+    rc = main(["train", "--config", "mini_refl", "--set", f"out_dir={tmp_path}", "--set", "max_steps=3", "--set", "batch_size=2",
+               "--set", "data.limit=4", "--set", "validation.every=0", "--set", "checkpoint_every=1",
+               "--set", "objective.num_inference_steps=4", "--set", "objective.min_mid_index=2", "--set", "objective.max_mid_index=4",
+               "--set", "optimizer.lr=1e30", "--set", "max_bad_steps=1"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and (out + err).count("stopped: 1 updates in a row") == 1 and "imagerefl: error: stopped:" in err
+    assert "from before step 1) is none" in err                           # checkpoint-1's weights (~1e30) are not named good
+    w = load_file(tmp_path/"checkpoints"/"checkpoint-1"/"trainable.safetensors")
+    assert max(t.abs().max().item() for t in w.values()) > 1e20             # there, finite, exploded
