@@ -142,6 +142,7 @@ def rotate_checkpoints(root:str|Path, keep:int):
     for p in real[keep:]: shutil.rmtree(p, ignore_errors=True)
     for p in Path(root).glob(".old-checkpoint-*"):
         if (p.parent/p.name.removeprefix(".old-")).exists(): shutil.rmtree(p, ignore_errors=True)
+    for p in Path(root).glob(".tmp-checkpoint-*"): shutil.rmtree(p, ignore_errors=True)   # a save killed half-way
 
 # %% ../nbs/00b_runfolder.ipynb #rf000015
 def flat_items(d:dict, prefix:str="")->dict:
