@@ -6,7 +6,7 @@ Docs: https://imagerefl.github.io/imagerefl/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #d2a864ad
 from __future__ import annotations
-import os, random, tempfile, contextlib, json
+import os, random, tempfile, contextlib, json, logging
 from pathlib import Path
 
 # %% auto #0
@@ -100,6 +100,13 @@ def load_yaml(path:str|Path, # a yaml file
         mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise UserError(f"{path} is not valid YAML{where}: {problem or str(e).splitlines()[0]}") from None
+
+# %% ../nbs/00_core.ipynb #9a331a55
+class _EmptyFp32Warning(logging.Filter):
+    "Drop diffusers' warning about modules to keep in float32 when the list of such modules is empty."
+    def filter(self, record): return "should be kept in float32: []" not in record.getMessage()
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32Warning())
 
 # %% ../nbs/00_core.ipynb #fa16c697
 def looks_like_path(source:str) -> bool:
