@@ -18,7 +18,9 @@ __all__ = ['cmd_train', 'config_description', 'cmd_configs', 'quiet_loading', 'l
 # %% ../nbs/11_cli.ipynb #93e16a83
 def cmd_train(a):
     "imagerefl train: `imagerefl.train.train(config, overrides)`."
-    from imagerefl.train import train
+    from imagerefl.train import train, load_config
+    load_config(a.config, a.set)                          # a bad setting fails here, before diffusers is imported
+    quiet_loading()
     r = train(a.config, a.set)
     return 0 if r["status"] == "finished" else 1
 
@@ -51,6 +53,7 @@ def load_any_pipeline(path:str):
     "A combined pipeline if `path` holds one (two UNets), else a plain diffusers pipeline."
     from imagerefl.core import check_source
     p = Path(check_source(path, "a diffusers pipeline folder (with model_index.json)", "model_index.json"))
+    quiet_loading()
     index = json.loads(read_text(p/"model_index.json")) if (p/"model_index.json").exists() else {}
     if "original_unet" in index:
         from imagerefl.sampling import CombinedStableDiffusionPipeline, CombinedStableDiffusionXLPipeline
@@ -91,7 +94,8 @@ def cmd_sample(a):
         from imagerefl.data import load_prompts
         prompts += load_prompts(a.prompts, limit=a.limit)
     if not prompts: raise UserError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE_OR_SET")
-    pipe = load_any_pipeline(a.model).to(resolve_device(a.device))
+    device = resolve_device(a.device)                     # bad prompts or device fail before the model loads
+    pipe = load_any_pipeline(a.model).to(device)
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     kw = _call_kwargs(pipe, a)
     settings = dict(model=str(a.model), scheduler=type(pipe.scheduler).__name__, **kw)
@@ -222,9 +226,7 @@ def main(argv:list[str]|None=None)->int:
     "Entry point of the `imagerefl` command: a user or file-system error prints one line and returns 2."
     a = parser().parse_args(argv)
     debug = a.debug or os.environ.get("IMAGEREFL_DEBUG", "0").lower() not in ("", "0", "false", "no")
-    try:
-        if a.command != "configs": quiet_loading()
-        return a.func(a)
+    try: return a.func(a)
     except (UserError, OSError) as e:
         if debug: raise
         print(f"imagerefl: error: {e if isinstance(e, UserError) else os_error_line(e)}", file=sys.stderr)
