@@ -6,37 +6,63 @@ Docs: https://imagerefl.github.io/imagerefl/cli.html.md"""
 
 # %% ../nbs/11_cli.ipynb #1ca96c0f
 from __future__ import annotations
-import argparse, sys
+import argparse, csv, errno, io, json, math, os, re, sys
 from pathlib import Path
-from .core import UserError
+from . import __version__
+from .core import UserError, read_text
 
 # %% auto #0
-__all__ = ['cmd_train', 'cmd_configs', 'load_any_pipeline', 'cmd_sample', 'cmd_evaluate', 'cmd_demo', 'cmd_mini_pretrain',
-           'parser', 'main']
+__all__ = ['cmd_train', 'config_description', 'cmd_configs', 'quiet_loading', 'load_any_pipeline', 'cmd_sample', 'cmd_evaluate',
+           'cmd_demo', 'cmd_mini_pretrain', 'parser', 'os_error_line', 'main']
 
 # %% ../nbs/11_cli.ipynb #93e16a83
 def cmd_train(a):
     "imagerefl train: `imagerefl.train.train(config, overrides)`."
-    from imagerefl.train import train
+    from imagerefl.train import train, load_config
+    load_config(a.config, a.set)                          # a bad setting fails here, before diffusers is imported
+    quiet_loading()
     r = train(a.config, a.set)
     return 0 if r["status"] == "finished" else 1
 
+def config_description(path:str|Path)->str:
+    "The first sentence (or the part before a colon) of a config file's leading comment."
+    lines = []
+    for line in read_text(path, "config").splitlines():
+        if not line.startswith("#"): break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    m = re.match(r"(.+?)[.:](?:\s|$)", text)
+    return m.group(1) if m else text
+
 def cmd_configs(a):
-    "imagerefl configs: list the shipped configs."
-    from imagerefl.train import config_names
-    print("\n".join(config_names())); return 0
+    "imagerefl configs: the shipped configs, one line each."
+    from imagerefl.train import config_names, config_dir
+    names = config_names()
+    w = max(map(len, names), default=0)
+    for n in names: print(f"{n:<{w}}  {config_description(config_dir()/f'{n}.yaml')}")
+    return 0
 
 # %% ../nbs/11_cli.ipynb #1d1122d8
+def quiet_loading():
+    "Silence diffusers' and transformers' per-component loading bars (the CLI prints its own one line)."
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+    dlog.disable_progress_bar(); tlog.disable_progress_bar()
+
 def load_any_pipeline(path:str):
     "A combined pipeline if `path` holds one (two UNets), else a plain diffusers pipeline."
     from imagerefl.core import check_source
-    import json
     p = Path(check_source(path, "a diffusers pipeline folder (with model_index.json)", "model_index.json"))
-    index = json.loads((p/"model_index.json").read_text()) if (p/"model_index.json").exists() else {}
+    quiet_loading()
+    index = json.loads(read_text(p/"model_index.json")) if (p/"model_index.json").exists() else {}
     if "original_unet" in index:
         from imagerefl.sampling import CombinedStableDiffusionPipeline, CombinedStableDiffusionXLPipeline
         cls = CombinedStableDiffusionXLPipeline if "text_encoder_2" in index else CombinedStableDiffusionPipeline
-        pipe = cls.from_pretrained(str(p))
+        try: pipe = cls.from_pretrained(str(p))
+        except UserError: raise
+        except (OSError, ValueError, KeyError, RuntimeError) as e:   # truncated or mismatched weights, bad configs
+            raise UserError(f"could not load the combined pipeline in '{path}' ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}): copy the folder again") from None
     else:
         from imagerefl.diffusion import load_pipeline
         pipe = load_pipeline(str(p))
@@ -51,23 +77,38 @@ def _call_kwargs(pipe, a)->dict:
         raise UserError("--original-unet-steps needs a combined pipeline folder (a run's final/combined)")
     return kw
 
+def _save_png(image, path:Path, text:dict):
+    "Save `image` as a PNG atomically, with `text` as its text chunks (what made it: prompt, seed, settings)."
+    from PIL.PngImagePlugin import PngInfo
+    from imagerefl.core import atomic_path
+    info = PngInfo()
+    for k, v in text.items(): info.add_text(k, "" if v is None else str(v))
+    with atomic_path(path) as tmp: image.save(tmp, format="PNG", pnginfo=info)
+
 def cmd_sample(a):
-    "imagerefl sample: generate PNGs with a pipeline folder."
+    "imagerefl sample: generate PNGs with a pipeline folder; `manifest.csv` and each PNG's text say what made them."
     import torch
-    from imagerefl.core import resolve_device
-    pipe = load_any_pipeline(a.model).to(resolve_device(a.device))
+    from imagerefl.core import resolve_device, atomic_write_text
     prompts = list(a.prompt or [])
     if a.prompts:
         from imagerefl.data import load_prompts
         prompts += load_prompts(a.prompts, limit=a.limit)
     if not prompts: raise UserError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE_OR_SET")
+    device = resolve_device(a.device)                     # bad prompts or device fail before the model loads
+    pipe = load_any_pipeline(a.model).to(device)
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     kw = _call_kwargs(pipe, a)
+    settings = dict(model=str(a.model), scheduler=type(pipe.scheduler).__name__, **kw)
+    rows = []
     for i, p in enumerate(prompts):
         for s in range(a.num_images):
             g = torch.Generator().manual_seed(a.seed + s)
-            pipe(p, generator=g, **kw).images[0].save(out/f"p{i:05d}_s{s:03d}.png")
-    print(f"wrote {len(prompts) * a.num_images} images to {out}")
+            row = dict(file=f"p{i:05d}_s{s:03d}.png", prompt=p, seed=a.seed + s, **settings)
+            _save_png(pipe(p, generator=g, **kw).images[0], out/row["file"], {k: v for k, v in row.items() if k != "file"})
+            rows.append(row)
+    buf = io.StringIO(); w = csv.DictWriter(buf, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
+    atomic_write_text(out/"manifest.csv", buf.getvalue())
+    print(f"wrote {len(rows)} images and manifest.csv to {out}")
     return 0
 
 # %% ../nbs/11_cli.ipynb #dab69027
@@ -97,39 +138,61 @@ def cmd_mini_pretrain(a):
     mini.pretrain(a.out, quick=a.quick); return 0
 
 # %% ../nbs/11_cli.ipynb #8bdde70e
+def _positive_int(s:str)->int:
+    "argparse type: an integer >= 1."
+    try: v = int(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 1: raise argparse.ArgumentTypeError(f"{v} is too small: give an integer >= 1")
+    return v
+
+def _count(s:str)->int:
+    "argparse type: an integer >= 0."
+    v = int(s) if re.fullmatch(r"\d+", s.strip()) else None
+    if v is None: raise argparse.ArgumentTypeError(f"{s!r} is not an integer >= 0")
+    return v
+
+def _finite_float(s:str)->float:
+    "argparse type: a finite number."
+    try: v = float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not math.isfinite(v): raise argparse.ArgumentTypeError(f"{s} is not a finite number")
+    return v
+
 def _sampling_args(p):
     p.add_argument("--model", required=True, help="pipeline folder: a run's final/combined, or any diffusers SD/SDXL folder")
-    p.add_argument("--steps", type=int, default=40, help="num_inference_steps (default 40)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="CFG of the base UNet (plain pipelines: of the model)")
-    p.add_argument("--original-unet-steps", type=int, default=None, help="combined: steps run by the base UNet (default 3/4)")
-    p.add_argument("--fine-tuned-guidance-scale", type=float, default=1.0, help="combined: CFG of the tuned UNet (default 1 = none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_positive_int, default=40, help="num_inference_steps (default 40)")
+    p.add_argument("--guidance-scale", type=_finite_float, default=7.5, help="CFG of the base UNet (plain pipelines: of the model)")
+    p.add_argument("--original-unet-steps", type=_count, default=None, help="combined: steps run by the base UNet (default 3/4)")
+    p.add_argument("--fine-tuned-guidance-scale", type=_finite_float, default=1.0, help="combined: CFG of the tuned UNet (default 1 = none)")
+    p.add_argument("--seed", type=_count, default=0, help="seed of the first image of each prompt (the next ones: +1, +2, ...)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA if present)")
     p.add_argument("--out", required=True, help="output folder")
 
 def parser()->argparse.ArgumentParser:
     "The `imagerefl` argument parser."
     ap = argparse.ArgumentParser(prog="imagerefl", description="Reward fine-tuning that keeps diversity (ImageReFL, arXiv 2505.22569).")
+    ap.add_argument("--version", action="version", version=f"imagerefl {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error (or set IMAGEREFL_DEBUG=1)")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train from a yaml config (a path or a shipped config name)")
     p.add_argument("--config", required=True, help="yaml file or shipped name (imagerefl configs lists them)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value; dotted keys for sections")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("configs", help="list the shipped configs"); p.set_defaults(func=cmd_configs)
+    p = sub.add_parser("configs", help="list the shipped configs, one line each"); p.set_defaults(func=cmd_configs)
     p = sub.add_parser("sample", help="generate images with a tuned, combined or base pipeline")
     _sampling_args(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a prompt file or set (hpdv2, coco, mini-digits, ...)")
-    p.add_argument("--limit", type=int, default=None, help="first N prompts of --prompts")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N prompts of --prompts")
+    p.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
     p.set_defaults(func=cmd_sample)
     p = sub.add_parser("evaluate", help="rewards and diversity of a pipeline on a prompt set")
     _sampling_args(p)
     p.add_argument("--prompts", required=True, help="a prompt file or set (hpdv2, coco, mini-digits, ...)")
-    p.add_argument("--reward", action="append", help="reward name (repeatable), e.g. hps-v2.1")
+    p.add_argument("--reward", action="append", help="reward name (repeatable), e.g. hps-v2.1, or module:attribute for your own")
     p.add_argument("--features", action="append", help="feature network for diversity (repeatable): dino, clip, mini")
-    p.add_argument("--images-per-prompt", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--images-per-prompt", type=_positive_int, default=5, help="images per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per pipeline call")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("demo", help="the mini world's end-to-end demo on the CPU")
     p.add_argument("--out", default="imagerefl-demo"); p.add_argument("--quick", action="store_true")
@@ -142,13 +205,36 @@ def parser()->argparse.ArgumentParser:
     q.set_defaults(func=cmd_mini_pretrain)
     return ap
 
+# %% ../nbs/11_cli.ipynb #32b685dc
+_OS_HINTS = {errno.ENOSPC: "the disk is full: free some space or choose another output folder",
+             errno.EDQUOT: "the disk quota is exceeded: free some space or choose another output folder",
+             errno.EROFS: "the file system is read-only: choose another output folder",
+             errno.EACCES: "permission denied: choose a folder you can write to",
+             errno.EPERM: "permission denied: choose a folder you can write to",
+             errno.ENOTDIR: "a part of this path is a file, not a folder: choose another path",
+             errno.EEXIST: "a file is in the way of a folder: choose another path",
+             errno.EISDIR: "this is a folder, not a file: give a file"}
+
+def os_error_line(e:OSError)->str:
+    "One line for a file-system error: what failed, where, and what to do."
+    what = e.strerror or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    where = f" ({e.filename})" if e.filename else ""
+    hint = _OS_HINTS.get(e.errno, "run with --debug (or IMAGEREFL_DEBUG=1) for the traceback")
+    return f"{what}{where}: {hint}"
+
 def main(argv:list[str]|None=None)->int:
-    "Entry point of the `imagerefl` command; a `UserError` prints one line and returns 2."
+    "Entry point of the `imagerefl` command: a user or file-system error prints one line and returns 2."
     a = parser().parse_args(argv)
+    debug = a.debug or os.environ.get("IMAGEREFL_DEBUG", "0").lower() not in ("", "0", "false", "no")
     try: return a.func(a)
-    except UserError as e:
-        print(f"imagerefl: error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        if debug: raise
+        print(f"imagerefl: error: {e if isinstance(e, UserError) else os_error_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug: raise
+        print("imagerefl: interrupted", file=sys.stderr)
+        return 130
 
 # `python -m imagerefl.cli ...` (as `accelerate launch -m imagerefl.cli` runs it); not when a notebook runs this cell
 if __name__ == "__main__" and "IPython" not in sys.modules: sys.exit(main())

@@ -6,36 +6,48 @@ Docs: https://imagerefl.github.io/imagerefl/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #d2a864ad
 from __future__ import annotations
-import os, random, tempfile, contextlib
+import os, random, tempfile, contextlib, json, logging
 from pathlib import Path
-import numpy as np
-import torch
 
 # %% auto #0
-__all__ = ['UserError', 'seed_everything', 'resolve_device', 'atomic_path', 'atomic_write_text', 'save_safetensors',
-           'looks_like_path', 'hub_offline', 'check_source']
+__all__ = ['UserError', 'seed_everything', 'resolve_device', 'umask', 'atomic_path', 'atomic_write_text', 'save_safetensors',
+           'read_text', 'load_yaml', 'looks_like_path', 'hub_offline', 'missing_components', 'check_source']
 
 # %% ../nbs/00_core.ipynb #5a75a4d9
-class UserError(Exception):
+class UserError(ValueError):
     "A problem the user can fix; its message is one line that says what to do."
 
 # %% ../nbs/00_core.ipynb #a6217ea4
 def seed_everything(seed:int, # seed for python, numpy and torch (all devices)
                    )->None:
     "Seed every RNG a run touches."
+    import numpy as np, torch
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
 # %% ../nbs/00_core.ipynb #b2309a4f
 def resolve_device(device:str|torch.device|None=None, # "cuda", "cpu", "cuda:1", or None/"auto" for the best available
                   )->torch.device:
     "The device to run on: an explicit choice, else CUDA when present, else CPU."
+    import torch
     if device in (None, "auto"): return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
+    try: d = torch.device(device)
+    except RuntimeError: raise UserError(f"device {device!r} is not a device: use cpu, cuda or cuda:N") from None
     if d.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' was asked for but no CUDA GPU is visible; pass --set device=cpu")
+        raise UserError(f"device '{device}' was asked for but no CUDA GPU is visible: use --device cpu "
+                        "(or leave --device out to take the best available)")
     return d
 
 # %% ../nbs/00_core.ipynb #1ad0a73f
+def umask()->int:
+    "The process's umask (read without changing it where `/proc` has it)."
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"): return int(line.split()[1], 8)
+    except (OSError, ValueError): pass
+    m = os.umask(0o022); os.umask(m)
+    return m
+
 @contextlib.contextmanager
 def atomic_path(path:str|Path, # final file name
                ):
@@ -44,6 +56,7 @@ def atomic_path(path:str|Path, # final file name
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask())     # mkstemp makes 0600 whatever the umask; a file is as open() would make it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.remove(tmp)
@@ -67,6 +80,34 @@ def save_safetensors(tensors:dict, # name -> tensor
     with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)
 
+# %% ../nbs/00_core.ipynb #0f74eaae
+def read_text(path:str|Path, # a text file
+              what:str="file", # what it is, for the message, e.g. "prompt file"
+             )->str:
+    "The text of a UTF-8 file without a byte-order mark; a one-line `UserError` if it is not UTF-8."
+    try: return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): "
+                        f"save the {what} as UTF-8") from None
+
+def load_yaml(path:str|Path, # a yaml file
+              what:str="config", # what it is, for the message
+             ):
+    "The content of a YAML file; a one-line `UserError` naming the line of a syntax error."
+    import yaml
+    try: return yaml.safe_load(read_text(path, what))
+    except yaml.YAMLError as e:
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UserError(f"{path} is not valid YAML{where}: {problem or str(e).splitlines()[0]}") from None
+
+# %% ../nbs/00_core.ipynb #9a331a55
+class _EmptyFp32Warning(logging.Filter):
+    "Drop diffusers' warning about modules to keep in float32 when the list of such modules is empty."
+    def filter(self, record): return "should be kept in float32: []" not in record.getMessage()
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32Warning())
+
 # %% ../nbs/00_core.ipynb #fa16c697
 def looks_like_path(source:str) -> bool:
     "True if `source` is meant as a local path rather than a hub id."
@@ -79,6 +120,16 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 # %% ../nbs/00_core.ipynb #00affa77
+def missing_components(folder:str|Path, # a diffusers pipeline folder
+                      )->list[str]:     # components `model_index.json` lists that have no subfolder
+    "The components a pipeline folder's `model_index.json` names but does not hold."
+    folder = Path(folder)
+    try: index = json.loads(read_text(folder/"model_index.json", "model_index.json"))
+    except json.JSONDecodeError as e: raise UserError(f"{folder/'model_index.json'} is not valid JSON ({e})") from None
+    listed = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, (list, tuple)) and len(v) == 2
+              and None not in v]
+    return [k for k in listed if not (folder/k).is_dir()]
+
 def check_source(source:str|Path, # local path or hub id
                  what:str,        # what is expected there, for the message, e.g. "a diffusers pipeline folder"
                  must_contain:str|None=None, # a file a valid local folder has, e.g. "model_index.json"
@@ -89,6 +140,9 @@ def check_source(source:str|Path, # local path or hub id
     if p.exists():
         if must_contain and p.is_dir() and not (p/must_contain).exists():
             raise UserError(f"'{s}' is not {what}: it has no {must_contain}")
+        if must_contain == "model_index.json" and p.is_dir() and (gone := missing_components(p)):
+            raise UserError(f"'{s}' is an incomplete pipeline folder: its model_index.json lists "
+                            f"{', '.join(gone)} but it has no {'/, '.join(gone)}/ folder: copy the whole folder again")
         return str(p)
     if looks_like_path(s):
         raise UserError(f"'{s}' does not exist: expected {what}")
@@ -98,5 +152,5 @@ def check_source(source:str|Path, # local path or hub id
             return snapshot_download(s, local_files_only=True)
         except Exception:
             raise UserError(f"hub id '{s}' is not in the local cache and HF_HUB_OFFLINE=1: download it on a machine "
-                            f"with network (huggingface-cli download {s}) or pass a local folder with {what}") from None
+                            f"with network (hf download {s}) or pass a local folder with {what}") from None
     return s

@@ -6,7 +6,7 @@ Docs: https://imagerefl.github.io/imagerefl/data.html.md"""
 
 # %% ../nbs/02_data.ipynb #44241de4
 from __future__ import annotations
-import io, json, re, warnings
+import io, json, math, re, warnings
 from functools import lru_cache
 from itertools import chain
 from pathlib import Path
@@ -17,24 +17,33 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from PIL import Image, ImageOps
 from fastcore.basics import patch
-from .core import UserError, hub_offline, looks_like_path
+from .core import UserError, hub_offline, looks_like_path, read_text
 
 # %% auto #0
 __all__ = ['TEXT_COLUMNS', 'MINI_DIGIT_WORDS', 'MINI_BOLD_QUANTILE', 'MINI_SLANT_QUANTILE', 'MINI_TEST_FRACTION',
-           'HUB_PROMPT_SETS', 'HUB_IMAGE_SETS', 'fit_image', 'pil_to_tensor', 'resize_center_crop',
-           'ImageCaptionDataset', 'collate', 'mini_prompt', 'ink_slant', 'mini_digits', 'digit_from_prompt',
-           'load_prompts', 'load_image_captions']
+           'HUB_PROMPT_SETS', 'HUB_IMAGE_SETS', 'to_rgb', 'fit_image', 'pil_to_tensor', 'resize_center_crop',
+           'ImageCaptionDataset', 'collate', 'read_jsonl', 'mini_prompt', 'ink_slant', 'mini_digits',
+           'digit_from_prompt', 'load_prompts', 'load_image_captions']
 
 # %% ../nbs/02_data.ipynb #f7c09764
+_WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")   # how PIL opens 16-bit greyscale PNGs and TIFFs
+
+def to_rgb(image:Image.Image, # any mode
+          )->Image.Image:     # 8-bit RGB
+    "RGB, with 16-bit greyscale scaled to 8 bits (PIL's own `convert` clips it, saturating the image to white)."
+    if image.mode in _WIDE_GREY:
+        image = Image.fromarray(np.round(np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
 def fit_image(image:Image.Image, # any size, any mode
               resolution:int,    # side of the square result
              )->Image.Image:     # RGB, (resolution, resolution)
     "Aspect-preserving resize of the shorter side to `resolution` and a centre crop (RGB)."
-    return ImageOps.fit(image.convert("RGB"), (resolution, resolution), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+    return ImageOps.fit(to_rgb(image), (resolution, resolution), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
 
 def pil_to_tensor(image:Image.Image)->torch.Tensor:
     "An RGB PIL image as a float tensor (3,H,W) in [0,1]."
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(np.asarray(to_rgb(image), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
 
 # %% ../nbs/02_data.ipynb #15af46cd
 def resize_center_crop(images:torch.Tensor, # (B,C,H,W) float
@@ -123,39 +132,57 @@ def _pick_column(columns, what:str, where:str, prefer=TEXT_COLUMNS)->str:
         if c in low: return low[c]
     raise UserError(f"{where} has no {what} column ({'/'.join(prefer)}); its columns are: {', '.join(map(str, columns))}")
 
-def _caption(x)->str:
-    "A caption cell: a string, or the first string of a list (as COCO-style rows hold several)."
-    if isinstance(x, (list, tuple)): x = x[0] if len(x) else ""
+def _caption(x)->str|None:
+    "A caption cell: a string, or the first string of a list (as COCO-style rows hold several); None if missing."
+    if isinstance(x, (list, tuple)): x = x[0] if len(x) else None
+    if x is None or (isinstance(x, float) and math.isnan(x)): return None     # JSON null, an empty CSV cell
     return str(x)
+
+def _warn_skipped(n:int, what:str, where:str, examples=()):
+    if n: warnings.warn(f"skipping {n} {what} in {where}" + (f" (e.g. {', '.join(map(str, examples[:3]))})" if examples else ""))
 
 # %% ../nbs/02_data.ipynb #4f7cb7e5
 @patch(cls_method=True)
 def from_records(cls:ImageCaptionDataset, records:Sequence, # (PIL.Image | path, caption) pairs
                   resolution:int=512,     # side of the square images
+                  where:str="the records", # where the records come from, for messages
                  )->ImageCaptionDataset:
-    "An image-caption set from (image or path, caption) pairs; unreadable files are skipped and counted."
-    images, captions, skipped = [], [], 0
+    "An image-caption set from (image or path, caption) pairs; unreadable files and missing captions are skipped and counted."
+    images, captions, skipped, uncaptioned = [], [], 0, []
     for img, cap in records:
+        cap = _caption(cap)
+        if cap is None: uncaptioned.append(getattr(img, "name", img)); continue
         if not isinstance(img, (Image.Image, torch.Tensor)):
             why = _verify_file(img)
             if why:
                 warnings.warn(f"skipping unreadable image {img} ({why})"); skipped += 1; continue
-        images.append(img); captions.append(_caption(cap))
-    if not images: raise UserError(f"none of the {skipped} images could be read: check the files")
-    return cls(images, captions, resolution, skipped=skipped)
+        images.append(img); captions.append(cap)
+    _warn_skipped(len(uncaptioned), "images without a caption (null or missing)", where, uncaptioned)
+    if not images and not uncaptioned: raise UserError(f"none of the {skipped} images could be read: check the files")
+    if not images: raise UserError(f"no image in {where} has a caption ({len(uncaptioned)} without, {skipped} unreadable): give each a text")
+    return cls(images, captions, resolution, skipped=skipped + len(uncaptioned))
 
 # %% ../nbs/02_data.ipynb #2357b559
+def read_jsonl(path:Path, what:str="JSON lines file")->list:
+    "The values of a `.jsonl` file (blank lines skipped); a one-line `UserError` naming the line of bad JSON."
+    rows = []
+    for n, line in enumerate(read_text(path, what).splitlines(), 1):
+        if not line.strip(): continue
+        try: rows.append(json.loads(line))
+        except json.JSONDecodeError as e: raise UserError(f"{path} line {n} is not valid JSON ({e.msg}, column {e.colno})") from None
+    return rows
+
+def _read_csv(path:Path, what:str, **kw):
+    import pandas as pd
+    try: return pd.read_csv(io.StringIO(read_text(path, what)), **kw)
+    except pd.errors.ParserError as e: raise UserError(f"{path} is not a valid CSV file ({str(e).splitlines()[0]})") from None
+
 def _read_metadata(folder:Path)->list[dict]:
     if (folder/"metadata.jsonl").exists():
-        rows = []
-        for n, line in enumerate((folder/"metadata.jsonl").read_text().splitlines(), 1):
-            if not line.strip(): continue
-            try: rows.append(json.loads(line))
-            except json.JSONDecodeError: raise UserError(f"{folder/'metadata.jsonl'} line {n} is not valid JSON") from None
+        rows = read_jsonl(folder/"metadata.jsonl", "metadata")
+        if any(not isinstance(r, dict) for r in rows): raise UserError(f"{folder/'metadata.jsonl'}: every line must be a JSON object")
         return rows
-    if (folder/"metadata.csv").exists():
-        import pandas as pd
-        return pd.read_csv(folder/"metadata.csv").to_dict("records")
+    if (folder/"metadata.csv").exists(): return _read_csv(folder/"metadata.csv", "metadata").to_dict("records")
     raise UserError(f"folder '{folder}' has no metadata.jsonl: write one line per image, "
                     '{"file_name": "img.png", "text": "its caption"} (Hugging Face imagefolder layout)')
 
@@ -169,8 +196,8 @@ def from_folder(cls:ImageCaptionDataset, path:str|Path,   # folder in the imagef
     rows = _read_metadata(folder)
     if not rows: raise UserError(f"{folder}'s metadata lists no images")
     if "file_name" not in rows[0]: raise UserError(f"{folder}'s metadata has no file_name column")
-    text = _pick_column(rows[0].keys(), "caption", f"{folder}'s metadata")
-    return cls.from_records([(folder/str(r["file_name"]), r.get(text, "")) for r in rows], resolution)
+    text = _pick_column(set().union(*(r.keys() for r in rows)), "caption", f"{folder}'s metadata")
+    return cls.from_records([(folder/str(r["file_name"]), r.get(text)) for r in rows], resolution, where=f"{folder}'s metadata")
 
 # %% ../nbs/02_data.ipynb #d285f4b8
 def _hub_dataset(name:str, split:str|None, **kw):
@@ -192,10 +219,10 @@ def _hub_dataset(name:str, split:str|None, **kw):
         raise UserError(f"could not load dataset '{name}' split '{split}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 class _Column(Sequence):
-    "One column of a hub dataset, read row by row (so images decode only when asked for)."
-    def __init__(self, ds, col): self.ds, self.col = ds, col
-    def __len__(self): return len(self.ds)
-    def __getitem__(self, i): return self.ds[int(i)][self.col]
+    "One column of a hub dataset (the rows `rows`), read row by row (so images decode only when asked for)."
+    def __init__(self, ds, col, rows=None): self.ds, self.col, self.rows = ds, col, rows
+    def __len__(self): return len(self.ds) if self.rows is None else len(self.rows)
+    def __getitem__(self, i): return self.ds[int(i if self.rows is None else self.rows[i])][self.col]
 
 # %% ../nbs/02_data.ipynb #f33f4136
 @patch(cls_method=True)
@@ -205,14 +232,19 @@ def from_hub(cls:ImageCaptionDataset, name:str,            # hub dataset id, e.g
               image_column:str="image",  # column holding the images
               text_column:str|None=None, # column holding captions; None: the first of text/prompt/caption
              )->ImageCaptionDataset:
-    "An image-caption set from a hub dataset (images decoded lazily, unreadable rows skipped and counted)."
+    "An image-caption set from a hub dataset (images decoded lazily; unreadable and uncaptioned rows skipped and counted)."
     ds = _hub_dataset(name, split)
     if image_column not in ds.column_names:
         raise UserError(f"dataset '{name}' has no image column '{image_column}'; its columns: {', '.join(ds.column_names)}")
     text_column = text_column or _pick_column(ds.column_names, "caption", f"dataset '{name}'")
     if text_column not in ds.column_names:
         raise UserError(f"dataset '{name}' has no text column '{text_column}'; its columns: {', '.join(ds.column_names)}")
-    return cls(_Column(ds, image_column), [_caption(c) for c in ds[text_column]], resolution)
+    captions = [_caption(c) for c in ds[text_column]]
+    keep = [i for i, c in enumerate(captions) if c is not None]
+    _warn_skipped(len(captions) - len(keep), "rows without a caption (null)", f"dataset '{name}'")
+    if not keep: raise UserError(f"dataset '{name}' has no row with a caption in column '{text_column}'")
+    rows = None if len(keep) == len(captions) else keep
+    return cls(_Column(ds, image_column, rows), [captions[i] for i in keep], resolution, skipped=len(captions) - len(keep))
 
 # %% ../nbs/02_data.ipynb #95cd52cf
 MINI_DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -291,24 +323,24 @@ HUB_PROMPT_SETS = {
     "pickapic": dict(repo="yuvalkirstain/pickapic_v2_no_images", split="test_unique", column="caption"),
 }
 
-def _prompts_from_records(rows:list, where:str)->list[str]:
+def _prompts_from_records(rows:list, where:str)->list[str|None]:
+    if not isinstance(rows, list): raise UserError(f"{where} must hold a list of prompts (strings or objects with a prompt key)")
     if rows and isinstance(rows[0], dict):
-        col = _pick_column(rows[0].keys(), "prompt", where, ("prompt", "text", "caption"))
-        return [_caption(r.get(col, "")) for r in rows]
+        col = _pick_column(set().union(*(r.keys() for r in rows if isinstance(r, dict))), "prompt", where, ("prompt", "text", "caption"))
+        return [_caption(r.get(col)) if isinstance(r, dict) else None for r in rows]
     return [_caption(r) for r in rows]
 
-def _prompts_from_file(p:Path)->list[str]:
+def _prompts_from_file(p:Path)->list[str|None]:
     ext = p.suffix.lower()
-    if p.is_dir(): return [_caption(r.get(_pick_column(r.keys(), "caption", str(p)), "")) for r in _read_metadata(p)]
-    if ext == ".txt": return p.read_text().splitlines()
+    if p.is_dir(): return [_caption(r.get(_pick_column(r.keys(), "caption", str(p)))) for r in _read_metadata(p)]
+    if ext == ".txt": return read_text(p, "prompt file").splitlines()
     if ext in (".csv", ".tsv"):
-        import pandas as pd
-        df = pd.read_csv(p, sep="\t" if ext == ".tsv" else ",", keep_default_na=False)
+        df = _read_csv(p, "prompt file", sep="\t" if ext == ".tsv" else ",", keep_default_na=False)
         return df[_pick_column(df.columns, "prompt", str(p), ("prompt", "text", "caption"))].astype(str).tolist()
-    try:
-        if ext == ".jsonl": return _prompts_from_records([json.loads(l) for l in p.read_text().splitlines() if l.strip()], str(p))
-        if ext == ".json": return _prompts_from_records(json.loads(p.read_text()), str(p))
-    except json.JSONDecodeError as e: raise UserError(f"{p} is not valid JSON ({e})") from None
+    if ext == ".jsonl": return _prompts_from_records(read_jsonl(p, "prompt file"), str(p))
+    if ext == ".json":
+        try: return _prompts_from_records(json.loads(read_text(p, "prompt file")), str(p))
+        except json.JSONDecodeError as e: raise UserError(f"{p} is not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     raise UserError(f"prompt file '{p}' has an unknown type: use .txt (one prompt a line), .csv/.tsv, .jsonl or .json")
 
 # %% ../nbs/02_data.ipynb #ddf2d3b1
@@ -316,7 +348,7 @@ def load_prompts(source:str,          # hpdv2, coco, pickapic, mini-digits, a hu
                  split:str|None=None, # split; None: the source's default (see `HUB_PROMPT_SETS`; mini-digits: classes)
                  limit:int|None=None, # keep only the first `limit` prompts
                 )->list[str]:
-    "A list of prompts from a named set, a hub dataset or a local file."
+    "A list of prompts from a named set, a hub dataset or a local file (null entries are skipped with a warning)."
     source = str(source)
     if source == "mini-digits":
         if split in (None, "classes"): prompts = [mini_prompt(k) for k in range(10)]
@@ -332,6 +364,7 @@ def load_prompts(source:str,          # hpdv2, coco, pickapic, mini-digits, a hu
     else:
         ds = _hub_dataset(source, split or "test")
         prompts = list(dict.fromkeys(_caption(c) for c in ds[_pick_column(ds.column_names, "prompt", f"dataset '{source}'")]))
+    _warn_skipped(sum(p is None for p in prompts), "null prompts", f"'{source}'")
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if limit is not None: prompts = prompts[:limit]
     if not prompts: raise UserError(f"no prompts in '{source}'" + (f" split '{split}'" if split else "") + ": give a non-empty prompt set")

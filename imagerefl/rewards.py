@@ -7,7 +7,7 @@ Docs: https://imagerefl.github.io/imagerefl/rewards.html.md"""
 
 # %% ../nbs/05_rewards.ipynb #4e9a4f32
 from __future__ import annotations
-import functools, inspect, json, math, os, pickle, types
+import functools, importlib, inspect, json, math, os, pickle, sys, types
 from pathlib import Path
 from typing import Callable
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -16,11 +16,12 @@ from .core import UserError, check_source, hub_offline, looks_like_path, resolve
 
 # %% auto #0
 __all__ = ['OPENAI_CLIP_MEAN', 'OPENAI_CLIP_STD', 'REWARDS', 'IMAGEREWARD_MEAN', 'IMAGEREWARD_STD', 'IMAGEREWARD_VISION',
-           'IMAGEREWARD_TEXT', 'MPS_CONDITION', 'resize_center_crop', 'normalize', 'Reward', 'check_reward_inputs',
-           'register_reward', 'reward_names', 'checkpoint_blocks', 'load_reward', 'resolve_file', 'OpenCLIPReward',
-           'open_clip_model', 'load_hps_state_dict', 'load_hps_v21', 'load_hps_v2', 'imagereward_mlp',
-           'imagereward_key', 'ImageRewardReward', 'bert_tokenizer', 'load_imagereward', 'processor_folder',
-           'hf_clip_parts', 'HFCLIPReward', 'load_pickscore', 'load_clip_score', 'tiny_clip_folder', 'MPSCrossModel',
+           'IMAGEREWARD_TEXT', 'MPS_CONDITION', 'resize_center_crop', 'normalize', 'Reward', 'as_image_batch',
+           'check_reward_inputs', 'register_reward', 'reward_names', 'check_reward_name', 'checkpoint_blocks',
+           'load_reward', 'resolve_file', 'OpenCLIPReward', 'open_clip_model', 'load_hps_state_dict',
+           'state_dict_mismatch', 'load_hps_v21', 'load_hps_v2', 'imagereward_mlp', 'imagereward_key',
+           'ImageRewardReward', 'bert_tokenizer', 'load_imagereward', 'processor_folder', 'hf_clip_parts',
+           'HFCLIPReward', 'load_pickscore', 'load_clip_score', 'tiny_clip_folder', 'MPSCrossModel',
            'mps_cross_model_dims', 'MPSReward', 'read_mps_pickle', 'convert_mps_checkpoint', 'load_mps',
            'load_mini_digits']
 
@@ -69,8 +70,29 @@ class Reward(nn.Module):
     def score(self, pixel_values:Tensor, prompts:list[str])->Tensor: raise NotImplementedError
 
     def forward(self, images:Tensor, prompts:list[str])->Tensor:
+        images = as_image_batch(images)
         check_reward_inputs(images, prompts)
         return self.score(self.pixel_values(images), list(prompts)).float()
+
+def as_image_batch(images, # a (B,3,H,W) tensor, a PIL image or a list of them, or numpy (B,H,W,C) / (H,W,C)
+                  )->Tensor:    # float (B,3,H,W) in [0,1]; tensors pass through untouched (gradients kept)
+    "Images as a reward takes them, from what diffusers pipelines return (`output_type` pil, np or pt)."
+    if torch.is_tensor(images): return images
+    import numpy as np
+    from PIL import Image
+    if isinstance(images, Image.Image): images = [images]
+    if isinstance(images, (list, tuple)) and images and all(isinstance(i, Image.Image) for i in images):
+        from imagerefl.data import pil_to_tensor
+        ts = [pil_to_tensor(i) for i in images]
+        if len({t.shape for t in ts}) > 1: raise UserError(f"a reward takes images of one size; got {sorted({tuple(t.shape[1:]) for t in ts})}")
+        return torch.stack(ts)
+    if isinstance(images, (list, tuple)) and images and all(isinstance(i, np.ndarray) for i in images): images = np.stack(images)
+    if isinstance(images, np.ndarray) and images.ndim in (3, 4) and images.shape[-1] in (1, 3):
+        a = images[None] if images.ndim == 3 else images
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        t = t.float() / 255 if a.dtype == np.uint8 else t.float()
+        return t.permute(0, 3, 1, 2).expand(-1, 3, -1, -1)
+    return images      # check_reward_inputs says what is wrong
 
 def check_reward_inputs(images, prompts):
     "Raise a one-line `UserError` unless `images` is (B,3,H,W) float and `prompts` B strings."
@@ -89,8 +111,28 @@ def register_reward(name:str # the name `load_reward` will accept
     return deco
 
 def reward_names()->list[str]:
-    "The names `load_reward` accepts."
+    "The names `load_reward` accepts (besides `module:attribute` for a reward of your own)."
     return sorted(REWARDS)
+
+def _import_reward(name:str):
+    "The object `module:attribute` names (the working directory is searched too, as `python -m` does)."
+    mod, _, attr = name.partition(":")
+    added = os.getcwd() not in sys.path
+    if added: sys.path.insert(0, os.getcwd())
+    try: m = importlib.import_module(mod)
+    except ImportError as e:
+        raise UserError(f"reward '{name}': cannot import module '{mod}' ({e}): put it in the working directory or on PYTHONPATH") from None
+    finally:
+        if added: sys.path.remove(os.getcwd())
+    if not attr or not hasattr(m, attr): raise UserError(f"reward '{name}': module '{mod}' has no attribute '{attr}'")
+    return getattr(m, attr)
+
+def check_reward_name(name:str, key:str="reward") -> None:
+    "A one-line `UserError` unless `name` is a registered reward or an importable `module:attribute`."
+    if name in REWARDS: return
+    if isinstance(name, str) and ":" in name: _import_reward(name); return
+    raise UserError(f"{key}={name!r} is not a known reward: use one of {', '.join(reward_names())}, "
+                    "or module:attribute for a reward of your own")
 
 # %% ../nbs/05_rewards.ipynb #4f40e36f
 def checkpoint_blocks(blocks:nn.ModuleList # the transformer blocks of a vision tower
@@ -103,7 +145,14 @@ def _checkpointed(fwd, *args, **kw):
     from torch.utils.checkpoint import checkpoint
     return checkpoint(fwd, *args, use_reentrant=False, **kw)
 
-def load_reward(name:str,          # one of `reward_names()`
+def _pipeline_images_hook(module, args):
+    "Forward pre-hook: PIL / numpy images (what pipelines return) become a float tensor on the module's device."
+    if not args or torch.is_tensor(args[0]): return None
+    x = as_image_batch(args[0])
+    p = next(module.parameters(), None)
+    return (x.to(p.device) if torch.is_tensor(x) and p is not None else x, *args[1:])
+
+def load_reward(name:str,          # one of `reward_names()`, or `module:attribute` naming your own reward
                 path:str|Path|None=None, # checkpoint file/folder as published, or a hub id; None = the official one
                 arch=None,         # override the backbone architecture (tests use tiny ones)
                 device=None,       # where to put it
@@ -111,11 +160,16 @@ def load_reward(name:str,          # one of `reward_names()`
                 gradient_checkpointing:bool=False, # recompute the vision tower in backward (saves memory)
                 **kw)->nn.Module:
     "Load reward `name`, frozen (`requires_grad=False`, eval mode)."
-    if name not in REWARDS: raise UserError(f"unknown reward '{name}'; known rewards: {', '.join(reward_names())}")
-    f = REWARDS[name]
-    try: inspect.signature(f).bind(path=path, arch=arch, **kw)
+    if name in REWARDS: f, kw = REWARDS[name], dict(path=path, arch=arch, **kw)
+    elif ":" in str(name):         # a reward of your own: a class or loader taking the options given, or a module
+        f, kw = _import_reward(name), {k: v for k, v in dict(path=path, arch=arch, **kw).items() if v is not None}
+        if isinstance(f, nn.Module): f = (lambda m: lambda: m)(f)
+    else: raise UserError(f"unknown reward '{name}'; known rewards: {', '.join(reward_names())}, or module:attribute for your own")
+    try: inspect.signature(f).bind(**kw)
     except TypeError as e: raise UserError(f"reward '{name}' does not take these options ({e}); it takes {inspect.signature(f)}") from None
-    r = f(path=path, arch=arch, **kw)
+    r = f(**kw)
+    if not isinstance(r, nn.Module): raise UserError(f"reward '{name}' gave a {type(r).__name__}: a reward must be a torch nn.Module")
+    if not isinstance(r, Reward): r.register_forward_pre_hook(_pipeline_images_hook)
     if gradient_checkpointing:
         if not hasattr(r, "vision_blocks"): raise UserError(f"reward '{name}' does not support gradient_checkpointing")
         checkpoint_blocks(r.vision_blocks())
@@ -139,7 +193,7 @@ def resolve_file(path, repo:str, filename:str, what:str)->Path:
     except Exception as e:
         why = "HF_HUB_OFFLINE=1 and it is not cached" if hub_offline() else f"the download failed ({type(e).__name__})"
         raise UserError(f"{what}: {filename} from hub repo '{repo}' is unavailable ({why}); download it with "
-                        f"`huggingface-cli download {repo} {filename}` and pass path=<the file>") from None
+                        f"`hf download {repo} {filename}` and pass path=<the file>") from None
 
 # %% ../nbs/05_rewards.ipynb #4fc988fd
 class OpenCLIPReward(Reward):
@@ -171,10 +225,20 @@ def load_hps_state_dict(file:Path)->dict:
     sd = sd.get("state_dict", sd)
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
+def state_dict_mismatch(model:nn.Module, sd:dict)->str:
+    "How a state dict differs from a model's: counts of missing, unexpected and wrongly shaped tensors."
+    own = model.state_dict()
+    shape = sum(1 for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape))
+    return f"{len(own.keys() - sd.keys())} missing, {len(sd.keys() - own.keys())} unexpected, {shape} of another shape"
+
 def _load_hps(path, arch, filename):
     file = resolve_file(path, "xswu/HPSv2", filename, "the HPS checkpoint")
     model, tok = open_clip_model(arch or "ViT-H-14")
-    model.load_state_dict(load_hps_state_dict(file), strict=True)
+    sd = load_hps_state_dict(file)
+    try: model.load_state_dict(sd, strict=True)
+    except RuntimeError:
+        raise UserError(f"'{file}' does not fit open_clip {arch if isinstance(arch, str) else 'ViT-H-14' if arch is None else 'arch'} "
+                        f"({state_dict_mismatch(model, sd)}): pass an HPS checkpoint ({filename})") from None
     import open_clip
     cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
@@ -251,7 +315,7 @@ def bert_tokenizer(vocab:str|Path|None=None # vocab.txt or a folder with it; Non
         from huggingface_hub import hf_hub_download
         try: vocab = hf_hub_download("bert-base-uncased", "vocab.txt", local_files_only=hub_offline())
         except Exception:
-            raise UserError("ImageReward needs the bert-base-uncased vocab.txt: download it (`huggingface-cli download "
+            raise UserError("ImageReward needs the bert-base-uncased vocab.txt: download it (`hf download "
                             "bert-base-uncased vocab.txt`) and pass tokenizer_path=<vocab.txt or its folder>") from None
     p = Path(str(vocab)).expanduser()
     if p.is_dir(): p = p/"vocab.txt"

@@ -190,8 +190,13 @@ def _run(self:_TwoUNets, plan, latents, timesteps, inputs, generator, eta, cross
         if self.fine_tuned_unet is None: self.original_unet.enable_adapters()
 
 @patch
-def _check_plan(self:_TwoUNets, plan, num_inference_steps, timesteps, sigmas)->int:
-    "Validate the plan and the model before any work; return the schedule length."
+def _check_plan(self:_TwoUNets, plan, num_inference_steps, timesteps, sigmas, prompt=None, prompt_embeds=None)->int:
+    "Validate the call, the plan and the model before any work; return the schedule length."
+    if timesteps is None and sigmas is None and (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int)
+                                                 or num_inference_steps < 1):
+        raise UserError(f"num_inference_steps={num_inference_steps!r} is invalid: give an integer >= 1")
+    if prompt_embeds is None and (prompt is None or (not isinstance(prompt, str) and len(prompt) == 0)):
+        raise UserError("no prompt: pass a prompt (a string or a non-empty list of strings) or prompt_embeds")
     if getattr(self.scheduler, "order", 1) != 1:
         raise UserError(f"{type(self.scheduler).__name__} takes several model calls per step; use a first-order or "
                         "multistep scheduler (DDIM, DDPM, Euler, DPM-Solver++)")
@@ -228,7 +233,7 @@ class CombinedStableDiffusionPipeline(_TwoUNets, StableDiffusionPipeline):
                   prompt_embeds=None, negative_prompt_embeds=None, output_type:str="pil", return_dict:bool=True,
                   cross_attention_kwargs=None, guidance_rescale:float=0.0, clip_skip=None, callback_on_step_end=None):
         "`StableDiffusionPipeline.__call__` (diffusers 0.42) with the denoising loop given by `plan`."
-        n = self._check_plan(plan, num_inference_steps, timesteps, sigmas)
+        n = self._check_plan(plan, num_inference_steps, timesteps, sigmas, prompt, prompt_embeds)
         s = self.unet.config.sample_size
         h0, w0 = (s, s) if isinstance(s, int) else s
         height, width = height or h0 * self.vae_scale_factor, width or w0 * self.vae_scale_factor
@@ -302,7 +307,7 @@ def _generate(self:CombinedStableDiffusionXLPipeline, plan, prompt=None, prompt_
               original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
               negative_crops_coords_top_left=(0, 0), negative_target_size=None, clip_skip=None, callback_on_step_end=None):
     "`StableDiffusionXLPipeline.__call__` (diffusers 0.42) with the denoising loop given by `plan`."
-    n = self._check_plan(plan, num_inference_steps, timesteps, sigmas)
+    n = self._check_plan(plan, num_inference_steps, timesteps, sigmas, prompt, prompt_embeds)
     height = height or self.default_sample_size * self.vae_scale_factor
     width = width or self.default_sample_size * self.vae_scale_factor
     original_size, target_size = original_size or (height, width), target_size or (height, width)

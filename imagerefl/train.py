@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch, yaml
 from torch import nn, Tensor
-from .core import UserError, seed_everything, atomic_path, atomic_write_text, save_safetensors
+from .core import UserError, seed_everything, atomic_path, atomic_write_text, save_safetensors, load_yaml
 from .runfolder import (RunLock, atomic_dir, checkpoints, checkpoint_step, check_resume_config, commit_checkpoint,
                                  find_checkpoint, record_provenance, rotate_checkpoints, run_files, verify_checkpoint)
 
@@ -216,9 +216,8 @@ def check_values(cfg:TrainConfig)->TrainConfig:
     if v.original_unet_steps is not None and not 0 <= v.original_unet_steps <= v.num_inference_steps:
         raise UserError(f"validation.original_unet_steps={v.original_unet_steps} is outside the schedule: use 0 to "
                         f"validation.num_inference_steps={v.num_inference_steps}, or null for no combined pass")
-    from imagerefl.rewards import reward_names
-    if cfg.reward.name not in reward_names():
-        raise UserError(f"reward.name={cfg.reward.name!r} is not a known reward: use one of {', '.join(reward_names())}")
+    from imagerefl.rewards import check_reward_name
+    check_reward_name(cfg.reward.name, "reward.name")
     cfg.objective = resolve_objective(cfg.objective)
     return cfg
 
@@ -285,8 +284,7 @@ def load_config(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped
     elif isinstance(config, dict) or config is None: raw = dict(config or {})
     else:
         path = find_config(config)
-        try: raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e: raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raw = load_yaml(path) or {}
     return check_values(build_section(TrainConfig, apply_overrides(raw, overrides)))
 
 def config_yaml(cfg:TrainConfig)->str:
@@ -957,6 +955,8 @@ def train(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped confi
     cfg = load_config(config, overrides)
     resume_point(cfg, say=lambda *a: None,              # a run-folder conflict fails before anything loads
                  check_lock=os.environ.get("RANK", "0") == "0")
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("mixed_precision=fp16 needs a CUDA GPU: on the CPU use --set mixed_precision=no (or bf16)")
     from imagerefl.objectives import make_objective
     from imagerefl.diffusion import Backbone
     from imagerefl.rewards import load_reward

@@ -206,11 +206,11 @@ def test_mps_missing_and_wrong_files(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,kw,needle", [
-    ("hps-v2.1", {}, "huggingface-cli download xswu/HPSv2 HPS_v2.1_compressed.pt"),
-    ("hps-v2", {}, "huggingface-cli download xswu/HPSv2 HPS_v2_compressed.pt"),
-    ("imagereward", {}, "huggingface-cli download THUDM/ImageReward ImageReward.pt"),
-    ("pickscore", {}, "huggingface-cli download yuvalkirstain/PickScore_v1"),
-    ("clip-score", {}, "huggingface-cli download openai/clip-vit-base-patch32"),
+    ("hps-v2.1", {}, "hf download xswu/HPSv2 HPS_v2.1_compressed.pt"),
+    ("hps-v2", {}, "hf download xswu/HPSv2 HPS_v2_compressed.pt"),
+    ("imagereward", {}, "hf download THUDM/ImageReward ImageReward.pt"),
+    ("pickscore", {}, "hf download yuvalkirstain/PickScore_v1"),
+    ("clip-score", {}, "hf download openai/clip-vit-base-patch32"),
     ("hps-v2.1", {"path": "/no/such/HPS_v2.1_compressed.pt"}, "does not exist"),
     ("pickscore", {"path": "/no/such/folder"}, "does not exist"),
     ("clip-score", {"path": "someone/not-cached"}, "HF_HUB_OFFLINE=1"),
