@@ -183,7 +183,7 @@ class DemoPlan:
     aig_powers:tuple                # AIG after ReFL
     num_inference_steps:int=20      # N of the evaluation sampler and of training
     batch_size:int=60               # images per sampler call
-    threads:int=2                   # torch threads: fixed, so that a seed gives the same numbers on any machine
+    threads:int=1                   # torch threads: fixed, so that a seed gives the same numbers in any process
     train_overrides:dict=field(default_factory=dict) # model name -> extra `key=value` settings of its training run
 
 _N20 = dict(refl=("objective.num_inference_steps=20", "objective.min_mid_index=15", "objective.max_mid_index=20", "validation.every=0"),
@@ -194,7 +194,7 @@ _N10 = {k: tuple(s.replace("=20", "=10").replace("=15", "=7") for s in v) for k,
 DEMO_PLANS = dict(
     full=DemoPlan(train_steps=40, imagerefl_steps=80, train_seeds=(0, 1, 2), checkpoints=4, prompts=12, images_per_prompt=5,
                   base_guidances=(1, 2, 3, 7.5), base_guidance=3, refl_switch=(5, 10, 15), imagerefl_switch=(5, 10, 15),
-                  aig_powers=(1, 2, 4), train_overrides=_N20),
+                  aig_powers=(1, 2, 4), threads=2, train_overrides=_N20),
     quick=DemoPlan(train_steps=2, imagerefl_steps=4, train_seeds=(0,), checkpoints=2, prompts=4, images_per_prompt=4,
                    base_guidances=(1, 3), base_guidance=3, refl_switch=(5,), imagerefl_switch=(5,), aig_powers=(2,),
                    num_inference_steps=10, train_overrides=_N10),
@@ -230,7 +230,7 @@ def demo_settings(plan:DemoPlan,
                         for p in plan.aig_powers]
     return out
 
-# %% ../nbs/10b_experiments.ipynb #d7288989
+# %% ../nbs/10b_experiments.ipynb #cd530073
 def claim_verdict(low:float, high:float, # interval of the effect
                   direction:int=1,       # +1: the claim says the effect is > 0; -1: < 0
                  )->str:
@@ -325,7 +325,8 @@ def judge_claims(results:pd.DataFrame, # a results table with sampler settings (
         for g in sorted(tuned.tuned_guidance.dropna().unique()):
             control = f"base at the same CFG ({g:g})"
             for metric, direction, what in (("reward", 1, "raises the reward"), ("diversity", -1, "lowers diversity")):
-                claim = f"{label} {what} (training effect{', positive control' if metric == 'diversity' and model == 'refl' else ''})"
+                note = (", positive control" if model == "refl" else "; the paper: less than ReFL") if metric == "diversity" else ""
+                claim = f"{label} {what} (training effect{note})"
                 row = _training_effect(df, model, label, g, base_at(g), control, metric, direction, claim)
                 out.append(row if row is not None else dict(_claim(claim, control, metric, {}, direction),
                     detail=f"no base row at CFG {g:g}: comparing across guidance scales measures guidance, not training"))
@@ -377,7 +378,7 @@ def judge_claims(results:pd.DataFrame, # a results table with sampler settings (
                                training_curves("imagerefl"), training_curves("refl"))
     return pd.DataFrame(out)
 
-# %% ../nbs/10b_experiments.ipynb #22729ef4
+# %% ../nbs/10b_experiments.ipynb #c9320b54
 SETTING_COLUMNS = ["method", "model", "sampler", "original_unet_steps", "aig_power", "base_guidance", "tuned_guidance",
                    "num_inference_steps", "switch_step", "train_step"]
 
@@ -447,11 +448,20 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
              "## Results (means over training seeds, 95 % interval across seeds)", "",
              markdown_table(paper_table(agg.assign(method=[_label(r) for _, r in agg.iterrows()], original_unet_steps=math.nan,
                                                    aig_power=math.nan))), "",
-             "## Time", "", *[f"- {k}: {v:.0f} s" for k, v in timings.items()], "",
+             "## Time", "", *_cost_lines(plan, timings), *[f"- {k}: {v:.0f} s" for k, v in timings.items()], "",
              "Figures: `tradeoff.png` (reward vs diversity, curves over switch points, AIG powers, guidance and "
              "checkpoints, intervals across seeds), `collapse.png` (reward and diversity along training, the paper's "
              "Fig. 1), `grid.png` (same prompts and seeds, one row per method).", ""]
     return "\n".join(lines)
+
+def _cost_lines(plan, timings)->list[str]:
+    "What each method's training cost per run and per step (runs reused from an earlier demo are left out)."
+    out = []
+    for m, label in (("refl", "ReFL"), ("imagerefl", "ImageReFL")):
+        t = [v for k, v in timings.items() if k.startswith(f"train {m},") and v > 1]
+        if t: out.append(f"- {label} training: {np.mean(t):.0f} s per run of {train_steps_of(plan, m)} steps "
+                         f"({np.mean(t)/train_steps_of(plan, m):.2f} s per step, {len(t)} runs timed)")
+    return out
 
 def _label(r)->str:
     "A readable setting label with the guidance and training step that matter for it."

@@ -128,7 +128,7 @@ def save_figure(fig,              # a matplotlib Figure
     if close: plt.close(fig)
     return path
 
-# %% ../nbs/10a_figures.ipynb #a7b1a6f9
+# %% ../nbs/10a_figures.ipynb #6bc216de
 def _curve_key(method:str, g:pd.DataFrame)->pd.Series:
     "What a method's points are ordered by along its curve."
     if method.endswith("+combined"): return g.switch_step
