@@ -579,6 +579,11 @@ def _demo(out, plan, quick, seed, progress):
              Setting("imagerefl", "imagerefl", "tuned", fine_tuned_guidance_scale=1.0, **fin("imagerefl"))]
     picks = {s.name: out/"eval"/s.name for s in shown}
     save_figure(comparison_grid(picks, prompts=2, n_samples=min(6, plan.images_per_prompt)), out/"grid.png")
+    # where `paper_figures/make.py figures --demo` finds the grid's settings and a training run
+    rows_ = [dict(asdict(s), switch_step=s.original_unet_steps, base_guidance=s.guidance_scale, tuned_guidance=s.fine_tuned_guidance_scale)
+             for s in shown]
+    atomic_write_text(out/"figures.json", json.dumps(dict(evals={_label(r): f"eval/{s.name}" for s, r in zip(shown, rows_)},
+                                                          fig1_run=f"train/refl-seed{s0}"), indent=1) + "\n")
     timings["total"] = time.time() - t0
     atomic_write_text(out/"report.md", demo_report(results, plan, timings, smoke=quick))
     atomic_write_text(out/"claims.csv", judge_claims(results).to_csv(index=False))

@@ -1,5 +1,5 @@
 "`imagerefl demo --quick`: every file is written, every row states its sampler settings, a seed reproduces the results."
-import os, subprocess, sys
+import json, os, subprocess, sys
 from pathlib import Path
 import numpy as np, pandas as pd
 import pytest
@@ -35,6 +35,9 @@ def test_quick_demo_writes_every_file(quick_run):
     report = (quick_run/"report.md").read_text()
     assert "positive control" in report and "Combined generation" in report and "base at the same CFG" in report
     for m in ("refl", "imagerefl"): assert (quick_run/"train"/f"{m}-seed0"/"final"/"combined"/"model_index.json").is_file()
+    spec = json.loads((quick_run/"figures.json").read_text())     # what `paper_figures/make.py figures --demo` reads
+    assert len(spec["evals"]) == 6 and all((quick_run/d/"images.csv").is_file() for d in spec["evals"].values())
+    assert (quick_run/spec["fig1_run"]/"train_log.csv").is_file()
 
 def test_every_row_states_its_sampler_settings(quick_run):
     df = pd.read_csv(quick_run/"results.csv")
