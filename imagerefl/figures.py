@@ -182,7 +182,7 @@ def plot_training_curves(results:pd.DataFrame|str|Path, # results table with sam
             ax.errorbar(g.train_step, g[f"{m}_mean"], yerr=np.nan_to_num(_errors(g, m)), fmt="o-", ms=4, capsize=2, label=model)
         ax.set_xlabel("training step (0 = base model)"); ax.set_ylabel(metric_label(m)); ax.grid(alpha=.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("along training, sampled without CFG (intervals across training seeds)", fontsize=10)
+    fig.suptitle("along training, sampled without CFG (95 % intervals across training seeds; with one seed, over prompts)", fontsize=10)
     fig.tight_layout()
     return fig
 
