@@ -358,8 +358,13 @@ def judge_claims(results:pd.DataFrame, # a results table with sampler settings (
             res[s] = _curve(pd.concat(pts))
         return res
     if (df.method == "refl+combined").any() and (df.method == "refl+aig").any():
+        g_aig = df[df.method == "refl+aig"].base_guidance.dropna()
+        g_comb = df[df.method == "refl+combined"].base_guidance.dropna()
+        g_aig, g_comb = (float(g.iloc[0]) if len(g) else math.nan for g in (g_aig, g_comb))
+        control = f"ReFL + AIG over its power, same ReFL runs (AIG at CFG {g_aig:g}, combined generation's base at CFG {g_comb:g}"
+        control += ")" if _same(g_aig, g_comb) else "; the guidance differs, as in the paper's comparison)"
         out += _matched_claims("Combined generation keeps more diversity than AIG at equal reward (after ReFL)",
-                               "ReFL + AIG over its power, same ReFL runs", curves("refl+combined", "refl"),
+                               control, curves("refl+combined", "refl"),
                                curves("refl+aig", "refl", with_tuned=False))
     if (df.method == "refl+combined").any() and (df.method == "imagerefl+combined").any():
         out += _matched_claims("ImageReFL + combined generation keeps more diversity than ReFL + combined at equal reward",
