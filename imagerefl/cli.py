@@ -130,7 +130,7 @@ def cmd_demo(a):
     "imagerefl demo: the mini world's end-to-end demo (`imagerefl.experiments.demo`)."
     from imagerefl.experiments import demo
     demo(a.out, quick=a.quick, seed=a.seed)
-    print(f"wrote {a.out}/results.csv, report.md, tradeoff.png, grid.png"); return 0
+    print(f"wrote {a.out}/results.csv, claims.csv, report.md, tradeoff.png, collapse.png, grid.png"); return 0
 
 def cmd_mini_pretrain(a):
     "imagerefl mini pretrain: train the mini world's base model, reward and features (`imagerefl.mini.pretrain`)."

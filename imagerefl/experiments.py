@@ -17,55 +17,86 @@ from .sampling import CombinedStableDiffusionPipeline, CombinedStableDiffusionXL
 from .metrics import evaluate
 
 # %% auto #0
-__all__ = ['DEMO_PLANS', 'Setting', 'make_sampler', 'summary_row', 'evaluate_setting', 'combined_sweep', 'aig_sweep',
-           'load_tuned_unet', 'load_models', 'DemoPlan', 'demo_settings', 'demo_report', 'demo']
+__all__ = ['DEMO_PLANS', 'SETTING_COLUMNS', 'Setting', 'make_sampler', 'sampler_settings', 'summary_row', 'evaluate_setting',
+           'combined_sweep', 'aig_sweep', 'load_tuned_unet', 'load_models', 'DemoPlan', 'train_steps_of',
+           'checkpoint_steps', 'demo_settings', 'claim_verdict', 'matched_diversity', 'judge_claims', 'seed_summary',
+           'demo_report', 'DigitAccuracy', 'load_checkpoint_unet', 'demo']
 
 # %% ../nbs/10b_experiments.ipynb #797426c0
 @dataclass
 class Setting:
-    "One point of the comparison: which model, which sampler, and its parameter."
+    "One point of the comparison: which model (and training run), which sampler, its parameter and guidance."
     method:str                          # row label, e.g. "refl+combined"
     model:str                           # base, refl, imagerefl, ...
     sampler:str                         # base, tuned, combined or aig
     original_unet_steps:int|None=None   # combined generation: base-UNet steps
     aig_power:float|None=None           # AIG: p in w_i = (i/N)^p
+    guidance_scale:float|None=None      # CFG of the base UNet; None = the sampler call's (7.5)
+    fine_tuned_guidance_scale:float|None=None # CFG of the tuned UNet (AIG: of both UNets); None = the call's (1 = none)
+    train_seed:int|None=None            # seed of the training run of `model`
+    train_step:int|None=None            # optimizer step of `model` (None = its final weights)
 
     @property
     def name(self)->str:
         "A folder-friendly name, unique within a comparison."
         extra = (f"-k{self.original_unet_steps}" if self.sampler == "combined" else
                  f"-p{self.aig_power:g}" if self.sampler == "aig" else "")
-        return f"{self.model}-{self.sampler}{extra}"
+        run = (f"-s{self.train_seed}" if self.train_seed is not None else "") + (f"-t{self.train_step}" if self.train_step is not None else "")
+        g = (f"-g{self.guidance_scale:g}" if self.guidance_scale is not None and self.sampler in ("base", "combined") else "")
+        g += (f"-ft{self.fine_tuned_guidance_scale:g}" if self.fine_tuned_guidance_scale is not None and self.sampler != "base" else "")
+        return f"{self.model}{run}-{self.sampler}{extra}{g}"
 
 # %% ../nbs/10b_experiments.ipynb #723252d2
 def make_sampler(base_pipe, tuned_unet, setting:Setting,
                  num_inference_steps:int=40,        # N
-                 guidance_scale:float=7.5,          # CFG of the base UNet
-                 fine_tuned_guidance_scale:float=1.0, # CFG of the tuned UNet (paper: none)
-                 aig_guidance_scale:float=1.0,      # CFG of both UNets under AIG (reference: none)
+                 guidance_scale:float=7.5,          # CFG of the base UNet, unless the setting names one
+                 fine_tuned_guidance_scale:float=1.0, # CFG of the tuned UNet (paper: none), unless the setting names one
+                 aig_guidance_scale:float=1.0,      # CFG of both UNets under AIG (reference: none), unless the setting names one
                 )->tuple:                           # (pipeline, keyword arguments of its call)
     "The pipeline and call arguments that generate `setting`."
     xl = hasattr(base_pipe, "text_encoder_2")
     s, N = setting, num_inference_steps
+    if s.sampler not in ("base", "tuned", "combined", "aig"):
+        raise UserError(f"setting '{s.name}': sampler must be base, tuned, combined or aig, not '{s.sampler}'")
     if s.sampler != "base" and tuned_unet is None: raise UserError(f"setting '{s.name}' needs a tuned UNet")
     tuned = tuned_unet if tuned_unet is not None else base_pipe.unet
+    g = s.guidance_scale if s.guidance_scale is not None else guidance_scale
+    g_ft = s.fine_tuned_guidance_scale if s.fine_tuned_guidance_scale is not None else fine_tuned_guidance_scale
     if s.sampler == "aig":
+        g_aig = s.fine_tuned_guidance_scale if s.fine_tuned_guidance_scale is not None else aig_guidance_scale
         pipe = (AIGStableDiffusionXLPipeline if xl else AIGStableDiffusionPipeline).from_pipelines(base_pipe, tuned)
-        return pipe, dict(num_inference_steps=N, aig_power=s.aig_power, guidance_scale=aig_guidance_scale)
+        return pipe, dict(num_inference_steps=N, aig_power=s.aig_power, guidance_scale=g_aig)
     k = dict(base=N, tuned=0, combined=s.original_unet_steps)[s.sampler]
     if k is None: raise UserError(f"setting '{s.name}': combined generation needs original_unet_steps")
     pipe = (CombinedStableDiffusionXLPipeline if xl else CombinedStableDiffusionPipeline).from_pipelines(base_pipe, tuned)
-    return pipe, dict(num_inference_steps=N, original_unet_steps=k, guidance_scale=guidance_scale,
-                      fine_tuned_guidance_scale=fine_tuned_guidance_scale)
+    return pipe, dict(num_inference_steps=N, original_unet_steps=k, guidance_scale=g, fine_tuned_guidance_scale=g_ft)
+
+def sampler_settings(setting:Setting, sampler_kwargs:dict)->dict:
+    "What a results row records of how it was sampled: the CFG each UNet ran with (NaN: that UNet ran no step), N, the switch step, the AIG power, the training run."
+    kw, nan = sampler_kwargs, math.nan
+    N = int(kw["num_inference_steps"])
+    if setting.sampler == "aig":
+        g_base = g_tuned = float(kw["guidance_scale"]); k = nan
+    else:
+        k = int(kw["original_unet_steps"])
+        g_base = float(kw["guidance_scale"]) if k > 0 else nan
+        g_tuned = float(kw["fine_tuned_guidance_scale"]) if k < N else nan
+    return dict(base_guidance=g_base, tuned_guidance=g_tuned, num_inference_steps=N,
+                switch_step=k, aig_power=kw.get("aig_power", nan) if setting.sampler == "aig" else nan,
+                train_seed=setting.train_seed if setting.train_seed is not None else nan,
+                train_step=setting.train_step if setting.train_step is not None else nan)
 
 # %% ../nbs/10b_experiments.ipynb #8affa906
 def summary_row(setting:Setting, summary:pd.DataFrame, # `evaluate`'s summary table
-                reward_names:list[str], feature_names:list[str], n_images:int)->dict:
+                reward_names:list[str], feature_names:list[str], n_images:int,
+                sampled:dict|None=None, # `sampler_settings` of the setting: how its images were sampled
+               )->dict:
     "One results-table row from an evaluation summary."
     row = dict(method=setting.method, model=setting.model, sampler=setting.sampler,
                original_unet_steps=setting.original_unet_steps, aig_power=setting.aig_power, n_images=n_images)
+    row.update(sampled or {})
     s = summary.set_index("metric")
-    alias = {**{n: ("reward" if i == 0 else f"reward_{n}") for i, n in enumerate(reward_names)},
+    alias = {**{n: ("reward" if i == 0 else n if n == "accuracy" else f"reward_{n}") for i, n in enumerate(reward_names)},
              **{f"diversity_{n}": ("diversity" if i == 0 else f"diversity_{n}") for i, n in enumerate(feature_names)}}
     for metric, col in alias.items():
         for stat in ("mean", "ci_low", "ci_high"): row[f"{col}_{stat}"] = float(s.loc[metric, stat])
@@ -74,19 +105,20 @@ def summary_row(setting:Setting, summary:pd.DataFrame, # `evaluate`'s summary ta
     return row
 
 def evaluate_setting(base_pipe, tuned_unet, setting:Setting, prompts:list[str], out_dir:str|Path,
-                     rewards:dict|None=None,     # name -> reward module
+                     rewards:dict|None=None,     # name -> reward module (one named `accuracy` keeps that name in the row)
                      features:dict|None=None,    # name -> feature module, for diversity
                      reference_images=None,      # real images for FID/KID
                      fid_features=None,          # feature module for FID/KID
                      images_per_prompt:int=5, batch_size:int=16, seed:int=0,
                      progress:bool=True, **sampler_args)->dict:
-    "Generate and measure one setting; returns its results-table row."
+    "Generate and measure one setting; returns its results-table row, with the sampler settings it ran with."
     pipe, kw = make_sampler(base_pipe, tuned_unet, setting, **sampler_args)
     pipe.set_progress_bar_config(disable=True)
     ev = evaluate(pipe, prompts, Path(out_dir)/setting.name, images_per_prompt=images_per_prompt, seeds=seed,
                   batch_size=batch_size, rewards=rewards, features=features, reference_images=reference_images,
                   fid_features=fid_features, sampler_kwargs=kw, progress=progress)
-    return summary_row(setting, ev.summary, list(rewards or {}), list(features or {}), len(ev.images))
+    return summary_row(setting, ev.summary, list(rewards or {}), list(features or {}), len(ev.images),
+                       dict(sampler_settings(setting, kw), eval_seed=seed))
 
 # %% ../nbs/10b_experiments.ipynb #08815b2c
 def combined_sweep(base_pipe, tuned_unet, prompts:list[str], out_dir:str|Path,
@@ -138,131 +170,426 @@ def load_models(base:str="mini",     # base pipeline: "mini", a folder or a hub 
 @dataclass
 class DemoPlan:
     "How much the demo trains and measures."
-    train_steps:int                 # optimizer updates per training run
+    train_steps:int                 # ReFL's optimizer updates per training run
+    imagerefl_steps:int             # ImageReFL's (the paper: twice ReFL's, each step cheaper)
+    train_seeds:tuple               # one training run per method and seed
+    checkpoints:int                 # evaluation points along training, evenly spaced (the last one: the end)
     prompts:int                     # held-out prompts evaluated
     images_per_prompt:int           # images per prompt (diversity is within a prompt)
+    base_guidances:tuple            # the base model's CFG sweep (each is the control of a tuned model at that CFG)
+    base_guidance:float             # CFG of the base UNet in combined generation (the paper: 7.5)
     refl_switch:tuple               # combined generation after ReFL: `original_unet_steps` values
     imagerefl_switch:tuple          # ... after ImageReFL
     aig_powers:tuple                # AIG after ReFL
-    num_inference_steps:int=40      # N of the evaluation sampler
+    num_inference_steps:int=20      # N of the evaluation sampler and of training
     batch_size:int=60               # images per sampler call
+    threads:int=1                   # torch threads: fixed, so that a seed gives the same numbers in any process
     train_overrides:dict=field(default_factory=dict) # model name -> extra `key=value` settings of its training run
 
+_N20 = dict(refl=("objective.num_inference_steps=20", "objective.min_mid_index=15", "objective.max_mid_index=20", "validation.every=0"),
+            imagerefl=("objective.num_inference_steps=20", "objective.start_index=15", "objective.min_mid_index=15",
+                       "objective.max_mid_index=20", "validation.every=0"))
+_N10 = {k: tuple(s.replace("=20", "=10").replace("=15", "=7") for s in v) for k, v in _N20.items()}
+
 DEMO_PLANS = dict(
-    full=DemoPlan(train_steps=60, prompts=30, images_per_prompt=6, refl_switch=(10, 20, 25, 30, 35),
-                  imagerefl_switch=(20, 30), aig_powers=(1, 2, 4)),
-    quick=DemoPlan(train_steps=3, prompts=6, images_per_prompt=5, refl_switch=(15,), imagerefl_switch=(15,),
-                   aig_powers=(2,), num_inference_steps=20,
-                   train_overrides=dict(
-                       refl=("objective.num_inference_steps=20", "objective.min_mid_index=15", "objective.max_mid_index=20", "validation.every=0"),
-                       imagerefl=("objective.num_inference_steps=20", "objective.start_index=15", "objective.min_mid_index=15",
-                                  "objective.max_mid_index=20", "validation.every=0"))),
+    full=DemoPlan(train_steps=40, imagerefl_steps=80, train_seeds=(0, 1, 2), checkpoints=4, prompts=12, images_per_prompt=5,
+                  base_guidances=(1, 2, 3, 7.5), base_guidance=3, refl_switch=(5, 10, 15), imagerefl_switch=(5, 10, 15),
+                  aig_powers=(1, 2, 4), threads=2, train_overrides=_N20),
+    quick=DemoPlan(train_steps=2, imagerefl_steps=4, train_seeds=(0,), checkpoints=2, prompts=4, images_per_prompt=4,
+                   base_guidances=(1, 3), base_guidance=3, refl_switch=(5,), imagerefl_switch=(5,), aig_powers=(2,),
+                   num_inference_steps=10, train_overrides=_N10),
 )
 
-def demo_settings(plan:DemoPlan)->list[Setting]:
-    "Every point of the demo's comparison, in the order of the results table."
-    return ([Setting("base", "base", "base"), Setting("refl", "refl", "tuned")]
-            + [Setting("refl+combined", "refl", "combined", k) for k in plan.refl_switch]
-            + [Setting("refl+aig", "refl", "aig", aig_power=p) for p in plan.aig_powers]
-            + [Setting("imagerefl", "imagerefl", "tuned")]
-            + [Setting("imagerefl+combined", "imagerefl", "combined", k) for k in plan.imagerefl_switch])
+def train_steps_of(plan:DemoPlan, model:str)->int:
+    "Optimizer steps of `model`'s training runs."
+    return plan.imagerefl_steps if model == "imagerefl" else plan.train_steps
 
-# %% ../nbs/10b_experiments.ipynb #d96ca69e
-def _claims(df:pd.DataFrame)->list[str]:
-    "Plain statements of the paper's claims and whether they held on these numbers."
-    row = lambda m: df[df.method == m].iloc[0]
-    pct = lambda a, b: 100 * (a - b) / abs(b) if b else float("nan")
-    base, refl, img = row("base"), row("refl"), row("imagerefl")
-    sep = lambda a, b, m: a[f"{m}_ci_high"] < b[f"{m}_ci_low"] or b[f"{m}_ci_high"] < a[f"{m}_ci_low"]
-    out = []
-    held = refl.reward_mean > base.reward_mean
-    out.append(f"- **ReFL raises the reward**: {'held' if held else 'did not hold'}: reward {base.reward_mean:.3f} → "
-               f"{refl.reward_mean:.3f} ({'CIs separate' if sep(base, refl, 'reward') else 'CIs overlap'}).")
-    held = refl.diversity_mean < base.diversity_mean
-    out.append(f"- **ReFL lowers diversity**: {'held' if held else 'did not hold'}: diversity {base.diversity_mean:.4f} → "
-               f"{refl.diversity_mean:.4f} ({pct(refl.diversity_mean, base.diversity_mean):+.1f} %, "
-               f"{'CIs separate' if sep(base, refl, 'diversity') else 'CIs overlap'}).")
-    comb = df[df.method == "refl+combined"].sort_values("original_unet_steps")
-    if len(comb):
-        lines = ", ".join(f"k={int(r.original_unet_steps)}: reward {r.reward_mean:.3f}, diversity {r.diversity_mean:.4f}"
-                          for r in comb.itertuples())
-        better = comb[(comb.diversity_mean > refl.diversity_mean) & (comb.reward_mean > base.reward_mean)]
-        out.append(f"- **Combined generation recovers diversity at a reward cost**: "
-                   f"{'held' if len(better) else 'did not hold'} ({len(better)} of {len(comb)} switch points have more "
-                   f"diversity than ReFL alone and more reward than the base model). {lines}.")
-    held = (img.reward_mean > base.reward_mean) and (img.diversity_mean > refl.diversity_mean)
-    out.append(f"- **ImageReFL raises the reward and keeps more diversity than ReFL**: {'held' if held else 'did not hold'}: "
-               f"reward {img.reward_mean:.3f} (base {base.reward_mean:.3f}, ReFL {refl.reward_mean:.3f}), diversity "
-               f"{img.diversity_mean:.4f} (base {base.diversity_mean:.4f}, ReFL {refl.diversity_mean:.4f}).")
+def checkpoint_steps(plan:DemoPlan, model:str)->list[int]:
+    "The training steps at which `model` is evaluated: `plan.checkpoints` evenly spaced, the last one the end."
+    n = train_steps_of(plan, model)
+    return sorted({max(1, round(n*(i + 1)/plan.checkpoints)) for i in range(plan.checkpoints)})
+
+def demo_settings(plan:DemoPlan,
+                  seed:int=0, # the demo's seed: training seeds are `seed + plan.train_seeds`
+                 )->list[Setting]:
+    "Every point of the demo's comparison, in the order of the results table."
+    out = [Setting("base", "base", "base", guidance_scale=float(g)) for g in plan.base_guidances]
+    gb = float(plan.base_guidance)
+    for s in (seed + t for t in plan.train_seeds):
+        for model in ("refl", "imagerefl"):
+            steps = checkpoint_steps(plan, model)
+            out += [Setting(f"{model} (training)", model, "tuned", fine_tuned_guidance_scale=1.0, train_seed=s, train_step=t)
+                    for t in steps[:-1]]
+            final = dict(train_seed=s, train_step=steps[-1])
+            out += [Setting(model, model, "tuned", fine_tuned_guidance_scale=1.0, **final),
+                    Setting(model, model, "tuned", fine_tuned_guidance_scale=gb, **final)]
+            out += [Setting(f"{model}+combined", model, "combined", k, guidance_scale=gb, fine_tuned_guidance_scale=1.0, **final)
+                    for k in (plan.refl_switch if model == "refl" else plan.imagerefl_switch)]
+            if model == "refl":
+                out += [Setting("refl+aig", "refl", "aig", aig_power=float(p), fine_tuned_guidance_scale=1.0, **final)
+                        for p in plan.aig_powers]
     return out
+
+# %% ../nbs/10b_experiments.ipynb #cd530073
+def claim_verdict(low:float, high:float, # interval of the effect
+                  direction:int=1,       # +1: the claim says the effect is > 0; -1: < 0
+                 )->str:
+    "'held' if the interval excludes zero on the claimed side, 'did not hold' if on the other, else 'inconclusive'."
+    if not (np.isfinite(low) and np.isfinite(high)): return "inconclusive"
+    lo, hi = (low, high) if direction > 0 else (-high, -low)
+    return "held" if lo > 0 else "did not hold" if hi < 0 else "inconclusive"
+
+def _interval(effects:dict, halfwidths:dict|None=None)->tuple:
+    "(mean, low, high, how): a t-interval across seeds, or with one seed the prompt-level half-width."
+    from imagerefl.metrics import summarize
+    v = np.array([effects[s] for s in sorted(effects)], float); v = v[np.isfinite(v)]
+    if len(v) >= 2:
+        s = summarize(v); return s.mean, s.ci_low, s.ci_high, f"across {len(v)} training seeds"
+    if len(v) == 1 and halfwidths:
+        h = float(next(iter(halfwidths.values())))
+        return float(v[0]), float(v[0]) - h, float(v[0]) + h, "over prompts (1 training seed)"
+    return (float(v[0]) if len(v) else math.nan), math.nan, math.nan, f"{len(v)} training seed(s): no interval"
+
+def _claim(claim, control, measure, effects, direction, halfwidths=None, level=math.nan, detail=""):
+    m, lo, hi, how = _interval(effects, halfwidths)
+    n = sum(np.isfinite(v) for v in effects.values())
+    signed = sum(np.isfinite(v) and v*direction > 0 for v in effects.values())
+    return dict(claim=claim, control=control, measure=measure, reward_level=level, effect=m, ci_low=lo, ci_high=hi,
+                interval=how, seeds_held=f"{signed}/{n}", verdict=claim_verdict(lo, hi, direction) if n else "inconclusive",
+                detail=detail)
+
+def _seeds(df)->list:
+    s = df.train_seed.dropna().unique()
+    return sorted(int(x) for x in s) if len(s) else [None]
+
+def _per_seed(rows:pd.DataFrame, seed):
+    return rows if seed is None or rows.train_seed.isna().all() else rows[rows.train_seed == seed]
+
+def _half(r, m)->float: return float(r[f"{m}_ci_high"] - r[f"{m}_ci_low"]) / 2
+
+def _same(a, b)->bool: return bool(np.isclose(a, b)) if np.isfinite(a) and np.isfinite(b) else False
+
+def _training_effect(df, model, label, g, control_rows, control, metric, direction, claim):
+    tuned = df[(df.method == model) & (df.sampler == "tuned") & df.tuned_guidance.apply(lambda x: _same(x, g))]
+    if not len(control_rows) or not len(tuned): return None
+    b = control_rows.iloc[0]
+    eff, half = {}, {}
+    for s in _seeds(tuned):
+        t = _per_seed(tuned, s)
+        if len(t): eff[s] = float(t.iloc[0][f"{metric}_mean"] - b[f"{metric}_mean"]); half[s] = math.hypot(_half(t.iloc[0], metric), _half(b, metric))
+    vals = ", ".join(f"{v:+.3f}" for v in eff.values())
+    detail = f"{metric}: base {b[f'{metric}_mean']:.3f}; {label} {np.mean([b[f'{metric}_mean'] + e for e in eff.values()]):.3f} (per seed: {vals})"
+    return _claim(claim, control, metric, eff, direction, half, detail=detail)
+
+def _curve(rows:pd.DataFrame)->tuple:
+    "Reward-sorted (reward, diversity) points of one method's curve in one seed."
+    r = rows.sort_values("reward_mean")
+    return r.reward_mean.to_numpy(float), r.diversity_mean.to_numpy(float)
+
+def matched_diversity(curves_a:dict, curves_b:dict, # seed -> (rewards, diversities) of each method
+                      fractions=(1/3, 2/3),         # where in the shared reward range to compare
+                     )->list:                       # [(reward level, {seed: diversity A - diversity B})]
+    "Diversity difference at equal reward, linearly interpolated on each curve, at levels every curve reaches."
+    curves = [c for c in (*curves_a.values(), *curves_b.values()) if len(c[0]) >= 2]
+    seeds = sorted(set(curves_a) & set(curves_b), key=str)
+    if not seeds or len(curves) < 2*len(seeds): return []
+    lo, hi = max(c[0].min() for c in curves), min(c[0].max() for c in curves)
+    if not lo < hi: return []
+    out = []
+    for f in fractions:
+        r = lo + f*(hi - lo)
+        out.append((r, {s: float(np.interp(r, *curves_a[s]) - np.interp(r, *curves_b[s])) for s in seeds}))
+    return out
+
+def _matched_claims(claim, control, curves_a, curves_b):
+    levels = matched_diversity(curves_a, curves_b)
+    if not levels:
+        return [dict(_claim(claim, control, "diversity at equal reward", {}, 1),
+                     detail="the curves share no reward range (or a curve has fewer than two points): no matched comparison")]
+    return [_claim(claim, control, "diversity at equal reward", eff, 1, level=r,
+                   detail=f"reward {r:.3f}: diversity difference per seed " + ", ".join(f"{v:+.4f}" for v in eff.values()))
+            for r, eff in levels]
+
+def judge_claims(results:pd.DataFrame, # a results table with sampler settings (`demo` writes one)
+                )->pd.DataFrame:       # one row per claim and control: effect, interval, seeds, verdict
+    "Judge the paper's claims on a results table, each against the control that isolates it."
+    df = results.copy()
+    for c in ("base_guidance", "tuned_guidance", "train_seed", "train_step"):
+        if c not in df.columns: df[c] = math.nan
+    base = df[(df.method == "base") & (df.sampler == "base")]
+    base_at = lambda g: base[base.base_guidance.apply(lambda x: _same(x, g))]
+    out = []
+    # 1. training effect: tuned vs base at the same guidance
+    for model, label in (("refl", "ReFL"), ("imagerefl", "ImageReFL")):
+        tuned = df[(df.method == model) & (df.sampler == "tuned")]
+        for g in sorted(tuned.tuned_guidance.dropna().unique()):
+            control = f"base at the same CFG ({g:g})"
+            for metric, direction, what in (("reward", 1, "raises the reward"), ("diversity", -1, "lowers diversity")):
+                note = (", positive control" if model == "refl" else "; the paper: less than ReFL") if metric == "diversity" else ""
+                claim = f"{label} {what} (training effect{note})"
+                row = _training_effect(df, model, label, g, base_at(g), control, metric, direction, claim)
+                out.append(row if row is not None else dict(_claim(claim, control, metric, {}, direction),
+                    detail=f"no base row at CFG {g:g}: comparing across guidance scales measures guidance, not training"))
+    # 2. the paper's framing: tuned without CFG vs base with the CFG of combined generation
+    comb = df[df.method.str.endswith("+combined")]
+    if len(comb) and comb.base_guidance.notna().any():
+        gb = float(comb.base_guidance.dropna().mode().iloc[0])
+        if not _same(gb, 1.0):
+            for model, label in (("refl", "ReFL"), ("imagerefl", "ImageReFL")):
+                for metric, direction, what in (("reward", 1, "has a higher reward"), ("diversity", -1, "has less diversity")):
+                    row = _training_effect(df, model, label, 1.0, base_at(gb),
+                                           f"base at CFG {gb:g} vs {label} without CFG (the paper's framing: mixes guidance and training)",
+                                           metric, direction, f"{label} without CFG {what} than the base with CFG {gb:g}")
+                    if row is not None: out.append(row)
+    # 3. trade-off at equal reward
+    def curves(method, model, with_tuned=True):
+        res = {}
+        for s in _seeds(df[df.model == model]) if (df.model == model).any() else []:
+            rows = _per_seed(df[df.method == method], s)
+            if not len(rows): continue
+            pts = [rows]
+            if with_tuned:
+                ft = rows.tuned_guidance.dropna()
+                t = _per_seed(df[(df.method == model) & (df.sampler == "tuned")], s)
+                if len(ft): t = t[t.tuned_guidance.apply(lambda x: _same(x, float(ft.iloc[0])))]
+                pts.append(t)
+                g = rows.base_guidance.dropna()
+                if len(g): pts.append(base_at(float(g.iloc[0])))
+            res[s] = _curve(pd.concat(pts))
+        return res
+    if (df.method == "refl+combined").any() and (df.method == "refl+aig").any():
+        g_aig = df[df.method == "refl+aig"].base_guidance.dropna()
+        g_comb = df[df.method == "refl+combined"].base_guidance.dropna()
+        g_aig, g_comb = (float(g.iloc[0]) if len(g) else math.nan for g in (g_aig, g_comb))
+        control = f"ReFL + AIG over its power, same ReFL runs (AIG at CFG {g_aig:g}, combined generation's base at CFG {g_comb:g}"
+        control += ")" if _same(g_aig, g_comb) else "; the guidance differs, as in the paper's comparison)"
+        out += _matched_claims("Combined generation keeps more diversity than AIG at equal reward (after ReFL)",
+                               control, curves("refl+combined", "refl"),
+                               curves("refl+aig", "refl", with_tuned=False))
+    if (df.method == "refl+combined").any() and (df.method == "imagerefl+combined").any():
+        out += _matched_claims("ImageReFL + combined generation keeps more diversity than ReFL + combined at equal reward",
+                               "ReFL + combined generation over the same switch points", curves("imagerefl+combined", "imagerefl"),
+                               curves("refl+combined", "refl"))
+    def training_curves(model):
+        res = {}
+        rows = df[(df.model == model) & (df.sampler == "tuned") & df.tuned_guidance.apply(lambda x: _same(x, 1.0))]
+        for s in _seeds(rows):
+            pts = pd.concat([_per_seed(rows, s), base_at(1.0)])
+            res[s] = _curve(pts)
+        return res
+    if (df.method == "refl (training)").any() and (df.method == "imagerefl (training)").any():
+        out += _matched_claims("ImageReFL keeps more diversity than ReFL at equal reward along training",
+                               "ReFL checkpoints along training (both without CFG; step 0 = base at CFG 1)",
+                               training_curves("imagerefl"), training_curves("refl"))
+    return pd.DataFrame(out)
+
+# %% ../nbs/10b_experiments.ipynb #c9320b54
+SETTING_COLUMNS = ["method", "model", "sampler", "original_unet_steps", "aig_power", "base_guidance", "tuned_guidance",
+                   "num_inference_steps", "switch_step", "train_step"]
+
+def seed_summary(results:pd.DataFrame)->pd.DataFrame:
+    "One row per setting across training seeds: each metric's mean and 95 % t-interval over seeds (one seed: its prompt-level interval)."
+    from imagerefl.metrics import summarize
+    from imagerefl.figures import metric_names
+    keys = [c for c in SETTING_COLUMNS if c in results.columns]
+    rows = []
+    key = pd.Series(["|".join(map(str, t)) for t in results[keys].itertuples(index=False)], index=results.index)
+    for _, g in results.groupby(key, sort=False):
+        row = g.iloc[0][keys].to_dict(); row["n_seeds"] = len(g)
+        for m in metric_names(results):
+            if len(g) == 1: row.update({f"{m}_{s}": g.iloc[0][f"{m}_{s}"] for s in ("mean", "ci_low", "ci_high")})
+            else:
+                s = summarize(g[f"{m}_mean"].to_numpy(float))
+                row.update({f"{m}_mean": s.mean, f"{m}_ci_low": s.ci_low, f"{m}_ci_high": s.ci_high})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+def _fmt(v, d=3): return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{d}f}"
 
 def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
                 smoke:bool=False, # a `--quick` run: say that its numbers mean nothing
                )->str:
-    "The demo's `report.md`: what ran, the table, and which of the paper's claims held."
+    "The demo's `report.md`: what ran, the controls, which of the paper's claims held, the table, the time."
     from imagerefl.figures import paper_table, markdown_table, pareto_front
-    front = results.method[pareto_front(results.diversity_mean, results.reward_mean)]
+    claims, agg = judge_claims(results), seed_summary(results)
+    base = agg[agg.method == "base"].sort_values("base_guidance")
+    g1 = base[np.isclose(base.base_guidance, 1.0)]
+    sweep = "; ".join(f"CFG {r.base_guidance:g}: reward {r.reward_mean:.3f}, diversity {r.diversity_mean:.4f}"
+                      + (f", accuracy {r.accuracy_mean:.2f}" if "accuracy_mean" in agg else "") for r in base.itertuples())
+    front = agg[pareto_front(agg.diversity_mean, agg.reward_mean)]
+    seeds = ", ".join(str(s) for s in plan.train_seeds)
     lines = ["# imagerefl demo: the paper's comparison on the embedded mini world", "",
-             f"Training: ReFL and ImageReFL, {plan.train_steps} optimizer steps each (configs mini_refl, mini_imagerefl). "
-             f"Evaluation: {plan.prompts} held-out prompts x {plan.images_per_prompt} images, {plan.num_inference_steps} "
-             "steps, same seeds for every setting. Reward: the mini world's legibility reward; diversity: mean pairwise "
-             "1 - cos of the independent feature network within a prompt; FID/KID: that network against held-out digits. "
-             "Intervals are 95 % t-intervals over prompts.", "",
+             f"Training: ReFL for {plan.train_steps} and ImageReFL for {plan.imagerefl_steps} optimizer steps (the paper "
+             f"trains ImageReFL for twice ReFL's steps), training seeds {seeds}, N = {plan.num_inference_steps} steps "
+             "(configs mini_refl, mini_imagerefl); each run is also evaluated at "
+             f"{plan.checkpoints} checkpoints along training. Evaluation: {plan.prompts} held-out prompts x "
+             f"{plan.images_per_prompt} images, {plan.num_inference_steps} DDPM steps, the same seeds for every setting. "
+             "Reward: the mini world's digit reward; accuracy: how often its classifier sees the prompted digit (prompt "
+             "adherence); diversity: mean pairwise 1 - cos of an independent feature network within a prompt; FID/KID: "
+             "that network against held-out digits. Every row of `results.csv` states its sampler settings "
+             "(`base_guidance`, `tuned_guidance`: the CFG each UNet ran with, empty if it ran no step; "
+             "`num_inference_steps`, `switch_step`, `aig_power`, `train_seed`, `train_step`).", "",
              *(["**This is a smoke run (`--quick`): a few training steps and images, so the numbers below test the "
                 "plumbing, not the paper's claims. Run `imagerefl demo` without `--quick` for those.**", ""] if smoke else []),
-             "## Which of the paper's claims held here", "", *_claims(results), "",
-             f"Pareto front (reward vs diversity): {', '.join(sorted(set(front)))}.", "",
-             "## Results", "", markdown_table(paper_table(results)), "",
-             "## Time", "", *[f"- {k}: {v:.0f} s" for k, v in timings.items()], "",
-             "Figures: `tradeoff.png` (reward vs diversity), `grid.png` (same prompts and seeds, one row per method).", ""]
+             "## The base model across guidance scales (the controls)", "",
+             f"{sweep}.", "",
+             f"Tuned models are sampled without CFG, as in the paper, and their training effect is judged against the base "
+             f"model at the same guidance: CFG 1 (diversity {_fmt(g1.diversity_mean.iloc[0] if len(g1) else math.nan, 4)}) "
+             "is where the base has the most diversity to lose, so it is the positive control's setting. Combined "
+             f"generation runs the base UNet at CFG {plan.base_guidance:g}: a guidance that buys reward while keeping "
+             "part of the base's diversity (at 7.5 little is left). Each tuned model is also sampled at that CFG, "
+             "against the base at the same CFG.", "",
+             "## Which of the paper's claims held here", "",
+             "Effects are tuned minus control (or method A minus method B at equal reward); the interval is a 95 % "
+             "t-interval across training seeds unless it says otherwise; *held* means the interval excludes zero on "
+             "the claimed side.", "",
+             markdown_table(claims.assign(effect=claims.effect.map(lambda v: _fmt(v, 4)),
+                                          interval=[f"[{_fmt(a, 4)}, {_fmt(b, 4)}] {h}" for a, b, h in zip(claims.ci_low, claims.ci_high, claims.interval)],
+                                          reward_level=claims.reward_level.map(lambda v: _fmt(v)))
+                            .set_index("claim")[["control", "measure", "reward_level", "effect", "interval", "seeds_held", "verdict"]]), "",
+             *[f"- {r.claim} ({r.control}): {r.detail}." for r in claims.itertuples()], "",
+             "Pareto front (reward vs diversity, means over seeds): "
+             f"{', '.join(dict.fromkeys(_label(r) for _, r in front.iterrows()))}.", "",
+             "## Results (means over training seeds, 95 % interval across seeds)", "",
+             markdown_table(paper_table(agg.assign(method=[_label(r) for _, r in agg.iterrows()], original_unet_steps=math.nan,
+                                                   aig_power=math.nan))), "",
+             "## Time", "", *_cost_lines(plan, timings), *[f"- {k}: {v:.0f} s" for k, v in timings.items()], "",
+             "Figures: `tradeoff.png` (reward vs diversity, curves over switch points, AIG powers, guidance and "
+             "checkpoints, intervals across seeds), `collapse.png` (reward and diversity along training, the paper's "
+             "Fig. 1), `grid.png` (same prompts and seeds, one row per method).", ""]
     return "\n".join(lines)
 
-# %% ../nbs/10b_experiments.ipynb #0b709e93
-def _train_once(config:str, out:Path, plan:DemoPlan, seed:int)->Path:
-    "Train with a shipped config into `out` unless a finished run is already there."
-    if (out/"final"/"combined"/"model_index.json").exists(): return out
-    from imagerefl.train import train
-    extra = plan.train_overrides.get(config.removeprefix("mini_"), ())
-    train(config, [f"out_dir={out}", f"seed={seed}", f"max_steps={plan.train_steps}", "resume=latest", *extra])
+def _cost_lines(plan, timings)->list[str]:
+    "What each method's training cost per run and per step (runs reused from an earlier demo are left out)."
+    out = []
+    for m, label in (("refl", "ReFL"), ("imagerefl", "ImageReFL")):
+        t = [v for k, v in timings.items() if k.startswith(f"train {m},") and v > 1]
+        if t: out.append(f"- {label} training: {np.mean(t):.0f} s per run of {train_steps_of(plan, m)} steps "
+                         f"({np.mean(t)/train_steps_of(plan, m):.2f} s per step, {len(t)} runs timed)")
     return out
 
+def _label(r)->str:
+    "A readable setting label with the guidance and training step that matter for it."
+    m, parts = str(r["method"]), []
+    if not pd.isna(r.get("switch_step")) and r["sampler"] == "combined": parts.append(f"k={int(r['switch_step'])}")
+    if not pd.isna(r.get("aig_power")): parts.append(f"p={float(r['aig_power']):g}")
+    if r["sampler"] == "base": parts.append(f"CFG {r['base_guidance']:g}")
+    if r["sampler"] == "tuned" and not np.isclose(r["tuned_guidance"], 1.0): parts.append(f"CFG {r['tuned_guidance']:g}")
+    if m.endswith("(training)"): m = m[:-len(" (training)")]; parts.append(f"step {int(r['train_step'])}")
+    return f"{m} ({', '.join(parts)})" if parts else m
+
+# %% ../nbs/10b_experiments.ipynb #0b709e93
+class DigitAccuracy(torch.nn.Module):
+    "Prompt adherence in the mini world: 1 where the reward's classifier sees the prompted digit, else 0."
+    def __init__(self, reward): super().__init__(); self.reward = reward
+    def forward(self, images, prompts):
+        from imagerefl.data import digit_from_prompt
+        target = torch.tensor([digit_from_prompt(p) for p in prompts], device=images.device)
+        return (self.reward.logits(images).argmax(1) == target).float()
+
+def load_checkpoint_unet(run:str|Path, # a training run folder
+                         step:int,     # optimizer step of a checkpoint in `run/checkpoints/`
+                         base_pipe,    # the base pipeline the run started from
+                        )->UNet2DConditionModel:
+    "The UNet of a full-UNet training run at a saved checkpoint."
+    import copy
+    from safetensors.torch import load_file
+    p = Path(run)/"checkpoints"/f"checkpoint-{step}"/"trainable.safetensors"
+    if not p.is_file(): raise UserError(f"no checkpoint at step {step} in {run}: train with checkpoint_every dividing {step}")
+    unet, sd = copy.deepcopy(base_pipe.unet), load_file(str(p))
+    missing, unexpected = unet.load_state_dict(sd, strict=False)
+    if unexpected or not sd: raise UserError(f"{p} is not a full-UNet checkpoint of this base model (LoRA runs are not supported here)")
+    return unet.eval()
+
+def _train_once(config:str, out:Path, plan:DemoPlan, seed:int)->Path:
+    "Train with a shipped config into `out` unless a finished run is already there; keep a checkpoint at each evaluation step."
+    if (out/"final"/"combined"/"model_index.json").exists(): return out
+    from imagerefl.train import train
+    model = config.removeprefix("mini_")
+    steps = checkpoint_steps(plan, model)
+    every = steps[0] if all(s % steps[0] == 0 for s in steps) else 1
+    extra = plan.train_overrides.get(model, ())
+    train(config, [f"out_dir={out}", f"seed={seed}", f"max_steps={train_steps_of(plan, model)}", "resume=latest",
+                   f"checkpoint_every={every}", f"keep_checkpoints={train_steps_of(plan, model)//every + 1}", *extra])
+    return out
+
+def _say(progress, msg):
+    if progress: print(f"[demo] {msg}", flush=True)
+
 def demo(out_dir:str|Path="demo",  # output folder
-         quick:bool=False,         # a smoke run (about a minute) instead of the full demo
-         seed:int=0,               # seeds training and evaluation
-         progress:bool=True,       # progress bars
+         quick:bool=False,         # a smoke run (well under a minute) instead of the full demo
+         seed:int=0,               # evaluation seed; training seeds are `seed + plan.train_seeds`
+         progress:bool=True,       # stage messages and progress bars
+         plan:DemoPlan|None=None,  # how much to train and measure; None = `DEMO_PLANS["quick" or "full"]`
         )->pd.DataFrame:           # the results table (also `results.csv`)
-    "Train ReFL and ImageReFL on the mini world, evaluate every setting, write results, figures and a report."
-    from imagerefl.mininets import mini_base_path, load_mini_features
+    "Train ReFL and ImageReFL on the mini world (several seeds), evaluate every setting and its controls, write results, figures and a report."
+    plan = plan or DEMO_PLANS["quick" if quick else "full"]
+    if not {1.0, float(plan.base_guidance)} <= {float(g) for g in plan.base_guidances}:
+        raise UserError(f"the plan's base_guidances {plan.base_guidances} must include 1 and base_guidance={plan.base_guidance}: they are the controls")
+    threads = torch.get_num_threads(); torch.set_num_threads(plan.threads)
+    try: return _demo(Path(out_dir), plan, quick, seed, progress)
+    finally: torch.set_num_threads(threads)
+
+def _demo(out, plan, quick, seed, progress):
+    from imagerefl.mininets import load_mini_features
     from imagerefl.rewards import load_reward
     from imagerefl.data import load_prompts, mini_digits
-    from imagerefl.figures import plot_tradeoff, comparison_grid, save_figure
-    plan, out, timings, t0 = DEMO_PLANS["quick" if quick else "full"], Path(out_dir), {}, time.time()
-    seed_everything(seed)
+    from imagerefl.figures import plot_tradeoff_curves, plot_training_curves, comparison_grid, save_figure
+    timings, t0 = {}, time.time()
+    settings, seeds = demo_settings(plan, seed), [seed + s for s in plan.train_seeds]
     runs = {}
-    for name in ("refl", "imagerefl"):
-        t = time.time(); runs[name] = _train_once(f"mini_{name}", out/"train"/name, plan, seed)
-        timings[f"train {name}"] = time.time() - t
+    for i, s in enumerate(seeds):
+        for name in ("refl", "imagerefl"):
+            _say(progress, f"stage 1/3: train {name}, seed {s}, {train_steps_of(plan, name)} steps (run {2*i + (name == 'imagerefl') + 1} of {2*len(seeds)})")
+            seed_everything(s)
+            t = time.time(); runs[name, s] = _train_once(f"mini_{name}", out/"train"/f"{name}-seed{s}", plan, s)
+            timings[f"train {name}, seed {s}"] = time.time() - t
     t = time.time()
     base_pipe, _ = load_models("mini")
-    tuned = {name: load_tuned_unet(run, base_pipe) for name, run in runs.items()}
     prompts = load_prompts("mini-digits", split="test")[:plan.prompts]
-    features = load_mini_features()
+    features, reward = load_mini_features(), load_reward("mini-digits")
     real = mini_digits("test", resolution=base_pipe.unet.config.sample_size * base_pipe.vae_scale_factor)
     reference = torch.stack([real[i]["image"] for i in range(len(real))])
-    kw = dict(rewards={"reward": load_reward("mini-digits")}, features={"mini": features}, reference_images=reference,
-              fid_features=features, images_per_prompt=plan.images_per_prompt, batch_size=plan.batch_size, seed=seed,
-              num_inference_steps=plan.num_inference_steps, progress=progress)
-    rows = [evaluate_setting(base_pipe, tuned.get(s.model), s, prompts, out/"eval", **kw) for s in demo_settings(plan)]
+    kw = dict(rewards={"reward": reward, "accuracy": DigitAccuracy(reward)}, features={"mini": features},
+              reference_images=reference, fid_features=features, images_per_prompt=plan.images_per_prompt,
+              batch_size=plan.batch_size, seed=seed, num_inference_steps=plan.num_inference_steps, progress=False)
+    rows, cache = [], {}
+    for i, s in enumerate(settings):
+        _say(progress, f"stage 2/3: evaluate {s.name} ({i + 1} of {len(settings)})")
+        unet = None
+        if s.model != "base":
+            key = (s.model, s.train_seed, s.train_step)
+            if key not in cache:
+                cache.clear()
+                run = runs[s.model, s.train_seed]
+                final = s.train_step == train_steps_of(plan, s.model)
+                cache[key] = (load_tuned_unet(run/"final"/"unet" if (run/"final"/"unet").exists() else run, base_pipe) if final
+                              else load_checkpoint_unet(run, s.train_step, base_pipe))
+            unet = cache[key]
+        rows.append(evaluate_setting(base_pipe, unet, s, prompts, out/"eval", **kw))
     timings["evaluate"] = time.time() - t
+    _say(progress, "stage 3/3: figures and report")
     results = pd.DataFrame(rows)
     atomic_write_text(out/"results.csv", results.to_csv(index=False))
-    save_figure(plot_tradeoff(results, title="mini world: reward vs diversity"), out/"tradeoff.png")
+    agg = seed_summary(results)
+    save_figure(plot_tradeoff_curves(agg, title="mini world: reward vs diversity (means over training seeds)"), out/"tradeoff.png")
+    save_figure(plot_training_curves(agg), out/"collapse.png")
+    s0, gb = seeds[0], float(plan.base_guidance)
+    fin = lambda m: dict(train_seed=s0, train_step=train_steps_of(plan, m))
     mid = plan.refl_switch[len(plan.refl_switch) // 2]
-    rows_ = [Setting("base", "base", "base"), Setting("refl", "refl", "tuned"), Setting("refl+combined", "refl", "combined", mid),
-             Setting("refl+aig", "refl", "aig", aig_power=plan.aig_powers[0]), Setting("imagerefl", "imagerefl", "tuned"),
-             Setting("imagerefl+combined", "imagerefl", "combined", plan.imagerefl_switch[-1])]
-    picks = {s.name: out/"eval"/s.name for s in rows_}
+    shown = [Setting("base", "base", "base", guidance_scale=1.0), Setting("base", "base", "base", guidance_scale=gb),
+             Setting("refl", "refl", "tuned", fine_tuned_guidance_scale=1.0, **fin("refl")),
+             Setting("refl+combined", "refl", "combined", mid, guidance_scale=gb, fine_tuned_guidance_scale=1.0, **fin("refl")),
+             Setting("refl+aig", "refl", "aig", aig_power=float(plan.aig_powers[0]), fine_tuned_guidance_scale=1.0, **fin("refl")),
+             Setting("imagerefl", "imagerefl", "tuned", fine_tuned_guidance_scale=1.0, **fin("imagerefl"))]
+    picks = {s.name: out/"eval"/s.name for s in shown}
     save_figure(comparison_grid(picks, prompts=2, n_samples=min(6, plan.images_per_prompt)), out/"grid.png")
+    # where `paper_figures/make.py figures --demo` finds the grid's settings and a training run
+    rows_ = [dict(asdict(s), switch_step=s.original_unet_steps, base_guidance=s.guidance_scale, tuned_guidance=s.fine_tuned_guidance_scale)
+             for s in shown]
+    atomic_write_text(out/"figures.json", json.dumps(dict(evals={_label(r): f"eval/{s.name}" for s, r in zip(shown, rows_)},
+                                                          fig1_run=f"train/refl-seed{s0}"), indent=1) + "\n")
     timings["total"] = time.time() - t0
     atomic_write_text(out/"report.md", demo_report(results, plan, timings, smoke=quick))
+    atomic_write_text(out/"claims.csv", judge_claims(results).to_csv(index=False))
     return results

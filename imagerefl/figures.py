@@ -20,9 +20,9 @@ from .core import UserError, atomic_path
 
 # %% auto #0
 __all__ = ['RESULT_COLUMNS', 'METRIC_LABELS', 'load_results', 'metric_names', 'setting_label', 'pareto_front', 'plot_tradeoff',
-           'metric_label', 'save_figure', 'paper_table', 'markdown_table', 'load_train_log', 'split_grid',
-           'validation_steps', 'validation_samples', 'plot_training_collapse', 'image_grid', 'comparison_grid',
-           'Explorer', 'make_explorer']
+           'metric_label', 'save_figure', 'plot_tradeoff_curves', 'plot_training_curves', 'paper_table',
+           'markdown_table', 'load_train_log', 'split_grid', 'validation_steps', 'validation_samples',
+           'plot_training_collapse', 'image_grid', 'comparison_grid', 'Explorer', 'make_explorer']
 
 # %% ../nbs/10a_figures.ipynb #ccb2fc07
 RESULT_COLUMNS = ["method", "model", "sampler", "original_unet_steps", "aig_power"]
@@ -127,6 +127,64 @@ def save_figure(fig,              # a matplotlib Figure
     with atomic_path(path) as tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
     if close: plt.close(fig)
     return path
+
+# %% ../nbs/10a_figures.ipynb #6bc216de
+def _curve_key(method:str, g:pd.DataFrame)->pd.Series:
+    "What a method's points are ordered by along its curve."
+    if method.endswith("+combined"): return g.switch_step
+    if method.endswith("+aig"): return g.aig_power
+    if method == "base": return g.base_guidance
+    return g.train_step
+
+def plot_tradeoff_curves(results:pd.DataFrame|str|Path, # results table with sampler settings (e.g. `experiments.seed_summary`)
+                         x:str="diversity", y:str="reward", ax=None, title:str|None=None):
+    "Reward-diversity curves: base over guidance, combined generation over switch points, AIG over powers, tuned models along training; intervals on both axes; the Pareto front."
+    df = load_results(results)
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 5.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    df = df.assign(_m=[m[:-len(" (training)")] + " along training" if m.endswith(" (training)") else m for m in df.method])
+    for m in df.method[df.method.str.endswith(" (training)")].unique():   # a training curve ends at the final model
+        model = m[:-len(" (training)")]
+        fin = df[(df.method == model) & (df.sampler == "tuned") & np.isclose(df.tuned_guidance, 1.0)]
+        df = pd.concat([df, fin.assign(_m=f"{model} along training")], ignore_index=True)
+    for i, (method, g) in enumerate(df.groupby("_m", sort=False)):
+        if method in ("refl", "imagerefl"): g = g[~np.isclose(g.tuned_guidance, 1.0)]   # CFG 1 is the end of the training curve
+        if not len(g): continue
+        g = g.assign(_k=_curve_key(method, g).to_numpy(float)).sort_values("_k")
+        c = colors[i % len(colors)]
+        ax.errorbar(g[f"{x}_mean"], g[f"{y}_mean"], xerr=np.nan_to_num(_errors(g, x)), yerr=np.nan_to_num(_errors(g, y)),
+                    fmt="o-" if len(g) > 1 else "s", color=c, ms=4, lw=1, capsize=2,
+                    label=method if method not in ("refl", "imagerefl") else f"{method}, sampled with CFG")
+        for _, r in g.iterrows():
+            if len(g) > 1 and np.isfinite(r._k):
+                ax.annotate(f"{r._k:g}", (r[f"{x}_mean"], r[f"{y}_mean"]), textcoords="offset points", xytext=(3, 3), fontsize=6, color=c)
+    front = pareto_front(df[f"{x}_mean"], df[f"{y}_mean"])
+    f = df[front].sort_values(f"{x}_mean")
+    ax.plot(f[f"{x}_mean"], f[f"{y}_mean"], "k--", lw=.8, drawstyle="steps-post" if len(f) > 1 else "default", label="Pareto front")
+    ax.set_xlabel(f"{metric_label(x)} (higher = more diverse)" if x == "diversity" else metric_label(x))
+    ax.set_ylabel(metric_label(y))
+    ax.set_title(title or f"{metric_label(y)} vs {metric_label(x)}", fontsize=10)
+    ax.legend(fontsize=7, title="labels: CFG, switch step k, AIG power p, training step", title_fontsize=7); ax.grid(alpha=.3)
+    fig.tight_layout()
+    return fig
+
+def plot_training_curves(results:pd.DataFrame|str|Path, # results table with sampler settings (e.g. `experiments.seed_summary`)
+                         metrics:Sequence[str]=("reward", "diversity")):
+    "Reward and diversity of each tuned model (sampled without CFG) along training, step 0 = the base at CFG 1 (the paper's Fig. 1)."
+    df = load_results(results)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5*len(metrics), 3.8))
+    axes = np.atleast_1d(axes)
+    base = df[(df.sampler == "base") & np.isclose(df.base_guidance, 1.0)]
+    tuned = df[(df.sampler == "tuned") & np.isclose(df.tuned_guidance, 1.0)]
+    for ax, m in zip(axes, metrics):
+        for model, g in tuned.groupby("model", sort=False):
+            g = pd.concat([base.assign(train_step=0), g]).sort_values("train_step")
+            ax.errorbar(g.train_step, g[f"{m}_mean"], yerr=np.nan_to_num(_errors(g, m)), fmt="o-", ms=4, capsize=2, label=model)
+        ax.set_xlabel("training step (0 = base model)"); ax.set_ylabel(metric_label(m)); ax.grid(alpha=.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("along training, sampled without CFG (95 % intervals across training seeds; with one seed, over prompts)", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/10a_figures.ipynb #56605cea
 def paper_table(results:pd.DataFrame|str|Path, # results table

@@ -133,6 +133,10 @@ def figures_from_runs(out:Path):
 
 def figures_from_demo(demo:Path, out:Path):
     "The figures of an `imagerefl demo` folder (results.csv, eval/<setting>/, train/<run>/)."
+    if (demo/"figures.json").is_file():      # the demo names its grid's settings and a training run
+        import json
+        spec = json.loads((demo/"figures.json").read_text())
+        return figures(out, [demo/"results.csv"], {k: demo/v for k, v in spec["evals"].items()}, demo/spec["fig1_run"])
     ev = demo/"eval"
     evals = {"base": ev/"base-base"}
     for name in ("refl", "imagerefl"):

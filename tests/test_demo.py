@@ -1,41 +1,67 @@
-"`imagerefl demo --quick`: every file is written with the expected columns, and a seed reproduces the numbers."
-import os, subprocess, sys
+"`imagerefl demo --quick`: every file is written, every row states its sampler settings, a seed reproduces the results."
+import json, os, subprocess, sys
 from pathlib import Path
-import pandas as pd
+import numpy as np, pandas as pd
 import pytest
 from PIL import Image
-from imagerefl.experiments import demo, DEMO_PLANS, demo_settings
+from imagerefl.experiments import demo, DEMO_PLANS, demo_settings, judge_claims
 
-METRIC_COLS = ["reward_mean", "reward_ci_low", "reward_ci_high", "diversity_mean", "diversity_ci_low",
+METRIC_COLS = ["reward_mean", "reward_ci_low", "reward_ci_high", "accuracy_mean", "diversity_mean", "diversity_ci_low",
                "diversity_ci_high", "fid", "kid", "kid_std"]
+SAMPLER_COLS = ["base_guidance", "tuned_guidance", "num_inference_steps", "switch_step", "aig_power", "train_seed",
+                "train_step", "eval_seed"]
+FILES = ("results.csv", "claims.csv", "report.md", "tradeoff.png", "collapse.png", "grid.png")
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def quick_run(tmp_path_factory):
+    "One quick demo through the CLI, shared by every test here."
     out = tmp_path_factory.mktemp("demo")/"quick"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "-m", "imagerefl.cli", "demo", "--quick", "--out", str(out)],
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "stage 2/3: evaluate" in r.stdout + r.stderr           # the stages are in the progress output
     return out
 
 def test_quick_demo_writes_every_file(quick_run):
-    for f in ("results.csv", "report.md", "tradeoff.png", "grid.png"): assert (quick_run/f).is_file(), f
+    for f in FILES: assert (quick_run/f).is_file(), f
+    for f in FILES[3:]: assert Image.open(quick_run/f).format == "PNG"
     df = pd.read_csv(quick_run/"results.csv")
-    settings = demo_settings(DEMO_PLANS["quick"])
-    assert df.method.tolist() == [s.method for s in settings]
-    assert {"method", "model", "sampler", "original_unet_steps", "aig_power", "n_images", *METRIC_COLS} <= set(df.columns)
+    plan = DEMO_PLANS["quick"]
+    assert df.method.tolist() == [s.method for s in demo_settings(plan)]
     assert df[METRIC_COLS].notna().all().all()
-    assert (df.n_images == DEMO_PLANS["quick"].prompts * DEMO_PLANS["quick"].images_per_prompt).all()
+    assert (df.n_images == plan.prompts * plan.images_per_prompt).all()
     assert (df.reward_ci_low <= df.reward_mean).all() and (df.reward_mean <= df.reward_ci_high).all()
-    for f in ("tradeoff.png", "grid.png"): assert Image.open(quick_run/f).format == "PNG"
     report = (quick_run/"report.md").read_text()
-    assert "ReFL lowers diversity" in report and "Combined generation" in report and "ImageReFL" in report
-    for run in ("refl", "imagerefl"): assert (quick_run/"train"/run/"final"/"combined"/"model_index.json").is_file()
+    assert "positive control" in report and "Combined generation" in report and "base at the same CFG" in report
+    for m in ("refl", "imagerefl"): assert (quick_run/"train"/f"{m}-seed0"/"final"/"combined"/"model_index.json").is_file()
+    spec = json.loads((quick_run/"figures.json").read_text())     # what `paper_figures/make.py figures --demo` reads
+    assert len(spec["evals"]) == 6 and all((quick_run/d/"images.csv").is_file() for d in spec["evals"].values())
+    assert (quick_run/spec["fig1_run"]/"train_log.csv").is_file()
 
-def test_quick_demo_is_reproducible(quick_run, tmp_path):
-    again = demo(tmp_path/"again", quick=True, seed=0, progress=False)
-    first = pd.read_csv(quick_run/"results.csv")
-    pd.testing.assert_frame_equal(first[METRIC_COLS], again[METRIC_COLS], rtol=1e-5, atol=1e-6)
+def test_every_row_states_its_sampler_settings(quick_run):
+    df = pd.read_csv(quick_run/"results.csv")
+    assert set(SAMPLER_COLS) <= set(df.columns)
+    plan = DEMO_PLANS["quick"]
+    assert (df.num_inference_steps == plan.num_inference_steps).all() and (df.eval_seed == 0).all()
+    # the CFG of every UNet that ran, and only of those; the base sweep holds the control of every tuned guidance
+    ran_base = df.sampler.isin(["base", "aig"]) | ((df.sampler == "combined") & (df.switch_step > 0))
+    ran_tuned = df.sampler != "base"
+    assert (df.base_guidance.notna() == ran_base).all() and (df.tuned_guidance.notna() == ran_tuned).all()
+    assert set(df[df.sampler == "tuned"].tuned_guidance) <= set(df[df.sampler == "base"].base_guidance)
+    assert df.loc[df.sampler == "base", "base_guidance"].tolist() == [float(g) for g in plan.base_guidances]
+    tuned = df[df.model != "base"]
+    assert tuned.train_seed.notna().all() and tuned.train_step.notna().all()
+    assert (df[df.sampler == "combined"].switch_step == df[df.sampler == "combined"].original_unet_steps).all()
+    # the claims file is what the pure function gives on the table
+    claims = pd.read_csv(quick_run/"claims.csv")
+    assert claims.verdict.tolist() == judge_claims(df).verdict.tolist()
+    assert set(claims.verdict) <= {"held", "did not hold", "inconclusive"}
+
+def test_same_seed_same_results(quick_run, tmp_path):
+    "An in-process run with the same seed gives the CLI run's results.csv, bit for bit (fixed thread count)."
+    demo(tmp_path/"again", quick=True, seed=0, progress=False)
+    assert (tmp_path/"again"/"results.csv").read_bytes() == (quick_run/"results.csv").read_bytes()
 
 def test_demo_rerun_reuses_finished_work(quick_run):
     before = {p: p.stat().st_mtime_ns for p in (quick_run/"eval").rglob("*.png")}
