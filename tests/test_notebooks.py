@@ -26,7 +26,8 @@ def make(*args, cwd=ROOT):
 def made(world, tmp_path_factory):
     "Every experiment notebook and every paper_figures notebook, in smoke mode, into one output folder."
     out = tmp_path_factory.mktemp("make")/"mini"
-    r = make("mini", "--out", out, "--smoke", "--device", "cpu", *world["make_args"])
+    elsewhere = tmp_path_factory.mktemp("cwd")                 # the notebooks' kernels start outside the repository
+    r = make("mini", "--out", out, "--smoke", "--device", "cpu", *world["make_args"], cwd=elsewhere)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out
 
@@ -117,11 +118,28 @@ def run_notebook(nb:Path, out:Path, cwd:Path, **params):
 def last_output(nb)->str:
     return "".join(o.get("data", {}).get("text/plain", "") for o in nb.cells[-1].outputs)
 
-def test_explorer_notebook_smoke(world, made, tmp_path):
-    nb = run_notebook(ROOT/"nbs"/"notebooks"/"explorer.ipynb", tmp_path/"explorer.ipynb", tmp_path, base=world["base"],
-                      tuned=str(made/"train"/"imagerefl"), reward_path=world["reward_path"], smoke=True)
+def stdout(nb)->str:
+    return "".join("".join(o.get("text", "")) for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stdout")
+
+def test_explorer_notebook_smoke(tmp_path, monkeypatch):
+    "With its defaults, from a folder outside the repository: the missing mini-world tuned model is trained for 2 steps."
+    monkeypatch.setenv("TMPDIR", str(tmp_path))                 # the notebook's temporary folders land here
+    nb = run_notebook(ROOT/"nbs"/"notebooks"/"explorer.ipynb", tmp_path/"explorer.ipynb", tmp_path, smoke=True)
+    assert "smoke: trained mini_imagerefl for 2 steps into " + str(tmp_path) in stdout(nb)
     out = last_output(nb)
     assert all(f"'{n}': -" in out for n in ("base", "tuned", "combined")), out           # three rewards (log-probabilities)
+
+def test_experiment_notebook_from_another_folder(tmp_path, monkeypatch):
+    "aig_sweep with its defaults, run outside the repository, where runs/mini_refl does not exist: trained on the fly."
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    (tmp_path/"cwd").mkdir()
+    nb = run_notebook(ROOT/"nbs"/"experiments"/"aig_sweep.ipynb", tmp_path/"aig.ipynb", tmp_path/"cwd", smoke=True)
+    out = next(l.split("writing to ", 1)[1] for l in stdout(nb).splitlines() if l.startswith("writing to "))
+    assert out.startswith(str(tmp_path)) and pd.read_csv(Path(out)/"results.csv").aig_power.tolist() == [1.0, 3.0]
+    assert list((tmp_path/"cwd").iterdir()) == []                # nothing written where the kernel started
+    import papermill as pm                                      # without smoke, the missing model is named with its command
+    with pytest.raises(pm.PapermillExecutionError, match="imagerefl train --config mini_refl"):
+        run_notebook(ROOT/"nbs"/"experiments"/"aig_sweep.ipynb", tmp_path/"aig2.ipynb", tmp_path/"cwd", tuned="runs/no-such-run")
 
 def test_colab_demo_smoke(world, tmp_path):
     "End to end on the CPU: trains a tiny ImageReFL run (no tuned model given), combined generation, rewards."
