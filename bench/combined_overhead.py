@@ -1,7 +1,7 @@
 """Per-step overhead of combined generation: CombinedStableDiffusionPipeline with original_unet_steps ==
 num_inference_steps against StableDiffusionPipeline on the same components (target: within 3 %).
 
-Method (pitfalls.md, "Timing"): one torch thread by default, a warm-up, many alternating pairs in ABBA order, the
+Method: one torch thread by default, a warm-up, many alternating pairs in ABBA order, the
 median of the per-pair ratios (and its bootstrap-free spread: the interquartile range of the ratios).
 
     python bench/combined_overhead.py                 # tiny components on the CPU

@@ -1,6 +1,6 @@
 """Time one training step and its peak memory, for each objective, reference-like vs ours, in one run.
 
-reference-like (the authors' loop, reference-method.md section 7): fp32 UNet weights under bf16 autocast, frozen parts
+reference-like (the authors' loop, https://imagerefl.github.io/imagerefl/deviations.html): fp32 UNet weights under bf16 autocast, frozen parts
 fp32, no gradient checkpointing, the training reward plus three validation-size rewards resident on the device.
 ours: bf16 autocast with the frozen VAE/text encoder/reward in bf16, gradient checkpointing (UNet, VAE decoder),
 only the training reward resident; full UNet, and LoRA (rank 8).

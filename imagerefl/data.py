@@ -38,8 +38,8 @@ def to_rgb(image:Image.Image, # any mode
 def fit_image(image:Image.Image, # any size, any mode
               resolution:int,    # side of the square result
              )->Image.Image:     # RGB, (resolution, resolution)
-    "Aspect-preserving resize of the shorter side to `resolution` and a centre crop (RGB)."
-    return ImageOps.fit(to_rgb(image), (resolution, resolution), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+    "Aspect-preserving resize of the shorter side to `resolution` (bilinear, as the authors' loader) and a centre crop (RGB)."
+    return ImageOps.fit(to_rgb(image), (resolution, resolution), Image.Resampling.BILINEAR, centering=(0.5, 0.5))
 
 def pil_to_tensor(image:Image.Image)->torch.Tensor:
     "An RGB PIL image as a float tensor (3,H,W) in [0,1]."
@@ -49,7 +49,7 @@ def pil_to_tensor(image:Image.Image)->torch.Tensor:
 def resize_center_crop(images:torch.Tensor, # (B,C,H,W) float
                        size:int,            # side of the square result
                       )->torch.Tensor:      # (B,C,size,size)
-    "Tensor twin of `fit_image`: resize the shorter side to `size` (bicubic, antialiased), then centre crop."
+    "`fit_image` on tensors, but bicubic (antialiased), the feature networks' own filter: resize the shorter side, centre crop."
     h, w = images.shape[-2:]
     if (h, w) != (size, size):
         short, long = min(h, w), max(h, w)

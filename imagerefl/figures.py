@@ -7,7 +7,7 @@ Docs: https://imagerefl.github.io/imagerefl/figures.html.md"""
 
 # %% ../nbs/10a_figures.ipynb #65e426f8
 from __future__ import annotations
-import io, math
+import html, io, math
 from pathlib import Path
 from typing import Sequence
 import numpy as np
@@ -398,7 +398,7 @@ class Explorer:
                               W.HBox([W.VBox([self.images[n], self.captions[n]]) for n in self.images]), self.status])
         self.results = {}
         if auto:
-            for c in self.controls.values(): c.observe(lambda change: self.refresh(), names="value")
+            for c in self.controls.values(): c.observe(lambda change: self._on_change(), names="value")
         self.refresh()
 
     def _generate(self, k:int, g:float, g_ft:float)->torch.Tensor:
@@ -416,12 +416,16 @@ class Explorer:
         c = self.controls
         k, g, g_ft = int(c["original_unet_steps"].value), float(c["guidance_scale"].value), float(c["fine_tuned_guidance_scale"].value)
         self.status.value = "generating…"
-        ims = dict(base=self._generate(self.n, g, g_ft), tuned=self._generate(0, g, g_ft), combined=self._generate(k, g, g_ft))
-        scores = {}
-        if self.reward is not None:
-            dev = next(self.reward.parameters(), torch.tensor(0.)).device
-            with torch.no_grad(): r = self.reward(torch.stack(list(ims.values())).to(dev), [c["prompt"].value] * 3).float().cpu()
-            scores = dict(zip(ims, r.tolist()))
+        try:
+            ims = dict(base=self._generate(self.n, g, g_ft), tuned=self._generate(0, g, g_ft), combined=self._generate(k, g, g_ft))
+            scores = {}
+            if self.reward is not None:
+                dev = next(self.reward.parameters(), torch.tensor(0.)).device
+                with torch.no_grad(): r = self.reward(torch.stack(list(ims.values())).to(dev), [c["prompt"].value] * 3).float().cpu()
+                scores = dict(zip(ims, r.tolist()))
+        except Exception as e:
+            self.status.value = f"<span style='color:#b00020'>{html.escape(f'{type(e).__name__}: {e}')}</span>"
+            raise
         for n, im in ims.items():
             self.images[n].value = _png(im)
             what = dict(base="base", tuned="tuned", combined=f"combined, base for {k} of {self.n} steps")[n]
@@ -429,6 +433,11 @@ class Explorer:
         self.results = {n: (ims[n], scores.get(n)) for n in ims}
         self.status.value = ""
         return self.results
+
+    def _on_change(self):
+        "A control changed: regenerate; an error stays in the status line (a widget callback's exception is otherwise lost)."
+        try: self.refresh()
+        except Exception: pass
 
     def _ipython_display_(self):
         from IPython.display import display

@@ -141,10 +141,10 @@ class ImageReFLConfig(RewardLoss):
     "ImageReFL (arXiv 2505.22569): reward fine-tuning from real images noised to a late step."
     num_inference_steps:int=40   # N, the sampling schedule
     start_index:int=30           # real images are noised to this schedule position
-    max_mid_index:int=40         # gradient step drawn in [start_index, max_mid_index)
+    max_mid_index:int=40         # gradient step drawn in [min_mid_index, max_mid_index)
     diffusion_weight:float=0.01  # weight of the noise-MSE on the real images (the paper's regulariser)
     refl_every:int|None=None     # every k-th micro-batch is plain ReFL (None = never, the authors' default)
-    min_mid_index:int=30         # ReFL micro-batches: gradient step drawn in [min_mid_index, max_mid_index)
+    min_mid_index:int|None=None  # lowest gradient step, >= start_index (None: start_index); also for ReFL micro-batches
     consistency_weight:float=0.0 # weight of 1 - cos(E(x̂0), E(real image)); needs `consistency_features`
     mid_per_sample:bool=False    # draw `mid` per sample instead of per micro-batch
     loss_scale:float=1e-3        # the whole loss is multiplied by this (reference value)
@@ -152,10 +152,17 @@ class ImageReFLConfig(RewardLoss):
     def validate(self):
         "Raise a one-line `UserError` for settings outside the schedule."
         check_window(self, "start_index")
-        if self.refl_every is not None:
-            if self.refl_every < 1: raise UserError("refl_every must be None or >= 1")
+        if self.min_mid_index is not None:
+            if self.min_mid_index < self.start_index:
+                raise UserError(f"min_mid_index ({self.min_mid_index}) must be >= start_index ({self.start_index}): the chain starts there")
             check_window(self, "min_mid_index")
+        if self.refl_every is not None and self.refl_every < 1: raise UserError("refl_every must be None or >= 1")
         return self
+
+    @property
+    def mid_low(self)->int:
+        "Lowest schedule position of the gradient step: `min_mid_index`, or `start_index` when unset."
+        return self.start_index if self.min_mid_index is None else self.min_mid_index
 
 # %% ../nbs/06_objectives.ipynb #41c2028e
 class ImageReFL(Objective):
@@ -169,9 +176,9 @@ class ImageReFL(Objective):
             raise UserError("consistency_weight > 0 needs an image feature network (consistency_features)")
         self.consistency_features = consistency_features
         # the plain-ReFL micro-batches (`refl_every`) share the reward loss, schedule and weights
-        self.refl = None if self.config.refl_every is None else ReFL(ReFLConfig(**{k: getattr(self.config, k) for k in (
-            "reward_weight", "reward_offset", "hinge_margin", "num_inference_steps", "min_mid_index", "max_mid_index",
-            "diffusion_weight", "loss_scale")}))
+        self.refl = None if self.config.refl_every is None else ReFL(ReFLConfig(min_mid_index=self.config.mid_low, **{
+            k: getattr(self.config, k) for k in ("reward_weight", "reward_offset", "hinge_margin", "num_inference_steps",
+                                                 "max_mid_index", "diffusion_weight", "loss_scale")}))
 
     def is_refl_step(self)->bool:
         "Whether the current micro-batch is a plain ReFL one (`refl_every`)."
@@ -192,7 +199,7 @@ def _imagerefl_call(self:ImageReFL, backbone:Backbone, batch:dict, reward:nn.Mod
     x_s = backbone.add_noise(z, noise, c.start_index)
     # diffusion loss first, while the scheduler is at `start_index` (stateful schedulers scale inputs by position)
     mse = diffusion_loss(backbone, unet, x_s, z, noise, c.start_index, cond)
-    mids = draw_mid_index(c.start_index, c.max_mid_index, len(prompts) if c.mid_per_sample else 1)
+    mids = draw_mid_index(c.mid_low, c.max_mid_index, len(prompts) if c.mid_per_sample else 1)
     if not c.mid_per_sample:
         mid = int(mids)
         x, _ = backbone.denoise(unet, x_s, cond, c.start_index, mid, fresh=False)

@@ -26,7 +26,8 @@ def make(*args, cwd=ROOT):
 def made(world, tmp_path_factory):
     "Every experiment notebook and every paper_figures notebook, in smoke mode, into one output folder."
     out = tmp_path_factory.mktemp("make")/"mini"
-    r = make("mini", "--out", out, "--smoke", "--device", "cpu", *world["make_args"])
+    elsewhere = tmp_path_factory.mktemp("cwd")                 # the notebooks' kernels start outside the repository
+    r = make("mini", "--out", out, "--smoke", "--device", "cpu", *world["make_args"], cwd=elsewhere)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out
 
@@ -117,20 +118,63 @@ def run_notebook(nb:Path, out:Path, cwd:Path, **params):
 def last_output(nb)->str:
     return "".join(o.get("data", {}).get("text/plain", "") for o in nb.cells[-1].outputs)
 
-def test_explorer_notebook_smoke(world, made, tmp_path):
-    nb = run_notebook(ROOT/"nbs"/"notebooks"/"explorer.ipynb", tmp_path/"explorer.ipynb", tmp_path, base=world["base"],
-                      tuned=str(made/"train"/"imagerefl"), reward_path=world["reward_path"], smoke=True)
+def stdout(nb)->str:
+    return "".join("".join(o.get("text", "")) for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stdout")
+
+def test_explorer_notebook_smoke(tmp_path, monkeypatch):
+    "With its defaults, from a folder outside the repository: the missing mini-world tuned model is trained for 2 steps."
+    monkeypatch.setenv("TMPDIR", str(tmp_path))                 # the notebook's temporary folders land here
+    nb = run_notebook(ROOT/"nbs"/"notebooks"/"explorer.ipynb", tmp_path/"explorer.ipynb", tmp_path, smoke=True)
+    assert "smoke: trained mini_imagerefl for 2 steps into " + str(tmp_path) in stdout(nb)
     out = last_output(nb)
     assert all(f"'{n}': -" in out for n in ("base", "tuned", "combined")), out           # three rewards (log-probabilities)
 
-def test_colab_demo_smoke(world, tmp_path):
-    "End to end on the CPU: trains a tiny ImageReFL run (no tuned model given), combined generation, rewards."
-    nb = run_notebook(ROOT/"nbs"/"notebooks"/"colab_demo.ipynb", tmp_path/"colab.ipynb", tmp_path, smoke=True, base=world["base"],
-                      train_config=world["imagerefl_config"], reward_path=world["reward_path"])
-    assert (tmp_path/"runs"/"colab_imagerefl"/"final"/"unet"/"config.json").is_file()
+def test_experiment_notebook_from_another_folder(tmp_path, monkeypatch):
+    "aig_sweep with its defaults, run outside the repository, where runs/mini_refl does not exist: trained on the fly."
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    (tmp_path/"cwd").mkdir()
+    nb = run_notebook(ROOT/"nbs"/"experiments"/"aig_sweep.ipynb", tmp_path/"aig.ipynb", tmp_path/"cwd", smoke=True)
+    out = next(l.split("writing to ", 1)[1] for l in stdout(nb).splitlines() if l.startswith("writing to "))
+    assert out.startswith(str(tmp_path)) and pd.read_csv(Path(out)/"results.csv").aig_power.tolist() == [1.0, 3.0]
+    assert list((tmp_path/"cwd").iterdir()) == []                # nothing written where the kernel started
+    import papermill as pm                                      # without smoke, the missing model is named with its command
+    with pytest.raises(pm.PapermillExecutionError, match="imagerefl train --config mini_refl"):
+        run_notebook(ROOT/"nbs"/"experiments"/"aig_sweep.ipynb", tmp_path/"aig2.ipynb", tmp_path/"cwd", tuned="runs/no-such-run")
+
+def colab_env(tmp_path, monkeypatch):
+    "A stand-in `google.colab` module (a namespace package beside the real `google` ones), so the notebook takes its Colab paths."
+    (tmp_path/"stub"/"google"/"colab").mkdir(parents=True)
+    (tmp_path/"stub"/"google"/"colab"/"__init__.py").write_text('"Stand-in for Colab\'s module in tests."\n')
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path/"stub"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    (tmp_path/"cwd").mkdir()
+
+def test_colab_demo_cpu_runtime(tmp_path, monkeypatch):
+    "Run all on a CPU 'Colab' with the defaults: nothing to install, the mini world (said so), base / combined / tuned scored."
+    colab_env(tmp_path, monkeypatch)
+    nb = run_notebook(ROOT/"nbs"/"notebooks"/"colab_demo.ipynb", tmp_path/"colab.ipynb", tmp_path/"cwd", smoke=True)
+    out = stdout(nb)
+    assert "installed: nothing was missing" in out and "No GPU here (cpu): running the embedded mini world" in out, out
     table = last_output(nb)
-    assert "original_unet_steps" in table and "mean" in table
-    assert [l.split()[0] for l in table.splitlines() if l[:1].isdigit()][:3] == ["0", "2", "4"], table
+    assert all(s in table for s in ("base", "combined (base for 2 of 4)", "tuned", "mean")), table
+    assert list((tmp_path/"cwd").iterdir()) == []
+
+def test_colab_demo_released_model_path(tmp_path, monkeypatch):
+    "The GPU path's loading code, on a local folder laid out like the authors' released model (remote-code class name)."
+    from imagerefl.testing import tiny_sd_pipeline
+    colab_env(tmp_path, monkeypatch)
+    base, tuned = tiny_sd_pipeline(seed=0), tiny_sd_pipeline(seed=1)
+    from imagerefl.sampling import CombinedStableDiffusionPipeline
+    CombinedStableDiffusionPipeline.from_pipelines(base, tuned.unet).save_pretrained(tmp_path/"released")
+    idx = json.loads((tmp_path/"released"/"model_index.json").read_text())
+    idx.update(_class_name=["pipeline", "ImageReFLPipeline"], safety_checker=[None, None], requires_safety_checker=False)
+    (tmp_path/"released"/"model_index.json").write_text(json.dumps(idx))
+    (tmp_path/"released"/"pipeline.py").write_text("raise RuntimeError('remote code was executed')\n")
+    nb = run_notebook(ROOT/"nbs"/"notebooks"/"colab_demo.ipynb", tmp_path/"colab.ipynb", tmp_path/"cwd", smoke=True,
+                      world="released", model=str(tmp_path/"released"), reward="mini-digits", prompts=["a handwritten digit one", "a handwritten digit two"])
+    assert "released world on cpu (torch.float32)" in stdout(nb)
+    table = last_output(nb)
+    assert all(s in table for s in ("base", "combined (base for 2 of 4)", "tuned", "digit one", "digit two")), table
 
 def test_notebooks_keep_the_parameters_tag():
     "nbdev-clean keeps the `parameters` tag papermill needs; every notebook names a kernel."
