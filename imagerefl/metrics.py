@@ -497,7 +497,7 @@ def evaluate(sampler:Callable,            # sampler(prompt=list, generator=list,
         seeds = [int(s) for s in seeds]
         if len(seeds) != images_per_prompt: raise UserError(f"seeds has {len(seeds)} entries; give one per sample ({images_per_prompt}) or one base seed")
     rewards, sampler_kwargs = dict(rewards or {}), dict(sampler_kwargs or {})
-    features = {n: (load_features(f) if isinstance(f, str) else f) for n, f in (features or {}).items()}
+    features = {n: (load_features(f, device=process_device()) if isinstance(f, str) else f) for n, f in (features or {}).items()}
     procs = Processes()
     out = Path(out_dir).expanduser()
     table = pd.DataFrame([dict(prompt_id=i, prompt=p, sample=s, path=f"images/p{i:05d}_s{s:03d}.png",
