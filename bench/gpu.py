@@ -60,10 +60,12 @@ class Skip(Exception): "A check whose optional dependency is absent (reported, n
 def pristine(run:Run):
     "The pipeline and reward every configuration copies (random weights, built once, on the CPU)."
     from imagerefl.testing import tiny_sd_pipeline
-    torch.manual_seed(0)
-    pipe = tiny_sd_pipeline(resolution=32) if run.rehearsal else ts.sd15_pipeline()
+    with torch.random.fork_rng(devices=[]):                  # the caller's RNG is left as it was
+        torch.manual_seed(0)
+        pipe = tiny_sd_pipeline(resolution=32) if run.rehearsal else ts.sd15_pipeline()
+        reward = ts.hps_reward(not run.rehearsal)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, ts.hps_reward(not run.rehearsal)
+    return pipe, reward
 
 
 # ---- 1. GPU paths ------------------------------------------------------------------------------------------------
