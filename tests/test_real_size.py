@@ -3,7 +3,8 @@ text encoder from their published configs, written in code in bench/train_step.p
 reduced resolution. What tiny components hide shows here: attention head sizes, bf16 frozen parts against fp32
 trainable ones, the reward's resize to 224, text length 77.
 
-Slow (minutes, ~15 GB RAM): IMAGEREFL_SLOW=1 python -m pytest tests/test_real_size.py -s
+Slow (on 2 shared cores: 200 s per combined-generation call, and a LoRA step did not finish in 20 min, as bf16 is
+emulated on the CPU; peak RSS 17 GB): IMAGEREFL_SLOW=1 python -m pytest tests/test_real_size.py -s
 """
 import copy, os, resource, sys, time
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest, torch
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(os.environ.get("IMAGEREFL_SLOW") != "1",
-                                reason="slow: SD1.5-size UNet/VAE/CLIP-L and ViT-H-14 on the CPU (minutes, ~15 GB); IMAGEREFL_SLOW=1")
+                                reason="slow: SD1.5-size UNet/VAE/CLIP-L and ViT-H-14 on the CPU (tens of minutes, ~17 GB); IMAGEREFL_SLOW=1")
 RES, N = 64, 3            # 64 px (8x8 latents: every UNet level still runs, down to 1x1), 3 sampling steps
 
 
