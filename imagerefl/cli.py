@@ -114,16 +114,15 @@ def cmd_sample(a):
 # %% ../nbs/11_cli.ipynb #dab69027
 def cmd_evaluate(a):
     "imagerefl evaluate: sample, score rewards and diversity, write tables (`imagerefl.metrics.evaluate`)."
-    from imagerefl.metrics import evaluate
+    from imagerefl.metrics import evaluate, process_device
     from imagerefl.rewards import load_reward
-    from imagerefl.core import resolve_device
-    dev = resolve_device(a.device)
+    dev = process_device(a.device)                  # under `accelerate launch`: this process's GPU
     pipe = load_any_pipeline(a.model).to(dev)
     rewards = {r: load_reward(r, device=dev) for r in a.reward or []}
     ev = evaluate(pipe, a.prompts, a.out, images_per_prompt=a.images_per_prompt, seeds=a.seed, batch_size=a.batch_size,
                   rewards=rewards, features=list(a.features or []) and {f: f for f in a.features},
                   sampler_kwargs=_call_kwargs(pipe, a))
-    print(getattr(ev, "summary", ev))
+    if int(os.environ.get("RANK", "0")) == 0: print(getattr(ev, "summary", ev))   # once, not once per process
     return 0
 
 def cmd_demo(a):

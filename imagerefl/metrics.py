@@ -7,7 +7,7 @@ Docs: https://imagerefl.github.io/imagerefl/metrics.html.md"""
 
 # %% ../nbs/08_metrics.ipynb #c801f99d
 from __future__ import annotations
-import importlib, json, warnings
+import csv, hashlib, importlib, io, json, os, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -25,7 +25,7 @@ from .data import (ImageCaptionDataset, collate, fit_image, pil_to_tensor, resiz
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CLIP_MEAN', 'CLIP_STD', 'FEATURES', 'pairwise_diversity', 'Summary', 'summarize',
            'DinoFeatures', 'ClipImageFeatures', 'load_features', 'InceptionFeatures', 'image_distances', 'image_seed',
-           'Evaluation', 'evaluate']
+           'model_id', 'Processes', 'process_device', 'Evaluation', 'evaluate']
 
 # %% ../nbs/08_metrics.ipynb #1100475b
 def pairwise_diversity(features:torch.Tensor, # (N,D) image features, any scale
@@ -227,13 +227,56 @@ def _save_png(image:torch.Tensor, path:Path):
 def _load_png(path:Path)->torch.Tensor:
     with Image.open(path) as im: return pil_to_tensor(im)
 
+# %% ../nbs/08_metrics.ipynb #641a2f8c
+def _model_objects(obj, depth:int=1)->list:
+    "The pipelines or modules behind a sampler: itself, or those among a wrapper's attributes or a function's variables."
+    comps = getattr(obj, "components", None)
+    if isinstance(obj, nn.Module) or (isinstance(comps, dict) and any(isinstance(m, nn.Module) for m in comps.values())):
+        return [obj]
+    if depth == 0: return []
+    inner = sorted(getattr(obj, "__dict__", {}).items(), key=lambda x: str(x[0]))      # a wrapper object's attributes
+    code, cells = getattr(obj, "__code__", None), getattr(obj, "__closure__", None) or ()
+    inner += [(n, c.cell_contents) for n, c in zip(getattr(code, "co_freevars", ()), cells)]   # a closure's variables
+    g = getattr(obj, "__globals__", {})
+    inner += [(n, g[n]) for n in getattr(code, "co_names", ()) if n in g]                     # a function's globals
+    return [m for _, v in inner for m in _model_objects(v, depth - 1)]
+
+def model_id(sampler, # a pipeline, an `nn.Module`, or a callable that wraps one (an attribute, a closure or global variable)
+            )->str|None: # "<class>:<hash of every weight>", or None when no pipeline or module can be found
+    "A fingerprint of the weights a sampler generates with: a hash of every component's state dict (names, dtypes, bytes)."
+    objs = _model_objects(sampler)
+    if not objs: return None
+    h = hashlib.blake2b(digest_size=16)
+    for o in objs:
+        comps = o.components if not isinstance(o, nn.Module) else {"": o}
+        for name, m in sorted(comps.items()):
+            if not isinstance(m, nn.Module): continue
+            for k, t in m.state_dict().items():
+                t = t.detach()
+                h.update(f"{name}/{k}:{t.dtype}:{tuple(t.shape)};".encode())
+                h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    return "+".join(type(o).__name__ for o in objs) + ":" + h.hexdigest()
+
 # %% ../nbs/08_metrics.ipynb #ab780c47
-def _check_run(out:Path, prompts:list, seeds, sampler_kwargs:dict):
-    "Refuse to mix images from different seeds, sampler arguments or prompts in one folder; record this run's."
-    cfg = dict(seeds=seeds, sampler_kwargs={k: repr(v) for k, v in sorted(sampler_kwargs.items())}, prompts=prompts)
+def _read_json(f:Path)->dict:
+    "A run's `run.json`, or a one-line error when it is empty or damaged."
+    try:
+        d = json.loads(f.read_text())
+        if not isinstance(d, dict) or not isinstance(d.get("prompts"), list): raise ValueError("not a run record")
+        return d
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is empty or damaged ({type(e).__name__}): it records which model, seeds and prompts made "
+                        f"the images beside it, so they cannot be reused; delete that folder or use a new out_dir") from None
+
+def _check_run(out:Path, prompts:list, seeds, sampler_kwargs:dict, model:str|None):
+    "Refuse to mix images of different models, seeds, sampler arguments or prompts in one folder; record this run's."
+    cfg = dict(model=model, seeds=seeds, sampler_kwargs={k: repr(v) for k, v in sorted(sampler_kwargs.items())}, prompts=prompts)
     f = out/"run.json"
     if f.exists():
-        old = json.loads(f.read_text())
+        old = _read_json(f)
+        if old.get("model") != model:
+            raise UserError(f"{out} holds images of another model ({old.get('model') or 'not recorded'}; this one is "
+                            f"{model or 'not identified'}): use a new out_dir or delete that one")
         for key in ("seeds", "sampler_kwargs"):
             if old.get(key) != cfg[key]:
                 raise UserError(f"{out} holds images made with {key}={old.get(key)}, not {cfg[key]}: use a new out_dir or delete that one")
@@ -243,47 +286,192 @@ def _check_run(out:Path, prompts:list, seeds, sampler_kwargs:dict):
         if len(old["prompts"]) > len(prompts): cfg["prompts"] = old["prompts"]
     atomic_write_text(f, json.dumps(cfg, indent=1))
 
+def _read_table(f:Path, table:pd.DataFrame, rewards:list)->tuple[pd.DataFrame, set, int]:
+    "Whole rows of an earlier `images.csv` that match `table`; the paths of damaged rows; how many rows were damaged."
+    empty = pd.DataFrame(columns=["path", *rewards])
+    if not f.exists(): return empty, set(), 0
+    try: text = f.read_text()
+    except UnicodeDecodeError: text = None
+    if not text or not text.strip():
+        warnings.warn(f"{f} is {'empty' if text is not None else 'not text'}: every image's rewards are computed again")
+        return empty, set(), 0
+    rows = list(csv.reader(io.StringIO(text)))
+    head, rows = rows[0], rows[1:]
+    want = table.set_index("path")
+    good, bad, n_bad = [], set(), 0
+    for i, r in enumerate(rows):
+        path = r[head.index("path")] if "path" in head and head.index("path") < len(r) else None
+        whole = len(r) == len(head) and (i < len(rows) - 1 or text.endswith("\n"))
+        if whole and path not in want.index: continue                      # a row of prompts not asked for now
+        try:
+            if not whole: raise ValueError("cut")                           # e.g. the last row, cut mid-value
+            d = dict(zip(head, r)); w = want.loc[d["path"]]
+            if d["prompt"] != w.prompt or int(d["seed"]) != int(w.seed): raise ValueError("another image")
+            good.append({"path": d["path"], **{n: float(d[n]) if d.get(n, "") != "" else np.nan for n in rewards}})
+        except Exception:                                                   # cut or garbled: dropped, made again
+            n_bad += 1
+            if path in want.index: bad.add(path)
+    return (pd.DataFrame(good, columns=["path", *rewards]) if good else empty), bad, n_bad
+
+# %% ../nbs/08_metrics.ipynb #c2744f06
+def _launched_processes()->int:
+    "WORLD_SIZE as set by `accelerate launch` / torchrun (1 when not launched)."
+    try: return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError: return 1
+
+class Processes:
+    "The processes an evaluation is shared between: this one only, or all those of a distributed launch."
+    def __init__(self):
+        import torch.distributed as dist
+        if _launched_processes() > 1 and not (dist.is_available() and dist.is_initialized()):
+            from accelerate import PartialState
+            from accelerate.utils import parse_flag_from_env
+            PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+        self.on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.on else (0, 1)
+        self.main = self.rank == 0
+
+    def mine(self, items:list)->list:
+        "This process's share: every `world`-th item, from its rank on."
+        return items[self.rank::self.world]
+
+    def gather(self, obj)->list:
+        "Every process's `obj`, in rank order (on every process)."
+        if not self.on: return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world; dist.all_gather_object(out, obj); return out
+
+    def on_main(self, fn:Callable):
+        "Run `fn` on the main process and hand its result (or its `UserError`) to every process."
+        if not self.on: return fn()
+        import torch.distributed as dist
+        box = [None]
+        if self.main:
+            try: box = [("ok", fn())]
+            except UserError as e: box = [("user", str(e))]
+            except BaseException as e: box = [("crash", f"{type(e).__name__}: {e}")]; dist.broadcast_object_list(box); raise
+        dist.broadcast_object_list(box)
+        kind, val = box[0]
+        if kind == "user": raise UserError(val)
+        if kind == "crash": raise RuntimeError(f"the main process failed: {val}")
+        return val
+
+    def all_ok(self, error:BaseException|None):
+        "Raise on every process if any process failed (so none waits forever for the others)."
+        errs = [e for e in self.gather(None if error is None else (isinstance(error, UserError), str(error))) if e]
+        if error is not None: raise error
+        if errs: raise (UserError if errs[0][0] else RuntimeError)(f"another process failed: {errs[0][1]}")
+
+def process_device(device:str|torch.device|None=None, # an explicit device, or None/"auto"
+                  )->torch.device:
+    "This process's device: under `accelerate launch` on GPUs, its own GPU (`cuda:LOCAL_RANK`); else `resolve_device`."
+    if device in (None, "auto") and _launched_processes() > 1 and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return resolve_device(device)
+
 # %% ../nbs/08_metrics.ipynb #765ca38b
 @dataclass
 class Evaluation:
     "What `evaluate` wrote: the per-image table, the per-prompt diversity and the run summary."
     images:pd.DataFrame; diversity:pd.DataFrame; summary:pd.DataFrame; out_dir:Path
 
-def _generate(sampler, table:pd.DataFrame, out:Path, batch_size:int, sampler_kwargs:dict, progress:bool)->set:
-    "Sample every image of `table` that is not readable on disk yet; return the paths made."
-    todo = [r for r in table.itertuples() if _verify_file(out/r.path) is not None]
-    bar = tqdm(total=len(todo), desc="images", unit="img", disable=not progress)
-    for k in range(0, len(todo), batch_size):
-        rows = todo[k:k+batch_size]
-        gens = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in rows]
-        with torch.no_grad():
-            ims = _to_pt(sampler(prompt=[r.prompt for r in rows], generator=gens, output_type="pt", **sampler_kwargs).images)
-        assert len(ims) == len(rows), f"the sampler returned {len(ims)} images for {len(rows)} prompts"
-        for r, im in zip(rows, ims): _save_png(im, out/r.path)
-        bar.update(len(rows))
-    bar.close()
-    return {r.path for r in todo}
+def _generate(sampler, table:pd.DataFrame, out:Path, batch_size:int, sampler_kwargs:dict, progress:bool,
+              procs:Processes, redo:set=frozenset())->set:
+    "Sample every image of `table` not readable on disk (or in `redo`), shared between processes; return the paths made."
+    todo = procs.on_main(lambda: [r.path for r in table.itertuples() if r.path in redo or _verify_file(out/r.path) is not None])
+    rows = table.set_index("path").loc[todo].reset_index()
+    mine = procs.mine([rows.iloc[k:k+batch_size] for k in range(0, len(rows), batch_size)])   # same batches as one process
+    bar = tqdm(total=sum(map(len, mine)), desc="images", unit="img", disable=not (progress and procs.main))
+    err = None
+    try:
+        for b in mine:
+            gens = [torch.Generator("cpu").manual_seed(int(s)) for s in b.seed]
+            with torch.no_grad():
+                ims = _to_pt(sampler(prompt=b.prompt.tolist(), generator=gens, output_type="pt", **sampler_kwargs).images)
+            if len(ims) != len(b): raise RuntimeError(f"the sampler returned {len(ims)} images for {len(b)} prompts")
+            for p, im in zip(b.path, ims): _save_png(im, out/p)
+            bar.update(len(b))
+    except BaseException as e: err = e
+    finally: bar.close()
+    procs.all_ok(err)
+    return set(todo)
 
 # %% ../nbs/08_metrics.ipynb #3f84dceb
-def _score(table:pd.DataFrame, out:Path, batch_size:int, rewards:dict, features:dict, fid_metrics, progress:bool):
-    "One pass over the saved images: rewards where missing, features for all, FID/KID generated-side updates."
-    feats = {n: [] for n in features}
-    bar = tqdm(total=len(table), desc="metrics", unit="img", disable=not progress)
-    for k in range(0, len(table), batch_size):
-        rows = table.iloc[k:k+batch_size]
-        ims = torch.stack([_load_png(out/p) for p in rows.path])
+class _Given(nn.Module):
+    "Features computed beforehand, handed to torchmetrics' FID/KID as if extracted by them."
+    def __init__(self, num_features:int): super().__init__(); self.num_features = num_features
+    def forward(self, features): return features
+
+def _score(table:pd.DataFrame, out:Path, batch_size:int, rewards:dict, features:dict, fid_features, progress:bool,
+           procs:Processes)->list:
+    "Rewards where missing, diversity features and FID features of the saved images; batches shared between processes."
+    starts = procs.mine(list(range(0, len(table), batch_size)))
+    bar = tqdm(total=len(starts), desc="metrics", unit="batch", disable=not (progress and procs.main))
+    res, err = [], None
+    try:
+        for k in starts:
+            rows = table.iloc[k:k+batch_size]
+            ims = torch.stack([_load_png(out/p) for p in rows.path])
+            r = dict(start=k, rewards={}, features={}, fid=None)
+            with torch.no_grad():
+                for name, reward in rewards.items():
+                    miss = np.flatnonzero(rows[name].isna().to_numpy())
+                    if len(miss):
+                        vals = reward(ims[torch.from_numpy(miss)].to(_module_device(reward)), [rows.prompt.iloc[int(i)] for i in miss])
+                        r["rewards"][name] = (rows.index[miss].to_numpy(), vals.detach().float().cpu().numpy().reshape(-1))
+                for name, f in features.items(): r["features"][name] = f(ims.to(_module_device(f))).float().cpu()
+                if fid_features is not None: r["fid"] = fid_features(ims.to(_module_device(fid_features))).float().cpu()
+            res.append(r); bar.update(1)
+    except BaseException as e: err = e
+    finally: bar.close()
+    procs.all_ok(err)
+    return sorted((r for part in procs.gather(res) for r in part), key=lambda r: r["start"])
+
+# %% ../nbs/08_metrics.ipynb #8d41dcf7
+def _finish(table:pd.DataFrame, parts:list, out:Path, rewards:list, features:list, ff, reference_images,
+            batch_size:int, kid_subset_size:int)->Evaluation:
+    "Merge the scored batches (in table order), then diversity, FID/KID and the three tables, written atomically."
+    for r in parts:
+        for name, (idx, vals) in r["rewards"].items(): table.loc[idx, name] = vals
+    atomic_write_text(out/"images.csv", table.to_csv(index=False))
+    div = table.groupby("prompt_id", sort=True).agg(prompt=("prompt", "first"), n_images=("path", "size")).reset_index()
+    for name in features:
+        f = torch.cat([r["features"][name] for r in parts])
+        d = pairwise_diversity(f, table.prompt_id.tolist()).set_index("prompt_id")
+        div[f"diversity_{name}"] = d.loc[div.prompt_id, "diversity"].to_numpy()
+    atomic_write_text(out/"diversity.csv", div.to_csv(index=False))
+
+    rows = []
+    per_prompt = table.groupby("prompt_id", sort=True)
+    for name in rewards:
+        rows.append(dict(metric=name, **summarize(per_prompt[name].mean().to_numpy())._asdict()))
+    for name in features:
+        rows.append(dict(metric=f"diversity_{name}", **summarize(div[f"diversity_{name}"].to_numpy())._asdict()))
+    if ff is not None:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+        dim = parts[0]["fid"].shape[-1]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+            fid = FrechetInceptionDistance(feature=_Given(dim), sync_on_compute=False)
+            kid = KernelInceptionDistance(feature=_Given(dim), sync_on_compute=False)
+        for r in parts: fid.update(r["fid"], real=False); kid.update(r["fid"], real=False)
+        n_ref = 0
         with torch.no_grad():
-            for name, reward in rewards.items():
-                miss = rows[name].isna().to_numpy()
-                if miss.any():
-                    sel = torch.from_numpy(np.flatnonzero(miss))
-                    vals = reward(ims[sel].to(_module_device(reward)), [rows.prompt.iloc[int(i)] for i in sel])
-                    table.loc[rows.index[miss], name] = vals.detach().float().cpu().numpy().reshape(-1)
-            for name, f in features.items(): feats[name].append(f(ims.to(_module_device(f))).float().cpu())
-            for m in fid_metrics: m.update(ims.to(m.device), real=False)
-        bar.update(len(rows))
-    bar.close()
-    return {n: torch.cat(v) for n, v in feats.items()}
+            for b in _tensor_batches(reference_images, batch_size, _load_png(out/table.path[0]).shape[-1]):
+                x = ff(b.to(_module_device(ff), torch.float32)).float().cpu()
+                fid.update(x, real=True); kid.update(x, real=True); n_ref += len(b)
+        if n_ref < 2 or len(table) < 2: raise UserError(f"FID/KID need at least 2 generated and 2 reference images (got {len(table)} and {n_ref})")
+        kid.subset_size = min(kid_subset_size, n_ref, len(table))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            kid_mean, kid_std = kid.compute()
+        nan = float("nan")
+        rows.append(dict(metric="fid", mean=float(fid.compute()), ci_low=nan, ci_high=nan, n=len(table), std=nan))
+        rows.append(dict(metric="kid", mean=float(kid_mean), ci_low=nan, ci_high=nan, n=len(table), std=float(kid_std)))
+    summary = pd.DataFrame(rows, columns=["metric", "mean", "ci_low", "ci_high", "n", "std"])
+    atomic_write_text(out/"summary.csv", summary.to_csv(index=False))
+    return Evaluation(table, div, summary, out)
 
 # %% ../nbs/08_metrics.ipynb #4a3fd6a8
 def evaluate(sampler:Callable,            # sampler(prompt=list, generator=list, output_type="pt", **kw).images
@@ -299,6 +487,7 @@ def evaluate(sampler:Callable,            # sampler(prompt=list, generator=list,
              sampler_kwargs:dict|None=None,# extra sampler arguments (num_inference_steps, guidance_scale, ...)
              kid_subset_size:int=1000,     # KID subset size (capped at the number of images)
              progress:bool=True,           # show tqdm bars
+             model:str|None=None,          # what identifies the model in run.json; None: `model_id(sampler)`
             )->Evaluation:
     "Sample, save PNGs, score rewards, diversity and FID/KID; write per-image, per-prompt and summary tables."
     prompts = load_prompts(prompts) if isinstance(prompts, (str, Path)) else [str(p) for p in prompts]
@@ -308,59 +497,32 @@ def evaluate(sampler:Callable,            # sampler(prompt=list, generator=list,
         seeds = [int(s) for s in seeds]
         if len(seeds) != images_per_prompt: raise UserError(f"seeds has {len(seeds)} entries; give one per sample ({images_per_prompt}) or one base seed")
     rewards, sampler_kwargs = dict(rewards or {}), dict(sampler_kwargs or {})
-    features = {n: (load_features(f) if isinstance(f, str) else f) for n, f in (features or {}).items()}
-    out = Path(out_dir).expanduser(); (out/"images").mkdir(parents=True, exist_ok=True)
-    _check_run(out, prompts, seeds, sampler_kwargs)
-
+    features = {n: (load_features(f, device=process_device()) if isinstance(f, str) else f) for n, f in (features or {}).items()}
+    procs = Processes()
+    out = Path(out_dir).expanduser()
     table = pd.DataFrame([dict(prompt_id=i, prompt=p, sample=s, path=f"images/p{i:05d}_s{s:03d}.png",
                                seed=image_seed(seeds, i, s) if isinstance(seeds, int) else seeds[s])
                           for i, p in enumerate(prompts) for s in range(images_per_prompt)])
     table = table[["prompt_id", "prompt", "sample", "seed", "path"]]
-    made = _generate(sampler, table, out, batch_size, sampler_kwargs, progress)
+
+    def start():
+        (out/"images").mkdir(parents=True, exist_ok=True)
+        mid = model if model is not None else model_id(sampler)
+        if mid is None: warnings.warn("the sampler's model cannot be identified (no pipeline or module in it): pass model= "
+                                      "so that run.json can tell this model's images from another's")
+        _check_run(out, prompts, seeds, sampler_kwargs, mid)
+        prev, bad, n_bad = _read_table(out/"images.csv", table, list(rewards))
+        if n_bad: warnings.warn(f"{out/'images.csv'}: {n_bad} damaged row(s) (cut or garbled) dropped: their images "
+                                f"are scored again, and the {len(bad)} image(s) they still name made again")
+        return prev, bad
+    prev, bad = procs.on_main(start)
+    made = _generate(sampler, table, out, batch_size, sampler_kwargs, progress, procs, redo=bad)
     # reward values of images already scored by an earlier run are kept, unless the image was just (re)made
-    old = pd.read_csv(out/"images.csv") if (out/"images.csv").exists() else pd.DataFrame(columns=["path", "seed"])
+    prev = prev.set_index("path")
     for name in rewards:
-        prev = old.set_index("path")[name] if name in old.columns else pd.Series(dtype=float)
-        table[name] = [np.nan if p in made else prev.get(p, np.nan) for p in table.path]
-
-    fid_metrics = []
-    if reference_images is not None:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.kid import KernelInceptionDistance
-        ff = fid_features if fid_features is not None else InceptionFeatures()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-            fid_metrics = [FrechetInceptionDistance(feature=ff, normalize=True).to(_module_device(ff)),
-                           KernelInceptionDistance(feature=ff, normalize=True).to(_module_device(ff))]
-    feats = _score(table, out, batch_size, rewards, features, fid_metrics, progress)
-    atomic_write_text(out/"images.csv", table.to_csv(index=False))
-
-    div = table.groupby("prompt_id", sort=True).agg(prompt=("prompt", "first"), n_images=("path", "size")).reset_index()
-    for name, f in feats.items():
-        d = pairwise_diversity(f, table.prompt_id.tolist()).set_index("prompt_id")
-        div[f"diversity_{name}"] = d.loc[div.prompt_id, "diversity"].to_numpy()
-    atomic_write_text(out/"diversity.csv", div.to_csv(index=False))
-
-    rows = []
-    per_prompt = table.groupby("prompt_id", sort=True)
-    for name in rewards:
-        rows.append(dict(metric=name, **summarize(per_prompt[name].mean().to_numpy())._asdict()))
-    for name in feats:
-        rows.append(dict(metric=f"diversity_{name}", **summarize(div[f"diversity_{name}"].to_numpy())._asdict()))
-    if fid_metrics:
-        fid, kid = fid_metrics
-        n_ref = 0
-        with torch.no_grad():
-            for b in _tensor_batches(reference_images, batch_size, _load_png(out/table.path[0]).shape[-1]):
-                b = b.to(fid.device, torch.float32); fid.update(b, real=True); kid.update(b, real=True); n_ref += len(b)
-        if n_ref < 2 or len(table) < 2: raise UserError(f"FID/KID need at least 2 generated and 2 reference images (got {len(table)} and {n_ref})")
-        kid.subset_size = min(kid_subset_size, n_ref, len(table))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            kid_mean, kid_std = kid.compute()
-        nan = float("nan")
-        rows.append(dict(metric="fid", mean=float(fid.compute()), ci_low=nan, ci_high=nan, n=len(table), std=nan))
-        rows.append(dict(metric="kid", mean=float(kid_mean), ci_low=nan, ci_high=nan, n=len(table), std=float(kid_std)))
-    summary = pd.DataFrame(rows, columns=["metric", "mean", "ci_low", "ci_high", "n", "std"])
-    atomic_write_text(out/"summary.csv", summary.to_csv(index=False))
-    return Evaluation(table, div, summary, out)
+        table[name] = [np.nan if p in made or p not in prev.index else prev.at[p, name] for p in table.path]
+    ff = None
+    if reference_images is not None: ff = fid_features if fid_features is not None else InceptionFeatures()
+    parts = _score(table, out, batch_size, rewards, features, ff, progress, procs)
+    return procs.on_main(lambda: _finish(table, parts, out, list(rewards), list(features), ff, reference_images,
+                                         batch_size, kid_subset_size))

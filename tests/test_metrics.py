@@ -8,7 +8,7 @@ from scipy import stats, linalg
 from imagerefl.core import UserError
 from imagerefl.data import ImageCaptionDataset, pil_to_tensor
 from imagerefl.metrics import (pairwise_diversity, summarize, DinoFeatures, ClipImageFeatures, InceptionFeatures,
-                               load_features, image_distances, image_seed, evaluate)
+                               load_features, image_distances, image_seed, evaluate, model_id)
 from imagerefl.testing import tiny_sd_pipeline
 from transformers import ViTConfig, ViTModel
 
@@ -208,3 +208,52 @@ def test_pil_sampler_and_explicit_seed_list(tmp_path):
     assert torch.equal(a, b)                                           # same seed, same noise image
     want = (torch.rand(8, 8, 3, generator=torch.Generator().manual_seed(12)) * 255).byte().permute(2, 0, 1).float() / 255
     assert torch.equal(load(tmp_path/ev.images.path[1]), want)
+
+
+def test_run_folder_refuses_another_model(tmp_path, pipe):
+    "Model B evaluated into model A's folder is refused (it used to exit 0 with A's numbers); the same model resumes."
+    kw = dict(images_per_prompt=1, batch_size=3, rewards=dict(bright=Brightness()), sampler_kwargs=FAST, progress=False)
+    evaluate(pipe, PROMPTS, tmp_path, **kw)
+    assert json.loads((tmp_path/"run.json").read_text())["model"] == model_id(pipe)
+    one_line_user_error(lambda: evaluate(tiny_sd_pipeline(seed=1), PROMPTS, tmp_path, **kw), "another model")
+    tuned = tiny_sd_pipeline(seed=0)
+    with torch.no_grad(): tuned.unet.conv_out.weight.mul_(1.01)                # a "fine-tuned" UNet, everything else equal
+    one_line_user_error(lambda: evaluate(tuned, PROMPTS, tmp_path, **kw), "another model")
+    smp = Counting(tiny_sd_pipeline(seed=0))                                   # the same weights, wrapped: accepted, nothing made
+    evaluate(smp, PROMPTS, tmp_path, **kw)
+    assert smp.calls == []
+    # the CLI: a pipeline folder evaluated into a folder made by another one
+    from imagerefl.cli import main
+    pipe.save_pretrained(tmp_path/"A"); tiny_sd_pipeline(seed=1).save_pretrained(tmp_path/"B")
+    args = ["evaluate", "--prompts", str(tmp_path/"p.txt"), "--steps", "2", "--guidance-scale", "1", "--images-per-prompt", "1", "--device", "cpu"]
+    (tmp_path/"p.txt").write_text("a cat\n")
+    assert main(args + ["--model", str(tmp_path/"A"), "--out", str(tmp_path/"cli")]) == 0
+    assert main(args + ["--model", str(tmp_path/"B"), "--out", str(tmp_path/"cli")]) == 2
+
+
+def test_damaged_images_csv_and_run_json(tmp_path, pipe):
+    "A row cut mid-value is not reused (it was: a wrong number, exit 0); empty files give one line, never a traceback."
+    smp, rew = Counting(pipe), Brightness()
+    kw = dict(images_per_prompt=2, batch_size=4, rewards=dict(bright=rew), sampler_kwargs=FAST, progress=False)
+    ev = evaluate(smp, PROMPTS, tmp_path, **kw)
+    f = tmp_path/"images.csv"
+    text = f.read_text(); full = text.rstrip("\n").rsplit(",", 1)[1]
+    f.write_text(text.rstrip("\n")[:-4])                                       # the last reward loses its last 4 digits
+    assert float(text.rstrip("\n")[:-4].rsplit(",", 1)[1]) != float(full)      # ... and still parses as a number
+    with pytest.warns(UserWarning, match="1 damaged row"): ev2 = evaluate(smp, PROMPTS, tmp_path, **kw)
+    assert smp.calls == [4, 2, 1] and rew.scored == 7                          # the cut row's image made and scored again
+    np.testing.assert_allclose(ev2.images.bright, ev.images.bright, rtol=1e-6)
+    assert pd.read_csv(f).bright.iloc[-1] == pytest.approx(float(full), rel=1e-9)
+    # a garbled row in the middle (its path unreadable): dropped and scored again
+    lines = f.read_text().splitlines(keepends=True); lines[2] = lines[2].replace(",", ";", 2)
+    f.write_text("".join(lines))
+    with pytest.warns(UserWarning, match="1 damaged row"): evaluate(smp, PROMPTS, tmp_path, **kw)
+    assert smp.calls == [4, 2, 1] and rew.scored == 8
+    f.write_text("")                                                           # empty: every reward computed again, no traceback
+    with pytest.warns(UserWarning, match="is empty"): ev3 = evaluate(smp, PROMPTS, tmp_path, **kw)
+    assert smp.calls == [4, 2, 1] and rew.scored == 8 + 6
+    np.testing.assert_allclose(ev3.images.bright, ev.images.bright, rtol=1e-6)
+    for bad in ("", "{\"seeds\": 0", "[]"):                                   # empty, cut, not a run record
+        (tmp_path/"run.json").write_text(bad)
+        one_line_user_error(lambda: evaluate(smp, PROMPTS, tmp_path, **kw), "run.json is empty or damaged")
+    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path/"images").glob(".*.tmp"))   # no temporary file left

@@ -1,0 +1,27 @@
+"bench/gpu.py's CPU rehearsal: the GPU script's code paths run on tiny components, and a broken path fails loudly."
+import sys
+from pathlib import Path
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]/"bench"))
+import gpu  # noqa: E402
+
+
+def test_gpu_bench_cpu_rehearsal(tmp_path, capsys):
+    out = tmp_path/"gpu.md"
+    assert gpu.main(["--cpu-rehearsal", "--objectives", "imagerefl", "--steps", "1", "--pairs", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "A CPU rehearsal: these are not GPU figures" in text and "FAILED" not in text
+    rows = [l.strip("| ").split(" | ") for l in text.splitlines() if l.startswith("| ") and not l.startswith(("| part", "| ---"))]
+    assert len(rows) == 10 and all(len(r) == 4 and r[3].startswith("CPU rehearsal") for r in rows)   # the device beside every figure
+    for what in ("bf16 autocast | ok", "fp16 sampling | ok", "SDPA attention | ok", "gradient checkpointing | ok", "8-bit Adam |",
+                 "imagerefl, reference-like |", "imagerefl, ours-full |", "imagerefl, ours-lora |", "median ratio"):
+        assert what in text, what
+
+
+def test_gpu_bench_fails_loudly(tmp_path, monkeypatch):
+    def broken(run, pipe): raise RuntimeError("no kernel image is available")
+    monkeypatch.setattr(gpu, "check_sdpa", broken)
+    assert gpu.main(["--cpu-rehearsal", "--objectives", "", "--pairs", "1", "--out", str(tmp_path/"gpu.md")]) == 1
+    assert "| check | SDPA attention | FAILED: RuntimeError: no kernel image is available |" in (tmp_path/"gpu.md").read_text()
+    assert gpu.main([]) == 2 or gpu.torch.cuda.is_available()                    # no GPU and no --cpu-rehearsal: refused

@@ -1,0 +1,66 @@
+"Distributed evaluation: two gloo processes on the CPU write the same files and numbers as one process."
+import json, os, socket, subprocess, sys
+from pathlib import Path
+import torch, torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a cat", "a red dog", "a small house"]
+
+
+class Brightness(nn.Module):
+    def forward(self, images, prompts):
+        return images.mean((1, 2, 3)) + 0.01 * torch.tensor([len(p) for p in prompts], dtype=images.dtype)
+
+
+class Counting:
+    def __init__(self, pipe): self.pipe, self.calls = pipe, []
+    def __call__(self, **kw): self.calls.append(len(kw["prompt"])); return self.pipe(**kw)
+
+
+def work(out:str, resume:bool)->tuple:
+    "One evaluation (in one process, or in each process of a distributed launch); with `resume`, lose 3 images and re-run."
+    from transformers import ViTConfig, ViTModel
+    from imagerefl.metrics import evaluate, DinoFeatures, Processes
+    from imagerefl.testing import tiny_sd_pipeline
+    threads = torch.get_num_threads(); torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            dino = DinoFeatures(ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                                                   image_size=32, patch_size=8), add_pooling_layer=False))
+        ref = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        smp = Counting(tiny_sd_pipeline(seed=0))
+        kw = dict(images_per_prompt=3, batch_size=2, rewards=dict(bright=Brightness()), features=dict(dino=dino),
+                  reference_images=ref, fid_features=dino, progress=False,
+                  sampler_kwargs=dict(num_inference_steps=2, height=32, width=32, guidance_scale=3.0))
+        procs = Processes()
+        ev = evaluate(smp, PROMPTS, out, **kw)
+        if resume:                     # images lost (e.g. a process was killed): the re-run makes exactly those
+            if procs.main:
+                for p in ev.images.path[[0, 5, 6]]: os.remove(os.path.join(out, p))
+            procs.gather(None)         # a barrier
+            ev = evaluate(smp, PROMPTS, out, **kw)
+        return procs.rank, procs.world, smp.calls
+    finally: torch.set_num_threads(threads)
+
+
+def test_two_gloo_processes_equal_one(tmp_path):
+    (tmp_path/"w.py").write_text("import sys, json\nfrom test_distributed_eval import work\n"
+                                 "print('result', json.dumps(work(sys.argv[1], True)))\n")
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    # two processes with the env:// rendezvous variables that `accelerate launch` / torchrun set
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT/"tests")]), OMP_NUM_THREADS="1",
+               ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    ps = [subprocess.Popen([sys.executable, str(tmp_path/"w.py"), str(tmp_path/"two")], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    assert work(str(tmp_path/"one"), False) == (0, 1, [2, 2, 2, 2, 1])          # meanwhile, one process
+    outs = [p.communicate(timeout=300) for p in ps]
+    for p, (o, e) in zip(ps, outs): assert p.returncode == 0, e[-3000:]
+    res = [json.loads(o.split("result", 1)[1]) for o, _ in outs]
+    # 9 images in batches of 2: batches 0, 2, 4 on rank 0, batches 1, 3 on rank 1; then the 3 lost ones as [0, 5], [6]
+    assert res == [[0, 2, [2, 2, 1, 2]], [1, 2, [2, 2, 1]]], res
+    one = sorted(p.relative_to(tmp_path/"one") for p in (tmp_path/"one").rglob("*") if p.is_file())
+    two = sorted(p.relative_to(tmp_path/"two") for p in (tmp_path/"two").rglob("*") if p.is_file())
+    assert one == two and len(one) == 9 + 4, (one, two)
+    for f in one:                  # the same PNG bytes, the same tables to the last digit (FID/KID included), the same run.json
+        assert (tmp_path/"one"/f).read_bytes() == (tmp_path/"two"/f).read_bytes(), f
