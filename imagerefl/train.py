@@ -481,6 +481,9 @@ class Trainer:
             mixed_precision=c.mixed_precision, log_with=None if c.log_with == "none" else c.log_with,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out/"logs")),
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        if acc.distributed_type.value in ("FSDP", "DEEPSPEED"):          # checkpoints would hold one process's shards only
+            raise UserError(f"training under {acc.distributed_type.value} is not supported yet (its checkpoints would hold one "
+                            "process's shards only): use DDP (configs/accelerate/ddp_4gpu.yaml), or LoRA to fit a smaller card")
         if len(data) < c.batch_size * acc.num_processes:
             raise UserError(f"the training data has {len(data)} rows, fewer than one global batch "
                             f"(batch_size {c.batch_size} x {acc.num_processes} processes): give more data or a smaller batch_size")

@@ -145,3 +145,18 @@ def test_train_from_config_with_saved_model_and_reward(tmp_path):
     assert (tmp_path/"run"/"final"/"unet"/"diffusion_pytorch_model.safetensors").exists()
     assert (tmp_path/"run"/"final"/"combined"/"model_index.json").exists()
     assert "name: refl" in (tmp_path/"run"/"config.yaml").read_text()
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_training_is_refused_before_any_step(tmp_path, kind, monkeypatch):
+    "Checkpoints under FSDP/DeepSpeed would hold one process's shards: the trainer refuses them rather than save them."
+    import accelerate
+    from accelerate.utils import DistributedType
+    class Sharded(accelerate.Accelerator):
+        @property
+        def distributed_type(self): return DistributedType[kind]
+        @distributed_type.setter
+        def distributed_type(self, v): pass
+    monkeypatch.setattr(accelerate, "Accelerator", Sharded)
+    with pytest.raises(UserError, match=f"training under {kind} is not supported yet"):
+        run(tmp_path, FixedNoiseObjective(), "max_steps=1")
+    assert not (tmp_path/"checkpoints").exists()
