@@ -21,8 +21,8 @@ __all__ = ['CHOICES', 'MINIMA', 'RANGES', 'RESUMABLE', 'ModelConfig', 'RewardCon
            'ValidationConfig', 'TrainConfig', 'build_section', 'check_values', 'resolve_objective', 'config_dir',
            'config_names', 'find_config', 'parse_override', 'apply_overrides', 'load_config', 'config_yaml',
            'save_state', 'load_state', 'PromptDataset', 'collate_batch', 'EpochBatches', 'prepare_trainable',
-           'make_optimizer', 'make_lr_schedule', 'latest_checkpoint', 'resume_point', 'check_resume', 'rng_state',
-           'set_rng_state', 'pipe_like', 'combined_pipeline', 'Trainer', 'update', 'save_checkpoint', 'load_checkpoint',
+           'make_optimizer', 'make_lr_schedule', 'resume_point', 'check_resume', 'rng_state', 'set_rng_state',
+           'pipe_like', 'combined_pipeline', 'Trainer', 'update', 'save_checkpoint', 'load_checkpoint',
            'last_good_checkpoint', 'validate', 'log', 'fit', 'export', 'model_card', 'push_to_hub',
            'FixedNoiseObjective', 'build_data', 'model_source', 'feature_diversity', 'train']
 
@@ -388,10 +388,6 @@ RESUMABLE = ["resume", "out_dir", "max_steps", "checkpoint_every", "keep_checkpo
              "tracker_project_name", "run_name", "tracker_kwargs*", "export", "push_to_hub", "hub_model_id", "hub_private",
              "validation.*", "data.num_workers"]
 
-def latest_checkpoint(root:str|Path, say=print)->Path|None:
-    "The newest intact checkpoint under `root` (damaged newer ones are named through `say` and skipped), or None."
-    return find_checkpoint(root, say)
-
 def resume_point(cfg:TrainConfig,        # the run's config
                  say=print,              # where messages about skipped checkpoints go
                  check_lock:bool=True,   # refuse a folder another live run holds
@@ -400,7 +396,7 @@ def resume_point(cfg:TrainConfig,        # the run's config
     out = Path(cfg.out_dir)
     if check_lock and (why := RunLock(out).busy()): raise UserError(why)
     if cfg.resume == "latest":
-        p = latest_checkpoint(out/"checkpoints", say)
+        p = find_checkpoint(out/"checkpoints", say)
         if p is None and (held := run_files(out)):
             raise UserError(f"{out} holds a run ({', '.join(held)}) but no intact checkpoint to resume from: "
                             f"choose another out_dir, or delete {out} to start over")
@@ -810,7 +806,7 @@ def fit(self:Trainer, report:bool=True, # print the closing message
             self._restore_signals(); bar.close()
             if c.log_with != "none": acc.end_training()
         quiet = lambda *a: None
-        last = self.last_good_checkpoint() if status == "diverged" else latest_checkpoint(self.out/"checkpoints", quiet)
+        last = self.last_good_checkpoint() if status == "diverged" else find_checkpoint(self.out/"checkpoints", quiet)
         msg = {"finished": f"finished {self.step} steps in {time.time() - t0:.0f} s ({self.skipped} skipped updates); checkpoint {last}",
                "interrupted": f"interrupted at step {self.step}; saved {last}; continue with --set resume=latest",
                "diverged": f"stopped: {self.bad_in_row} updates in a row had a non-finite loss, gradient or weights (at step {self.step}); "
