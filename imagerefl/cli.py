@@ -128,6 +128,7 @@ def cmd_evaluate(a):
 def cmd_demo(a):
     "imagerefl demo: the mini world's end-to-end demo (`imagerefl.experiments.demo`)."
     from imagerefl.experiments import demo
+    quiet_loading()
     demo(a.out, quick=a.quick, seed=a.seed)
     print(f"wrote {a.out}/results.csv, claims.csv, report.md, tradeoff.png, collapse.png, grid.png"); return 0
 
@@ -194,13 +195,14 @@ def parser()->argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per pipeline call")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("demo", help="the mini world's end-to-end demo on the CPU")
-    p.add_argument("--out", default="imagerefl-demo"); p.add_argument("--quick", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="imagerefl-demo", help="output folder; a rerun into it reuses finished training and evaluation")
+    p.add_argument("--quick", action="store_true", help="the smoke plan (one training seed, a few steps, about a minute) instead of the full demo")
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed; training seeds are SEED + the plan's seeds (0, 1, 2)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("mini", help="the embedded mini world")
     msub = p.add_subparsers(dest="mini_command", required=True)
     q = msub.add_parser("pretrain", help="pretrain the mini world's base model, reward and feature network")
-    q.add_argument("--out", default=None, help="output folder (default: the package's assets)"); q.add_argument("--quick", action="store_true")
+    q.add_argument("--out", default=None, help="output folder (default: the package's assets)"); q.add_argument("--quick", action="store_true", help="a few steps of everything (tests, smoke runs)")
     q.set_defaults(func=cmd_mini_pretrain)
     return ap
 

@@ -7,6 +7,7 @@
     python paper_figures/make.py sdxl  --out runs/sdxl            # SDXL + HPSv2.1, ImageReFL only (GPU)
     python paper_figures/make.py figures --out runs/mini          # only the figures, from the outputs already there
     python paper_figures/make.py figures --demo demo --out figs   # the figures of an `imagerefl demo` folder
+    python paper_figures/make.py mini  --out /tmp/smoke --smoke --in-process   # every notebook in this process (CI)
 
 Layout under --out: train/<run>/ (trainer run folders), results/<step>/ (evaluate folders + results.csv),
 figures/ (fig1_diversity_collapse.png, tradeoff*.png, comparison_grid.png, table.md, table.csv),
@@ -37,6 +38,33 @@ PLANS = {
 }
 LABELS = dict(refl="ReFL", imagerefl="ImageReFL", draftk="DRaFT-K")
 
+ENGINE = None          # papermill's engine: None starts a Jupyter kernel per notebook; "in-process" (--in-process) does not
+
+def in_process_engine():
+    "A papermill engine that runs every notebook in this process, each in a fresh IPython shell (execnb's, as nbdev-test).\n\n"\
+    "Starting a kernel and importing torch and diffusers costs 10-15 s per notebook on 2 CPU cores, more than a smoke "\
+    "run's work; here the imports are paid once. Papermill still injects the parameters, records each cell's time and "\
+    "raises `PapermillExecutionError` on the first failing cell. What differs from a kernel: the notebooks share "\
+    "`sys.modules`, `os.environ` and global RNG state, so the default (a kernel per notebook) stays what users run."
+    import nbformat
+    from execnb.shell import CaptureShell
+    from papermill.engines import Engine, papermill_engines
+    class InProcessEngine(Engine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
+            shell = CaptureShell()
+            for i, cell in enumerate(nb_man.nb.cells):
+                if cell.cell_type != "code": continue
+                nb_man.cell_start(cell, i)
+                cell.outputs = [nbformat.from_dict(o) for o in shell.run(cell.source)]
+                cell.execution_count = shell.execution_count - 1
+                if shell.exc is not None:
+                    nb_man.cell_exception(cell, cell_index=i, exception=shell.exc)
+                    nb_man.cell_complete(cell, cell_index=i); break
+                nb_man.cell_complete(cell, cell_index=i)
+    papermill_engines.register("in-process", InProcessEngine)
+    return "in-process"
+
 def papermill(nb:Path, log:Path, **params):
     "Execute one notebook with papermill; its executed copy goes to `log`."
     import papermill as pm
@@ -44,7 +72,8 @@ def papermill(nb:Path, log:Path, **params):
     shown = " ".join(f"-p {k} {v}" for k, v in params.items() if not isinstance(v, (list, dict)))
     print(f"[make] papermill {nb.relative_to(ROOT)} {log} {shown}", flush=True)
     t = time.time()
-    pm.execute_notebook(str(nb), str(log), parameters=params, kernel_name="python3", language="python", progress_bar=False)
+    pm.execute_notebook(str(nb), str(log), parameters=params, kernel_name="python3", language="python", progress_bar=False,
+                        engine_name=ENGINE)
     print(f"[make]   done in {time.time() - t:.0f} s", flush=True)
 
 class Maker:
@@ -159,7 +188,11 @@ def main(argv=None):
     ap.add_argument("--config", action="append", default=[], metavar="RUN=CONFIG", help="train RUN (refl, imagerefl) with this config")
     ap.add_argument("--reward-path", default=None, help="checkpoint of the world's reward, instead of the default")
     ap.add_argument("--features-path", default=None, help="weights of the world's feature network, instead of the default")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run the notebooks in this process instead of a Jupyter kernel each: imports paid once (smoke runs, CI)")
     a = ap.parse_args(argv)
+    global ENGINE
+    if a.in_process: ENGINE = in_process_engine()
     out = Path(a.out).resolve()
     if a.target == "figures":
         figures_from_demo(Path(a.demo).resolve(), out) if a.demo else figures_from_runs(out)

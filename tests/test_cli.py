@@ -63,3 +63,19 @@ def test_console_script_runs_as_module(tmp_path):
 def test_configs_subcommand(capsys):
     assert main(["configs"]) == 0
     assert "sd15_hps21_imagerefl" in capsys.readouterr().out
+
+def test_every_option_has_help():
+    "`imagerefl <command> --help` explains every option of every command (and of `mini pretrain`)."
+    import argparse
+    from imagerefl.cli import parser
+    def subparsers(p):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sp in a.choices.items(): yield name, sp; yield from subparsers(sp)
+    seen = []
+    for name, sp in subparsers(parser()):
+        for a in sp._actions:
+            if a.option_strings and not isinstance(a, argparse._HelpAction):
+                seen.append((name, a.option_strings[-1]))
+                assert a.help, f"imagerefl {name} {a.option_strings[-1]} has no help"
+    assert ("demo", "--quick") in seen and ("demo", "--seed") in seen and ("pretrain", "--quick") in seen

@@ -21,6 +21,7 @@ def quick_run(tmp_path_factory):
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stage 2/3: evaluate" in r.stdout + r.stderr           # the stages are in the progress output
+    assert "Loading pipeline components" not in r.stderr           # diffusers' per-component loading bars are silenced
     return out
 
 def test_quick_demo_writes_every_file(quick_run):

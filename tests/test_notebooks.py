@@ -1,5 +1,6 @@
 """Smoke runs of the papermill notebooks on the mini world: every experiment notebook and paper_figures notebook
-(through `paper_figures/make.py mini --smoke`), the explorer (headless) and the Colab demo."""
+(through `paper_figures/make.py mini --smoke --in-process`: one process, imports paid once), the explorer (headless),
+and, each in its own Jupyter kernel as users run them, the explorer notebook, an experiment notebook and the Colab demo."""
 import json, os, shutil, subprocess, sys
 from pathlib import Path
 import pandas as pd
@@ -27,7 +28,7 @@ def made(world, tmp_path_factory):
     "Every experiment notebook and every paper_figures notebook, in smoke mode, into one output folder."
     out = tmp_path_factory.mktemp("make")/"mini"
     elsewhere = tmp_path_factory.mktemp("cwd")                 # the notebooks' kernels start outside the repository
-    r = make("mini", "--out", out, "--smoke", "--device", "cpu", *world["make_args"], cwd=elsewhere)
+    r = make("mini", "--out", out, "--smoke", "--device", "cpu", "--in-process", *world["make_args"], cwd=elsewhere)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out
 
@@ -82,7 +83,7 @@ def test_figures_from_a_demo_folder(made, tmp_path):
     for setting in (made/"results").glob("*/*-*"):
         if setting.is_dir(): (demo/"eval"/setting.name).symlink_to(setting)
     (demo/"train"/"refl").symlink_to(made/"train"/"refl")
-    r = make("figures", "--demo", demo, "--out", tmp_path/"figs")
+    r = make("figures", "--demo", demo, "--out", tmp_path/"figs", "--in-process")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for f in ("fig1_diversity_collapse.png", "tradeoff.png", "comparison_grid.png"): png(tmp_path/"figs"/"figures"/f)
     assert (tmp_path/"figs"/"figures"/"table.md").read_text().count("\n") == 13

@@ -27,8 +27,11 @@ nb_failed=$(awk '/Failed On The Following Notebooks/{f=1;next} f && /\.ipynb/{n+
 nb_passed=$((nb_total - nb_failed))
 echo "notebooks: $nb_passed passed, $nb_failed failed (of $nb_total)"
 
-# pytest
-"$py" -m pytest tests -q -o addopts="" -p no:cacheprovider 2>&1 | tee "$log"
+# pytest, on 2 processes (pytest-xdist): each test module runs whole on one of them, so its module fixtures are
+# built once; TEST_WORKERS=0 runs everything in this process
+workers=${TEST_WORKERS:-2}
+xdist=(); [ "$workers" -gt 0 ] && xdist=(-n "$workers" --dist loadscope)
+"$py" -m pytest tests -q -o addopts="" -p no:cacheprovider "${xdist[@]}" 2>&1 | tee "$log"
 py_rc=${PIPESTATUS[0]}
 summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed|error|errors|skipped|deselected)' "$log" | tail -1)
 count() { echo "$summary" | grep -Eo "[0-9]+ ($1)" | awk '{s += $1} END {print s + 0}'; }
