@@ -417,7 +417,7 @@ def check_resume(cfg:TrainConfig, checkpoint:Path, fallback:Path|None=None)->dic
     saved = checkpoint/"config.yaml"
     if not saved.exists(): saved = fallback
     if saved is None or not saved.exists(): return {}
-    changed = check_resume_config(yaml.safe_load(saved.read_text()), asdict(cfg), RESUMABLE, where=str(checkpoint),
+    changed = check_resume_config(load_yaml(saved, "saved config") or {}, asdict(cfg), RESUMABLE, where=str(checkpoint),
                                   allowed="max_steps, logging, tracker, checkpoint, validation and export settings")
     if "max_steps" in changed and cfg.optimizer.lr_scheduler != "constant":
         raise UserError(f"cannot resume with a changed max_steps under optimizer.lr_scheduler={cfg.optimizer.lr_scheduler}: "

@@ -160,3 +160,18 @@ def test_sharded_training_is_refused_before_any_step(tmp_path, kind, monkeypatch
     with pytest.raises(UserError, match=f"training under {kind} is not supported yet"):
         run(tmp_path, FixedNoiseObjective(), "max_steps=1")
     assert not (tmp_path/"checkpoints").exists()
+
+def test_validation_images_and_run_name_go_to_wandb(monkeypatch):
+    "wandb is not a dependency (not installed here): the logging call is checked against a stand-in module and tracker."
+    import sys, types
+    from imagerefl.train import _tracker_init
+    fake = types.ModuleType("wandb"); fake.Image = lambda a, caption=None: (a.shape, caption)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    logged = {}
+    tracker = types.SimpleNamespace(name="wandb", log=lambda d, step: logged.update(d=d, step=step))
+    trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(trackers=[tracker]), step=7)
+    Trainer._log_images(trainer, {"tuned": torch.rand(2, 3, 8, 8), "combined": torch.rand(2, 3, 8, 8)}, ["a cat", "a dog"])
+    assert logged["step"] == 7 and set(logged["d"]) == {"val/tuned", "val/combined"}
+    assert logged["d"]["val/combined"] == [((8, 8, 3), "combined: a cat"), ((8, 8, 3), "combined: a dog")]
+    kw = _tracker_init(load_config(dict(log_with="wandb", tracker_project_name="p", run_name="r", tracker_kwargs=dict(entity="me"))))
+    assert kw["project_name"] == "p" and kw["init_kwargs"] == {"wandb": {"entity": "me", "name": "r"}}
