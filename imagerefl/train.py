@@ -652,7 +652,8 @@ def validate(self:Trainer)->dict:
             with acc.autocast():
                 runs["combined"] = torch.cat([pipe(p, num_inference_steps=v.num_inference_steps, original_unet_steps=v.original_unet_steps,
                                                    guidance_scale=v.base_guidance_scale, fine_tuned_guidance_scale=v.guidance_scale,
-                                                   generator=g, output_type="pt").images.float().cpu() for p in chunks])
+                                                   height=bb.resolution, width=bb.resolution, generator=g, output_type="pt").images.float().cpu()
+                                               for p in chunks])
             if self.lora: unet.enable_adapters()
         bb.set_timesteps(n0)
         for name, images in runs.items():

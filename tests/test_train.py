@@ -175,3 +175,14 @@ def test_validation_images_and_run_name_go_to_wandb(monkeypatch):
     assert logged["d"]["val/combined"] == [((8, 8, 3), "combined: a cat"), ((8, 8, 3), "combined: a dog")]
     kw = _tracker_init(load_config(dict(log_with="wandb", tracker_project_name="p", run_name="r", tracker_kwargs=dict(entity="me"))))
     assert kw["project_name"] == "p" and kw["init_kwargs"] == {"wandb": {"entity": "me", "name": "r"}}
+
+def test_validation_at_a_resolution_other_than_the_models(tmp_path):
+    "Training at 16 px on a 32 px model: the combined validation images are drawn at the training size too (found at SD1.5 size)."
+    bb = Backbone(tiny_sd_pipeline(resolution=32), scheduler="ddpm", num_inference_steps=6, resolution=16)
+    tr = Trainer(cfg(tmp_path, "max_steps=1", "gradient_accumulation_steps=1", "validation.every=1", "validation.num_inference_steps=4",
+                     "validation.original_unet_steps=2", "validation.images_per_prompt=1"),
+                 bb, ImageReFL(ImageReFLConfig(num_inference_steps=6, start_index=3, max_mid_index=6, min_mid_index=3)),
+                 Brightness(), images_data(res=16), val_prompts=["a photo of thing 0"])
+    tr.fit()
+    from PIL import Image
+    assert Image.open(tmp_path/"samples"/"step-1.png").size[1] < 2 * 32      # two rows (tuned, combined) of 16 px images
