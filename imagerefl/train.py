@@ -20,10 +20,10 @@ from .runfolder import (RunLock, atomic_dir, checkpoints, checkpoint_step, check
 __all__ = ['CHOICES', 'MINIMA', 'RANGES', 'RESUMABLE', 'ModelConfig', 'RewardConfig', 'DataConfig', 'OptimizerConfig',
            'ValidationConfig', 'TrainConfig', 'build_section', 'check_values', 'resolve_objective', 'config_dir',
            'config_names', 'find_config', 'parse_override', 'apply_overrides', 'load_config', 'config_yaml',
-           'save_state', 'load_state', 'PromptDataset', 'collate_batch', 'EpochBatches', 'prepare_trainable',
-           'make_optimizer', 'make_lr_schedule', 'resume_point', 'check_resume', 'rng_state', 'set_rng_state',
-           'pipe_like', 'combined_pipeline', 'Trainer', 'update', 'save_checkpoint', 'load_checkpoint',
-           'last_good_checkpoint', 'validate', 'log', 'fit', 'export', 'model_card', 'push_to_hub',
+           'save_state', 'load_state', 'shard_file', 'save_sharded', 'load_sharded', 'PromptDataset', 'collate_batch',
+           'EpochBatches', 'prepare_trainable', 'make_optimizer', 'make_lr_schedule', 'resume_point', 'check_resume',
+           'rng_state', 'set_rng_state', 'pipe_like', 'combined_pipeline', 'Trainer', 'update', 'save_checkpoint',
+           'load_checkpoint', 'last_good_checkpoint', 'validate', 'log', 'fit', 'export', 'model_card', 'push_to_hub',
            'FixedNoiseObjective', 'build_data', 'model_source', 'feature_diversity', 'train']
 
 # %% ../nbs/09_train.ipynb #4351ac4b
@@ -323,6 +323,93 @@ def load_state(path:str|Path, device="cpu"):
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         skeleton = json.loads(f.metadata()["skeleton"]); tensors = {k: f.get_tensor(k) for k in f.keys()}
     return _unflatten(skeleton, tensors)
+
+# %% ../nbs/09_train.ipynb #5a7d0c21
+def shard_file(kind:str, # "model" or "optimizer"
+               rank:int, # the process
+               world:int, # the number of processes that wrote the checkpoint
+              )->str:
+    "The name of process `rank`'s `kind` file in a sharded checkpoint."
+    return f"{kind}-rank{rank:02d}-of-{world:02d}.safetensors"
+
+def _rank_world()->tuple[int, int]:
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+def _local(t:Tensor)->tuple[Tensor, dict|None]:
+    "This process's part of `t`, and where it sits in the whole tensor (`dict(shape, offset)`); None for a plain tensor."
+    if hasattr(t, "to_local"):                           # a DTensor (FSDP2)
+        return t.to_local(), dict(shape=list(t.shape), offset=list(t.__create_chunk_list__()[0].offsets))
+    if hasattr(t, "local_shards"):                       # a ShardedTensor (FSDP1)
+        s = t.local_shards()
+        if not s: return torch.empty(0, dtype=t.dtype), dict(shape=list(t.shape), offset=None)
+        return s[0].tensor, dict(shape=list(t.shape), offset=list(s[0].metadata.shard_offsets))
+    return t, None                                       # not sharded: every process holds all of it
+
+def _split(sd:dict, shards:dict, prefix:str="")->dict:
+    "`sd` with each sharded tensor replaced by this process's part; where each part sits goes into `shards`."
+    out = {}
+    for k, v in sd.items():
+        out[k], where = _local(v) if torch.is_tensor(v) else (v, None)
+        if where is not None: shards[prefix + k] = where
+    return out
+
+def _put(template, part, where:dict|None, name:str):
+    "The saved `part` copied into this process's part of the sharded `template`; an unsharded value as saved."
+    local, now = _local(template) if torch.is_tensor(template) else (template, None)
+    if now != where:
+        raise UserError(f"{name} was saved sharded as {where}, this run shards it as {now}: resume with the accelerate config it was written with")
+    if now is None: return part
+    with torch.no_grad(): local.copy_(part)
+    return template
+
+def save_sharded(model:nn.Module, # the FSDP model (FSDP2 `fully_shard`, or FSDP1 with `use_orig_params=True`)
+                 optimizer,       # its torch optimizer
+                 folder:str|Path, # the checkpoint's temporary folder; every process writes its two files there
+                )->list[Path]:
+    "Write this process's shards of the trainable weights and of the optimizer state; nothing is gathered."
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, StateDictOptions
+    (rank, world), folder = _rank_world(), Path(folder)
+    o = StateDictOptions(full_state_dict=False, ignore_frozen_params=True)   # each process's own shards
+    w_shards, o_shards = {}, {}
+    weights = _split(get_model_state_dict(model, options=o), w_shards)
+    osd = get_optimizer_state_dict(model, optimizer, options=o)
+    state = {fqn: _split(s, o_shards, f"{fqn}/") for fqn, s in osd["state"].items()}
+    head = dict(rank=rank, world_size=world)
+    return [save_safetensors(weights, folder/shard_file("model", rank, world), metadata={"sharding": json.dumps(dict(head, shards=w_shards))}),
+            save_state(dict(head, shards=o_shards, state=state, param_groups=osd["param_groups"]), folder/shard_file("optimizer", rank, world))]
+
+def load_sharded(model:nn.Module, # the FSDP model, sharded as when the checkpoint was written
+                 optimizer,       # its torch optimizer
+                 folder:str|Path, # a checkpoint folder holding what `save_sharded` wrote, and its manifest
+                ):
+    "Load this process's shards of the trainable weights and optimizer state from `folder`, after checking the folder."
+    from safetensors import safe_open
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict, StateDictOptions)
+    (rank, world), folder = _rank_world(), Path(folder)
+    if why := verify_checkpoint(folder):                 # every process checks every file: all of them stop, or none
+        raise UserError(f"{folder} is damaged ({why}): resume from an intact checkpoint (resume=latest finds the newest)")
+    found = sorted(folder.glob("model-rank*-of-*.safetensors"))
+    if not found: raise UserError(f"{folder} has no sharded weights (model-rank*-of-*.safetensors): it was written without FSDP; resume it without FSDP")
+    n = int(found[0].name.split("-of-")[1].split(".")[0])
+    if n != world:
+        procs = f"{n} process{'es' * (n > 1)}"
+        raise UserError(f"{folder} holds the shards of {procs}, this run has {world}: resume with {procs}")
+    o = StateDictOptions(full_state_dict=False, ignore_frozen_params=True)
+    with safe_open(str(folder/shard_file("model", rank, world)), framework="pt") as f:
+        shards, weights = json.loads(f.metadata()["sharding"])["shards"], {k: f.get_tensor(k) for k in f.keys()}
+    sd = get_model_state_dict(model, options=o)
+    if set(weights) != set(sd):
+        raise UserError(f"{folder} does not match this model's trainable weights (a different model or model.lora_rank?)")
+    sd = {k: _put(v, weights[k], shards.get(k), k) for k, v in sd.items()}
+    set_model_state_dict(model, sd, options=StateDictOptions(strict=False))   # the frozen weights are not in the checkpoint
+    saved, osd = load_state(folder/shard_file("optimizer", rank, world)), get_optimizer_state_dict(model, optimizer, options=o)
+    if set(saved["state"]) != set(osd["state"]):
+        raise UserError(f"{folder}'s optimizer state does not match this model's trainable weights")
+    state = {fqn: {k: _put(osd["state"][fqn].get(k), v, saved["shards"].get(f"{fqn}/{k}"), f"optimizer state {fqn}/{k}")
+                   for k, v in s.items()} for fqn, s in saved["state"].items()}
+    set_optimizer_state_dict(model, optimizer, dict(state=state, param_groups=saved["param_groups"]), options=o)
 
 # %% ../nbs/09_train.ipynb #d46c2ce9
 class PromptDataset(torch.utils.data.Dataset):
