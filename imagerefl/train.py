@@ -564,9 +564,15 @@ class Trainer:
             mixed_precision=c.mixed_precision, log_with=None if c.log_with == "none" else c.log_with,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out/"logs")),
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-        if acc.distributed_type.value in ("FSDP", "DEEPSPEED"):          # checkpoints would hold one process's shards only
-            raise UserError(f"training under {acc.distributed_type.value} is not supported yet (its checkpoints would hold one "
-                            "process's shards only): use DDP (configs/accelerate/ddp_4gpu.yaml), or LoRA to fit a smaller card")
+        if acc.distributed_type.value == "DEEPSPEED":
+            raise UserError("training under DeepSpeed is not supported: untested (deepspeed does not install here), and its checkpoints would hold "
+                            "one process's partitions only; use FSDP (configs/accelerate/fsdp_4gpu.yaml) or DDP (configs/accelerate/ddp_4gpu.yaml)")
+        self.fsdp = acc.distributed_type.value == "FSDP"
+        if self.fsdp and (need := [s for s, bad in [("fsdp_version: 2 in the accelerate config", not acc.is_fsdp2),
+                                                    ("model.lora_rank=0", c.model.lora_rank > 0), ("ema_decay=0", c.ema_decay > 0)] if bad]):
+            raise UserError(f"under FSDP the trainer shards, checkpoints and exports the full UNet with FSDP2 and no EMA: set {', '.join(need)}, "
+                            "or train with DDP (configs/accelerate/ddp_4gpu.yaml)")
+        if self.fsdp: objective.shared_seed = c.seed          # each UNet call is a collective: `mid` alike on every process
         if len(data) < c.batch_size * acc.num_processes:
             raise UserError(f"the training data has {len(data)} rows, fewer than one global batch "
                             f"(batch_size {c.batch_size} x {acc.num_processes} processes): give more data or a smaller batch_size")
@@ -586,6 +592,7 @@ class Trainer:
         self.params = prepare_trainable(backbone, c.model)
         optimizer = make_optimizer(self.params, c.optimizer)
         self.model, self.optimizer = acc.prepare(backbone.unet, optimizer)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]    # FSDP2 replaces them with sharded ones
         self.lr_schedule = make_lr_schedule(self.optimizer.optimizer, c.optimizer, c.max_steps)  # stepped once per update
         self.ema = None
         if c.ema_decay > 0:
@@ -665,9 +672,11 @@ def save_checkpoint(self:Trainer)->Path:
         if acc.is_main_process: shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         save_state(rng_state(), tmp/f"rng-{acc.process_index}.safetensors")
-        if acc.is_main_process:
+        if self.fsdp: save_sharded(self.model, self.optimizer.optimizer, tmp)      # each process its own shards
+        elif acc.is_main_process:
             save_safetensors(self.named_trainable(), tmp/"trainable.safetensors")
             save_state(self.optimizer.optimizer.state_dict(), tmp/"optimizer.safetensors")
+        if acc.is_main_process:
             save_state(dict(lr_schedule=self.lr_schedule.state_dict(), ema=self.ema.state_dict() if self.ema else None,
                             scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
                             objective=self.objective.state_dict() if hasattr(self.objective, "state_dict") else None),
@@ -693,12 +702,17 @@ def load_checkpoint(self:Trainer, path:str|Path):
     rng = path/f"rng-{acc.process_index}.safetensors"
     if st["processes"] != acc.num_processes or not rng.exists():
         raise UserError(f"{path} was written by {st['processes']} processes, this run has {acc.num_processes}: resume with the same number of processes")
-    weights, named = load_file(str(path/"trainable.safetensors")), self.named_trainable()
-    if set(weights) != set(named):
-        raise UserError(f"{path} does not match this model's trainable weights (different model or model.lora_rank?)")
-    with torch.no_grad():
-        for n, p in named.items(): p.copy_(weights[n])
-    self.optimizer.optimizer.load_state_dict(load_state(path/"optimizer.safetensors"))
+    if (path/"trainable.safetensors").exists() == self.fsdp:
+        raise UserError(f"{path} was written {'without' if self.fsdp else 'with'} FSDP, this run {'uses' if self.fsdp else 'does not use'} it: "
+                        "resume with the accelerate config it was written with")
+    if self.fsdp: load_sharded(self.model, self.optimizer.optimizer, path)
+    else:
+        weights, named = load_file(str(path/"trainable.safetensors")), self.named_trainable()
+        if set(weights) != set(named):
+            raise UserError(f"{path} does not match this model's trainable weights (different model or model.lora_rank?)")
+        with torch.no_grad():
+            for n, p in named.items(): p.copy_(weights[n])
+        self.optimizer.optimizer.load_state_dict(load_state(path/"optimizer.safetensors"))
     s = load_state(path/"state.safetensors")
     self.lr_schedule.load_state_dict(s["lr_schedule"])
     if self.ema is not None and s["ema"] is not None: self.ema.load_state_dict(s["ema"]); self.ema.to(acc.device)
@@ -714,7 +728,8 @@ def last_good_checkpoint(self:Trainer)->Path|None:
     from safetensors.torch import load_file
     for p in checkpoints(self.out/"checkpoints"):        # the current step's weights gave only non-finite updates
         if checkpoint_step(p) < self.step and verify_checkpoint(p) is None and \
-           all(bool(t.isfinite().all()) for t in load_file(str(p/"trainable.safetensors")).values()): return p
+           all(bool(t.isfinite().all()) for f in [*p.glob("trainable.safetensors"), *p.glob("model-rank*.safetensors")]
+               for t in load_file(str(f)).values()): return p
     return None
 Trainer.last_good_checkpoint = last_good_checkpoint
 
@@ -724,7 +739,7 @@ def validate(self:Trainer)->dict:
     "Generate on the validation prompts with the tuned model and with combined generation; log reward, diversity, a grid."
     acc, v, bb = self.accelerator, self.config.validation, self.backbone
     logs = {}
-    if acc.is_main_process and self.val_prompts:
+    if self.val_prompts and (acc.is_main_process or self.fsdp):   # under FSDP every process takes part in each forward
         unet = self.unet
         prompts = [p for p in self.val_prompts for _ in range(v.images_per_prompt)]
         ids = [i for i, _ in enumerate(self.val_prompts) for _ in range(v.images_per_prompt)]
@@ -748,10 +763,11 @@ def validate(self:Trainer)->dict:
                                for i in range(0, len(prompts), v.batch_size)])
             logs[f"val/reward_{name}"] = r.mean().item()
             if self.diversity is not None: logs[f"val/diversity_{name}"] = float(self.diversity(images, ids))
-        from torchvision.utils import save_image
-        (self.out/"samples").mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.out/"samples"/f"step-{self.step}.png") as tmp:
-            save_image(torch.cat([x.float().cpu() for x in runs.values()]), tmp, nrow=min(len(prompts), 8), format="png")
+        if acc.is_main_process:
+            from torchvision.utils import save_image
+            (self.out/"samples").mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.out/"samples"/f"step-{self.step}.png") as tmp:
+                save_image(torch.cat([x.float().cpu() for x in runs.values()]), tmp, nrow=min(len(prompts), 8), format="png")
         self._log_images(runs, prompts)
         self.log(logs)
     acc.wait_for_everyone()
@@ -909,8 +925,14 @@ def export(self:Trainer)->Path:
     "Write `final/unet` or `final/lora`, and `final/combined`."
     acc, final = self.accelerator, self.out/"final"
     acc.wait_for_everyone()
+    if self.fsdp:      # the export needs the whole UNet anyway: every process sends its shards to the main process's CPU memory
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+        weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if acc.is_main_process:
         unet = self.unet
+        if self.fsdp:  # a plain UNet holding them (SD and SDXL both use this class)
+            from diffusers import UNet2DConditionModel
+            unet = UNet2DConditionModel.from_config(unet.config); unet.load_state_dict(weights)
         if self.ema is not None: self.ema.store(self.params); self.ema.copy_to(self.params)
         try:
             if self.lora:

@@ -2,14 +2,18 @@
 
 1. One optimizer step: the SD UNet sharded with torch's FSDP (FSDP2 `fully_shard` and FSDP1) over two processes, on
    half the batch each, equals the single-process step on the whole batch.
-2. Sharded checkpoints (`imagerefl.train.save_sharded` / `load_sharded`): Adam step 1,
+2. Sharded checkpoints (`imagerefl.train.save_sharded` / `load_sharded`, the functions the trainer calls): Adam step 1,
    save, step 2 gives W2; fresh processes that load the checkpoint and take step 2 give W2 exactly. Each process's
    file holds its shards only; a damaged shard and another number of processes are refused in one line.
+3. The trainer itself, started by `accelerate launch` with the shipped `configs/accelerate/fsdp_4gpu.yaml` on two CPU
+   processes: ImageReFL with validation, checkpoints, an exact resume, the export.
 
 accelerate cannot run FSDP on the CPU: it turns FSDP on only for GPU-like distributed types, and with `cpu=True` it
-silently wraps the model in DDP instead (accelerate 1.15). So these tests drive torch's FSDP directly, the layer
-accelerate's FSDP plugin configures. The multi-process tests are slow (IMAGEREFL_SLOW=1); the quick one runs 2 in
-one process (a world of one).
+silently wraps the model in DDP instead (accelerate 1.15). So 1 and 2 drive torch's FSDP directly, the layer
+accelerate's FSDP plugin configures, and 3 switches a constructed `Accelerator`'s state to FSDP (two attributes: the
+distributed type, and the FSDP plugin built from the config `accelerate launch` read), after which accelerate's own
+FSDP2 preparation runs on the CPU. The multi-process tests are slow (IMAGEREFL_SLOW=1); the quick one runs 2 in one
+process (a world of one).
 """
 import json, os, shutil, socket, subprocess, sys, textwrap
 from pathlib import Path
@@ -37,6 +41,18 @@ def launch(tmp_path, script:str, *args, world=2, env=None, timeout=600):
     outs = [p.communicate(timeout=timeout) for p in ps]
     for p, (o, e) in zip(ps, outs): assert p.returncode == 0, e[-3000:]
     return [o for o, _ in outs]
+
+def accelerate_launch(tmp_path, config:Path, script:str, *args, timeout=900)->str:
+    "Run `script` with `accelerate launch --config_file config` in two CPU processes; their output."
+    (tmp_path/"w.py").write_text(script)
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT/'tests'}", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               ACCELERATE_USE_CPU="true")             # without it, no GPU: two unrelated one-process runs
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+                        "--mixed_precision", "no", "--main_process_port", str(port), str(tmp_path/"w.py"), *map(str, args)],
+                       env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. one step
@@ -196,3 +212,59 @@ def test_sharded_checkpoint_two_processes(tmp_path, mode):
     assert said == [f"skipping {ck}: model-rank01-of-02.safetensors changed since it was written (checksum)"]
     with pytest.raises(UserError, match="model-rank01-of-02.safetensors changed since it was written"):
         load_sharded(tiny_sd_pipeline(resolution=32).unet, None, ck)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. the trainer under FSDP2
+
+TRAIN_WORKER = textwrap.dedent('''
+    import sys, torch, accelerate
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    torch.set_num_threads(1)
+    class FSDPOnCPU(accelerate.Accelerator):
+        "accelerate builds DDP on the CPU whatever the config says: switch the state to FSDP once it is set up."
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.state.fsdp_plugin = FullyShardedDataParallelPlugin()     # from the fsdp_config that accelerate launch read
+            self.state.distributed_type = DistributedType.FSDP
+    accelerate.Accelerator = FSDPOnCPU
+    from imagerefl.testing import tiny_sd_pipeline
+    from imagerefl.diffusion import Backbone
+    from imagerefl.objectives import ImageReFL, ImageReFLConfig
+    from imagerefl.train import Trainer, load_config
+    from test_train import Brightness, images_data
+    out, base, over = sys.argv[1], sys.argv[2], sys.argv[3:]
+    cfg = load_config(dict(out_dir=out, mixed_precision="no", log_with="none", max_steps=2, batch_size=1, gradient_accumulation_steps=2,
+                           checkpoint_every=1, export=True, model=dict(scheduler="ddpm", gradient_checkpointing=True),
+                           validation=dict(every=1, original_unet_steps=2, num_inference_steps=4, images_per_prompt=1, batch_size=2),
+                           optimizer=dict(name="adam", lr=1e-3),
+                           objective=dict(name="imagerefl", num_inference_steps=6, start_index=2, min_mid_index=2, max_mid_index=6)), over)
+    bb = Backbone(tiny_sd_pipeline(resolution=32), scheduler="ddpm", num_inference_steps=6)
+    tr = Trainer(cfg, bb, ImageReFL(ImageReFLConfig(num_inference_steps=6, start_index=2, min_mid_index=2, max_mid_index=6)),
+                 Brightness(), images_data(), val_prompts=["a photo of thing 1", "a photo of thing 2"], base_source=base)
+    local = sum(p.to_local().numel() for p in tr.params)
+    r = tr.fit()
+    print("rank", tr.accelerator.process_index, "fsdp", tr.fsdp, "local", local, "status", r["status"], "step", r["step"], flush=True)
+''')
+
+@slow
+def test_trainer_under_fsdp2_resumes_exactly_and_exports(tmp_path):
+    "`accelerate launch` with the shipped fsdp_4gpu.yaml (two CPU processes, no bf16): ImageReFL with validation, checkpoints, resume, export."
+    from imagerefl.testing import tiny_sd_pipeline
+    tiny_sd_pipeline(resolution=32).save_pretrained(tmp_path/"base")
+    total = sum(p.numel() for p in tiny_sd_pipeline(resolution=32).unet.parameters())
+    config = ROOT/"configs"/"accelerate"/"fsdp_4gpu.yaml"
+    out = accelerate_launch(tmp_path, config, TRAIN_WORKER, tmp_path/"a", tmp_path/"base")
+    rows = [r for r in out.splitlines() if r.startswith("rank ")]
+    assert len(rows) == 2 and all("fsdp True" in r and "status finished step 2" in r for r in rows), out
+    assert all(int(r.split("local ")[1].split()[0]) < 0.75 * total for r in rows), rows   # each process: a shard of the UNet
+    accelerate_launch(tmp_path, config, TRAIN_WORKER, tmp_path/"b", tmp_path/"base", "max_steps=1", "export=false")
+    ck = tmp_path/"b"/"checkpoints"/"checkpoint-1"
+    assert {"model-rank00-of-02.safetensors", "optimizer-rank01-of-02.safetensors", "manifest.json"} <= {p.name for p in ck.iterdir()}
+    assert not (ck/"trainable.safetensors").exists()
+    accelerate_launch(tmp_path, config, TRAIN_WORKER, tmp_path/"b", tmp_path/"base", "resume=latest")
+    name = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path/"a"/"final"/name), load_file(tmp_path/"b"/"final"/name)
+    assert all(torch.equal(a[k], b[k]) for k in a)                              # the resumed run exports the same UNet
+    start = tiny_sd_pipeline(resolution=32).unet.state_dict()
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4
+    assert (tmp_path/"a"/"final"/"combined"/"model_index.json").exists() and (tmp_path/"a"/"samples"/"step-2.png").exists()
