@@ -565,8 +565,8 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out/"logs")),
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         if acc.distributed_type.value == "DEEPSPEED":
-            raise UserError("training under DeepSpeed is not supported: untested (deepspeed does not install here), and its checkpoints would hold "
-                            "one process's partitions only; use FSDP (configs/accelerate/fsdp_4gpu.yaml) or DDP (configs/accelerate/ddp_4gpu.yaml)")
+            raise UserError("training under DeepSpeed is not supported: untested (deepspeed is not installed where this was built), and its "
+                            "checkpoints would hold one process's partitions only; use FSDP (configs/accelerate/fsdp_4gpu.yaml) or DDP (configs/accelerate/ddp_4gpu.yaml)")
         self.fsdp = acc.distributed_type.value == "FSDP"
         if self.fsdp and (need := [s for s, bad in [("fsdp_version: 2 in the accelerate config", not acc.is_fsdp2),
                                                     ("model.lora_rank=0", c.model.lora_rank > 0), ("ema_decay=0", c.ema_decay > 0)] if bad]):
