@@ -856,6 +856,7 @@ def _start(self:Trainer, say)->Path|None:
     if start is not None:
         self.load_checkpoint(start)
         say(f"resumed from {start.name} (step {self.step})" + "".join(f"; {k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k != "resume"))
+    acc.wait_for_everyone()         # every process has read the folder before the main one writes to it (else a late one sees a run there)
     if acc.is_main_process:
         atomic_write_text(self.out/"config.yaml", config_yaml(c))
         if start is not None: _cut_csv(self.out/"train_log.csv", self.step)

@@ -101,6 +101,11 @@ WORKER = textwrap.dedent('''
     from imagerefl.testing import tiny_sd_pipeline
     from imagerefl.diffusion import Backbone
     from imagerefl.train import Trainer, load_config, PromptDataset, FixedNoiseObjective, save_safetensors
+    import imagerefl.train as T, time
+    if os.environ.get("RANK") == "1":      # late to the run folder: it must not find the main process's new config.yaml there
+        on_time = T.resume_point
+        def late(*a, **k): time.sleep(5); return on_time(*a, **k)
+        T.resume_point = late
     out, batch = sys.argv[1], int(sys.argv[2])
     torch.set_num_threads(1)
     cfg = load_config(dict(out_dir=out, mixed_precision="no", log_with="none", max_steps=2, batch_size=batch,
