@@ -103,18 +103,21 @@ def test_fsdp_step_equals_one_process(tmp_path, mode):
 # ---------------------------------------------------------------------------------------------------------------------
 # 2. sharded checkpoints: these functions run in the test process (a world of one) and in the workers
 
-def build(kind:str, mode:str, seed:int)->nn.Module:
-    "A model (`unet`: the tiny SD UNet; `mlp`: three linear layers), its blocks and the whole sharded with FSDP2 or FSDP1."
+def plain(kind:str, seed:int)->tuple[nn.Module, list[nn.Module]]:
+    "A model (`unet`: the tiny SD UNet; `mlp`: three linear layers, the last with one output) and its blocks."
     if kind == "unet":
         from imagerefl.testing import tiny_sd_pipeline
         m = tiny_sd_pipeline(resolution=32, seed=seed).unet
-        blocks = list(m.down_blocks) + list(m.up_blocks)
-    else:
-        g = torch.Generator().manual_seed(seed)
-        m = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
-        with torch.no_grad():
-            for p in m.parameters(): p.copy_(0.3 * torch.randn(p.shape, generator=g))
-        blocks = [m[0], m[2], m[4]]
+        return m, list(m.down_blocks) + list(m.up_blocks)
+    g = torch.Generator().manual_seed(seed)
+    m = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    with torch.no_grad():
+        for p in m.parameters(): p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return m, [m[0], m[2], m[4]]
+
+def build(kind:str, mode:str, seed:int)->nn.Module:
+    "`plain(kind, seed)` with its blocks and the whole sharded with FSDP2 or FSDP1."
+    m, blocks = plain(kind, seed)
     if mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
         for b in blocks: fully_shard(b)
@@ -188,30 +191,31 @@ CKPT_WORKER = textwrap.dedent('''
 ''')
 
 @slow
-@pytest.mark.parametrize("mode", ["fsdp2", "fsdp1"])
-def test_sharded_checkpoint_two_processes(tmp_path, mode):
+@pytest.mark.parametrize("kind, mode", [("unet", "fsdp2"), ("unet", "fsdp1"), ("mlp", "fsdp2")])
+def test_sharded_checkpoint_two_processes(tmp_path, kind, mode):
+    "The tiny UNet under FSDP2 and FSDP1; the MLP's one-row last layer leaves process 1 an empty shard of it."
     out = tmp_path/"run"
-    launch(tmp_path, CKPT_WORKER, "unet", mode, "first", out)
-    launch(tmp_path, CKPT_WORKER, "unet", mode, "resume", out)
+    launch(tmp_path, CKPT_WORKER, kind, mode, "first", out)
+    launch(tmp_path, CKPT_WORKER, kind, mode, "resume", out)
     w2, again = load_file(out/"first.safetensors"), load_file(out/"resume.safetensors")
     assert all(torch.equal(w2[k], again[k]) for k in w2)                         # bit-identical weights after the resume
-    from imagerefl.testing import tiny_sd_pipeline
-    start = tiny_sd_pipeline(resolution=32).unet.state_dict()
+    start = plain(kind, 0)[0].state_dict()
     assert max((w2[k] - start[k]).abs().max().item() for k in w2) > 1e-4         # the steps moved the weights
     ck, total = out/"checkpoints"/"checkpoint-1", sum(v.numel() for v in w2.values())
     for r in range(2):
-        for kind in ("model", "optimizer"): assert (ck/f"{kind}-rank{r:02d}-of-02.safetensors").exists()
-        held = sum(v.numel() for v in load_file(ck/f"model-rank{r:02d}-of-02.safetensors").values())
-        assert held < 0.75 * total, (r, held, total)                             # each process's file: its shards only
+        for part in ("model", "optimizer"): assert (ck/f"{part}-rank{r:02d}-of-02.safetensors").exists()
+        held = load_file(ck/f"model-rank{r:02d}-of-02.safetensors")
+        assert sum(v.numel() for v in held.values()) < 0.75 * total, (r, total)  # each process's file: its shards only
+    if kind == "mlp": assert held["4.weight"].shape == (0, 64)
     with pytest.raises(UserError, match=r"holds the shards of 2 processes, this run has 1: resume with 2 processes$"):
-        load_sharded(tiny_sd_pipeline(resolution=32).unet, None, ck)             # this test process: a world of one
+        load_sharded(plain(kind, 0)[0], None, ck)                                # this test process: a world of one
     shutil.copytree(ck, ck.with_name("checkpoint-0"))                          # an older intact checkpoint
     shard = ck/"model-rank01-of-02.safetensors"; b = bytearray(shard.read_bytes()); b[-1] ^= 1; shard.write_bytes(bytes(b))
     said = []
     assert find_checkpoint(out/"checkpoints", said.append) == ck.with_name("checkpoint-0")   # the resume falls back
     assert said == [f"skipping {ck}: model-rank01-of-02.safetensors changed since it was written (checksum)"]
     with pytest.raises(UserError, match="model-rank01-of-02.safetensors changed since it was written"):
-        load_sharded(tiny_sd_pipeline(resolution=32).unet, None, ck)
+        load_sharded(plain(kind, 0)[0], None, ck)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 3. the trainer under FSDP2
