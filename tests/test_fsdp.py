@@ -51,7 +51,8 @@ def accelerate_launch(tmp_path, config:Path, script:str, *args, timeout=900)->st
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
                         "--mixed_precision", "no", "--main_process_port", str(port), str(tmp_path/"w.py"), *map(str, args)],
                        env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-3000:]
+    errors = "\n".join(line for line in r.stderr.splitlines() if "Error" in line)     # every process's, not only the last
+    assert r.returncode == 0, errors[-3000:] + "\n...\n" + r.stderr[-2000:]
     return r.stdout
 
 # ---------------------------------------------------------------------------------------------------------------------
