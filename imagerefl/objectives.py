@@ -33,9 +33,10 @@ class RewardLoss:
 # %% ../nbs/06_objectives.ipynb #deca8819
 def draw_mid_index(low:int, high:int, # draw uniformly in [low, high)
                    n:int=1,           # how many (one per micro-batch or one per sample)
+                   generator:torch.Generator|None=None, # None: torch's global RNG
                   )->Tensor:
-    "Schedule positions for the gradient step, from torch's global RNG."
-    return torch.randint(low, high, (n,))
+    "Schedule positions for the gradient step."
+    return torch.randint(low, high, (n,), generator=generator)
 
 def _score(backbone:Backbone, x0:Tensor, prompts:list[str], reward:nn.Module)->tuple[Tensor, Tensor]:
     "Decode x̂0 and score it: (images in [0,1], rewards (B,))."
@@ -73,7 +74,7 @@ class ReFLConfig(RewardLoss):
 # %% ../nbs/06_objectives.ipynb #0f90b4a3
 class Objective:
     "Base of the objectives: holds the config and a micro-batch counter that checkpoints with the run."
-    needs_images = False
+    needs_images, shared_seed = False, None   # shared_seed: `mid` alike on every process (FSDP), see `draw_mid`
     def __init__(self, config=None):
         self.config = (config or self.config_class()).validate()
         self.calls = 0
@@ -88,6 +89,11 @@ class Objective:
         self.calls += 1
         return unet if unet is not None else backbone.unet
 
+    def draw_mid(self, low:int, high:int, n:int=1)->Tensor:
+        "`draw_mid_index` from torch's global RNG, or with `shared_seed` set from one seeded by it and the micro-batch count."
+        g = None if self.shared_seed is None else torch.Generator().manual_seed(self.shared_seed * 1_000_003 + self.calls)
+        return draw_mid_index(low, high, n, g)
+
 # %% ../nbs/06_objectives.ipynb #3874ddef
 def diffusion_loss(backbone:Backbone, unet, noisy:Tensor, # `latents` noised with `noise` at `index`
                    latents:Tensor, noise:Tensor, index:int, cond)->Tensor:
@@ -100,7 +106,7 @@ class ReFL(Objective):
     config_class = ReFLConfig
     def __call__(self, backbone:Backbone, batch:dict, reward:nn.Module, unet=None)->tuple[Tensor, dict]:
         c = self.config; unet = self._prepare(backbone, batch, unet)
-        prompts = list(batch["caption"]); mid = int(draw_mid_index(c.min_mid_index, c.max_mid_index))
+        prompts = list(batch["caption"]); mid = int(self.draw_mid(c.min_mid_index, c.max_mid_index))
         cond = backbone.encode_prompt(prompts, cfg=c.guidance_scale > 1)
         x = backbone.initial_latents(len(prompts))
         x, _ = backbone.denoise(unet, x, cond, 0, mid, c.guidance_scale)
@@ -189,6 +195,7 @@ class ImageReFL(Objective):
 def _imagerefl_call(self:ImageReFL, backbone:Backbone, batch:dict, reward:nn.Module, unet=None)->tuple[Tensor, dict]:
     c = self.config; unet = self._prepare(backbone, batch, unet)
     if self.is_refl_step():
+        self.refl.shared_seed = self.shared_seed
         loss, logs = self.refl(backbone, batch, reward, unet)
         return loss, dict(logs, refl_step=1)
     prompts, real = list(batch["caption"]), batch["image"]
@@ -199,7 +206,7 @@ def _imagerefl_call(self:ImageReFL, backbone:Backbone, batch:dict, reward:nn.Mod
     x_s = backbone.add_noise(z, noise, c.start_index)
     # diffusion loss first, while the scheduler is at `start_index` (stateful schedulers scale inputs by position)
     mse = diffusion_loss(backbone, unet, x_s, z, noise, c.start_index, cond)
-    mids = draw_mid_index(c.mid_low, c.max_mid_index, len(prompts) if c.mid_per_sample else 1)
+    mids = self.draw_mid(c.mid_low, c.max_mid_index, len(prompts) if c.mid_per_sample else 1)
     if not c.mid_per_sample:
         mid = int(mids)
         x, _ = backbone.denoise(unet, x_s, cond, c.start_index, mid, fresh=False)

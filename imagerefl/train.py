@@ -20,10 +20,10 @@ from .runfolder import (RunLock, atomic_dir, checkpoints, checkpoint_step, check
 __all__ = ['CHOICES', 'MINIMA', 'RANGES', 'RESUMABLE', 'ModelConfig', 'RewardConfig', 'DataConfig', 'OptimizerConfig',
            'ValidationConfig', 'TrainConfig', 'build_section', 'check_values', 'resolve_objective', 'config_dir',
            'config_names', 'find_config', 'parse_override', 'apply_overrides', 'load_config', 'config_yaml',
-           'save_state', 'load_state', 'PromptDataset', 'collate_batch', 'EpochBatches', 'prepare_trainable',
-           'make_optimizer', 'make_lr_schedule', 'resume_point', 'check_resume', 'rng_state', 'set_rng_state',
-           'pipe_like', 'combined_pipeline', 'Trainer', 'update', 'save_checkpoint', 'load_checkpoint',
-           'last_good_checkpoint', 'validate', 'log', 'fit', 'export', 'model_card', 'push_to_hub',
+           'save_state', 'load_state', 'shard_file', 'save_sharded', 'load_sharded', 'PromptDataset', 'collate_batch',
+           'EpochBatches', 'prepare_trainable', 'make_optimizer', 'make_lr_schedule', 'resume_point', 'check_resume',
+           'rng_state', 'set_rng_state', 'pipe_like', 'combined_pipeline', 'Trainer', 'update', 'save_checkpoint',
+           'load_checkpoint', 'last_good_checkpoint', 'validate', 'log', 'fit', 'export', 'model_card', 'push_to_hub',
            'FixedNoiseObjective', 'build_data', 'model_source', 'feature_diversity', 'train']
 
 # %% ../nbs/09_train.ipynb #4351ac4b
@@ -324,6 +324,93 @@ def load_state(path:str|Path, device="cpu"):
         skeleton = json.loads(f.metadata()["skeleton"]); tensors = {k: f.get_tensor(k) for k in f.keys()}
     return _unflatten(skeleton, tensors)
 
+# %% ../nbs/09_train.ipynb #5a7d0c21
+def shard_file(kind:str, # "model" or "optimizer"
+               rank:int, # the process
+               world:int, # the number of processes that wrote the checkpoint
+              )->str:
+    "The name of process `rank`'s `kind` file in a sharded checkpoint."
+    return f"{kind}-rank{rank:02d}-of-{world:02d}.safetensors"
+
+def _rank_world()->tuple[int, int]:
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+def _local(t:Tensor)->tuple[Tensor, dict|None]:
+    "This process's part of `t`, and where it sits in the whole tensor (`dict(shape, offset)`); None for a plain tensor."
+    if hasattr(t, "to_local"):                           # a DTensor (FSDP2)
+        return t.to_local(), dict(shape=list(t.shape), offset=list(t.__create_chunk_list__()[0].offsets))
+    if hasattr(t, "local_shards"):                       # a ShardedTensor (FSDP1)
+        s = t.local_shards()
+        if not s: return torch.empty(0, dtype=t.dtype), dict(shape=list(t.shape), offset=None)
+        return s[0].tensor, dict(shape=list(t.shape), offset=list(s[0].metadata.shard_offsets))
+    return t, None                                       # not sharded: every process holds all of it
+
+def _split(sd:dict, shards:dict, prefix:str="")->dict:
+    "`sd` with each sharded tensor replaced by this process's part; where each part sits goes into `shards`."
+    out = {}
+    for k, v in sd.items():
+        out[k], where = _local(v) if torch.is_tensor(v) else (v, None)
+        if where is not None: shards[prefix + k] = where
+    return out
+
+def _put(template, part, where:dict|None, name:str):
+    "The saved `part` copied into this process's part of the sharded `template`; an unsharded value as saved."
+    local, now = _local(template) if torch.is_tensor(template) else (template, None)
+    if now != where:
+        raise UserError(f"{name} was saved sharded as {where}, this run shards it as {now}: resume with the accelerate config it was written with")
+    if now is None: return part
+    with torch.no_grad(): local.copy_(part)
+    return template
+
+def save_sharded(model:nn.Module, # the FSDP model (FSDP2 `fully_shard`, or FSDP1 with `use_orig_params=True`)
+                 optimizer,       # its torch optimizer
+                 folder:str|Path, # the checkpoint's temporary folder; every process writes its two files there
+                )->list[Path]:
+    "Write this process's shards of the trainable weights and of the optimizer state; nothing is gathered."
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, StateDictOptions
+    (rank, world), folder = _rank_world(), Path(folder)
+    o = StateDictOptions(full_state_dict=False, ignore_frozen_params=True)   # each process's own shards
+    w_shards, o_shards = {}, {}
+    weights = _split(get_model_state_dict(model, options=o), w_shards)
+    osd = get_optimizer_state_dict(model, optimizer, options=o)
+    state = {fqn: _split(s, o_shards, f"{fqn}/") for fqn, s in osd["state"].items()}
+    head = dict(rank=rank, world_size=world)
+    return [save_safetensors(weights, folder/shard_file("model", rank, world), metadata={"sharding": json.dumps(dict(head, shards=w_shards))}),
+            save_state(dict(head, shards=o_shards, state=state, param_groups=osd["param_groups"]), folder/shard_file("optimizer", rank, world))]
+
+def load_sharded(model:nn.Module, # the FSDP model, sharded as when the checkpoint was written
+                 optimizer,       # its torch optimizer
+                 folder:str|Path, # a checkpoint folder holding what `save_sharded` wrote, and its manifest
+                ):
+    "Load this process's shards of the trainable weights and optimizer state from `folder`, after checking the folder."
+    from safetensors import safe_open
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict, StateDictOptions)
+    (rank, world), folder = _rank_world(), Path(folder)
+    if why := verify_checkpoint(folder):                 # every process checks every file: all of them stop, or none
+        raise UserError(f"{folder} is damaged ({why}): resume from an intact checkpoint (resume=latest finds the newest)")
+    found = sorted(folder.glob("model-rank*-of-*.safetensors"))
+    if not found: raise UserError(f"{folder} has no sharded weights (model-rank*-of-*.safetensors): it was written without FSDP; resume it without FSDP")
+    n = int(found[0].name.split("-of-")[1].split(".")[0])
+    if n != world:
+        procs = f"{n} process{'es' * (n > 1)}"
+        raise UserError(f"{folder} holds the shards of {procs}, this run has {world}: resume with {procs}")
+    o = StateDictOptions(full_state_dict=False, ignore_frozen_params=True)
+    with safe_open(str(folder/shard_file("model", rank, world)), framework="pt") as f:
+        shards, weights = json.loads(f.metadata()["sharding"])["shards"], {k: f.get_tensor(k) for k in f.keys()}
+    sd = get_model_state_dict(model, options=o)
+    if set(weights) != set(sd):
+        raise UserError(f"{folder} does not match this model's trainable weights (a different model or model.lora_rank?)")
+    sd = {k: _put(v, weights[k], shards.get(k), k) for k, v in sd.items()}
+    set_model_state_dict(model, sd, options=StateDictOptions(strict=False))   # the frozen weights are not in the checkpoint
+    saved, osd = load_state(folder/shard_file("optimizer", rank, world)), get_optimizer_state_dict(model, optimizer, options=o)
+    if set(saved["state"]) != set(osd["state"]):
+        raise UserError(f"{folder}'s optimizer state does not match this model's trainable weights")
+    state = {fqn: {k: _put(osd["state"][fqn].get(k), v, saved["shards"].get(f"{fqn}/{k}"), f"optimizer state {fqn}/{k}")
+                   for k, v in s.items()} for fqn, s in saved["state"].items()}
+    set_optimizer_state_dict(model, optimizer, dict(state=state, param_groups=saved["param_groups"]), options=o)
+
 # %% ../nbs/09_train.ipynb #d46c2ce9
 class PromptDataset(torch.utils.data.Dataset):
     "A list of prompts as dataset items `dict(caption, index)`."
@@ -477,9 +564,15 @@ class Trainer:
             mixed_precision=c.mixed_precision, log_with=None if c.log_with == "none" else c.log_with,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out/"logs")),
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-        if acc.distributed_type.value in ("FSDP", "DEEPSPEED"):          # checkpoints would hold one process's shards only
-            raise UserError(f"training under {acc.distributed_type.value} is not supported yet (its checkpoints would hold one "
-                            "process's shards only): use DDP (configs/accelerate/ddp_4gpu.yaml), or LoRA to fit a smaller card")
+        if acc.distributed_type.value == "DEEPSPEED":
+            raise UserError("training under DeepSpeed is not supported: untested (deepspeed is not installed where this was built), and its "
+                            "checkpoints would hold one process's partitions only; use FSDP (configs/accelerate/fsdp_4gpu.yaml) or DDP (configs/accelerate/ddp_4gpu.yaml)")
+        self.fsdp = acc.distributed_type.value == "FSDP"
+        if self.fsdp and (need := [s for s, bad in [("fsdp_version: 2 in the accelerate config", not acc.is_fsdp2),
+                                                    ("model.lora_rank=0", c.model.lora_rank > 0), ("ema_decay=0", c.ema_decay > 0)] if bad]):
+            raise UserError(f"under FSDP the trainer shards, checkpoints and exports the full UNet with FSDP2 and no EMA: set {', '.join(need)}, "
+                            "or train with DDP (configs/accelerate/ddp_4gpu.yaml)")
+        if self.fsdp: objective.shared_seed = c.seed          # each UNet call is a collective: `mid` alike on every process
         if len(data) < c.batch_size * acc.num_processes:
             raise UserError(f"the training data has {len(data)} rows, fewer than one global batch "
                             f"(batch_size {c.batch_size} x {acc.num_processes} processes): give more data or a smaller batch_size")
@@ -499,6 +592,7 @@ class Trainer:
         self.params = prepare_trainable(backbone, c.model)
         optimizer = make_optimizer(self.params, c.optimizer)
         self.model, self.optimizer = acc.prepare(backbone.unet, optimizer)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]    # FSDP2 replaces them with sharded ones
         self.lr_schedule = make_lr_schedule(self.optimizer.optimizer, c.optimizer, c.max_steps)  # stepped once per update
         self.ema = None
         if c.ema_decay > 0:
@@ -578,9 +672,11 @@ def save_checkpoint(self:Trainer)->Path:
         if acc.is_main_process: shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         save_state(rng_state(), tmp/f"rng-{acc.process_index}.safetensors")
-        if acc.is_main_process:
+        if self.fsdp: save_sharded(self.model, self.optimizer.optimizer, tmp)      # each process its own shards
+        elif acc.is_main_process:
             save_safetensors(self.named_trainable(), tmp/"trainable.safetensors")
             save_state(self.optimizer.optimizer.state_dict(), tmp/"optimizer.safetensors")
+        if acc.is_main_process:
             save_state(dict(lr_schedule=self.lr_schedule.state_dict(), ema=self.ema.state_dict() if self.ema else None,
                             scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
                             objective=self.objective.state_dict() if hasattr(self.objective, "state_dict") else None),
@@ -606,12 +702,17 @@ def load_checkpoint(self:Trainer, path:str|Path):
     rng = path/f"rng-{acc.process_index}.safetensors"
     if st["processes"] != acc.num_processes or not rng.exists():
         raise UserError(f"{path} was written by {st['processes']} processes, this run has {acc.num_processes}: resume with the same number of processes")
-    weights, named = load_file(str(path/"trainable.safetensors")), self.named_trainable()
-    if set(weights) != set(named):
-        raise UserError(f"{path} does not match this model's trainable weights (different model or model.lora_rank?)")
-    with torch.no_grad():
-        for n, p in named.items(): p.copy_(weights[n])
-    self.optimizer.optimizer.load_state_dict(load_state(path/"optimizer.safetensors"))
+    if (path/"trainable.safetensors").exists() == self.fsdp:
+        raise UserError(f"{path} was written {'without' if self.fsdp else 'with'} FSDP, this run {'uses' if self.fsdp else 'does not use'} it: "
+                        "resume with the accelerate config it was written with")
+    if self.fsdp: load_sharded(self.model, self.optimizer.optimizer, path)
+    else:
+        weights, named = load_file(str(path/"trainable.safetensors")), self.named_trainable()
+        if set(weights) != set(named):
+            raise UserError(f"{path} does not match this model's trainable weights (different model or model.lora_rank?)")
+        with torch.no_grad():
+            for n, p in named.items(): p.copy_(weights[n])
+        self.optimizer.optimizer.load_state_dict(load_state(path/"optimizer.safetensors"))
     s = load_state(path/"state.safetensors")
     self.lr_schedule.load_state_dict(s["lr_schedule"])
     if self.ema is not None and s["ema"] is not None: self.ema.load_state_dict(s["ema"]); self.ema.to(acc.device)
@@ -627,7 +728,8 @@ def last_good_checkpoint(self:Trainer)->Path|None:
     from safetensors.torch import load_file
     for p in checkpoints(self.out/"checkpoints"):        # the current step's weights gave only non-finite updates
         if checkpoint_step(p) < self.step and verify_checkpoint(p) is None and \
-           all(bool(t.isfinite().all()) for t in load_file(str(p/"trainable.safetensors")).values()): return p
+           all(bool(t.isfinite().all()) for f in [*p.glob("trainable.safetensors"), *p.glob("model-rank*.safetensors")]
+               for t in load_file(str(f)).values()): return p
     return None
 Trainer.last_good_checkpoint = last_good_checkpoint
 
@@ -637,7 +739,7 @@ def validate(self:Trainer)->dict:
     "Generate on the validation prompts with the tuned model and with combined generation; log reward, diversity, a grid."
     acc, v, bb = self.accelerator, self.config.validation, self.backbone
     logs = {}
-    if acc.is_main_process and self.val_prompts:
+    if self.val_prompts and (acc.is_main_process or self.fsdp):   # under FSDP every process takes part in each forward
         unet = self.unet
         prompts = [p for p in self.val_prompts for _ in range(v.images_per_prompt)]
         ids = [i for i, _ in enumerate(self.val_prompts) for _ in range(v.images_per_prompt)]
@@ -662,10 +764,11 @@ def validate(self:Trainer)->dict:
                                for i in range(0, len(prompts), v.batch_size)])
             logs[f"val/reward_{name}"] = r.mean().item()
             if self.diversity is not None: logs[f"val/diversity_{name}"] = float(self.diversity(images, ids))
-        from torchvision.utils import save_image
-        (self.out/"samples").mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.out/"samples"/f"step-{self.step}.png") as tmp:
-            save_image(torch.cat([x.float().cpu() for x in runs.values()]), tmp, nrow=min(len(prompts), 8), format="png")
+        if acc.is_main_process:
+            from torchvision.utils import save_image
+            (self.out/"samples").mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.out/"samples"/f"step-{self.step}.png") as tmp:
+                save_image(torch.cat([x.float().cpu() for x in runs.values()]), tmp, nrow=min(len(prompts), 8), format="png")
         self._log_images(runs, prompts)
         self.log(logs)
     acc.wait_for_everyone()
@@ -754,6 +857,7 @@ def _start(self:Trainer, say)->Path|None:
     if start is not None:
         self.load_checkpoint(start)
         say(f"resumed from {start.name} (step {self.step})" + "".join(f"; {k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k != "resume"))
+    acc.wait_for_everyone()         # every process has read the folder before the main one writes to it (else a late one sees a run there)
     if acc.is_main_process:
         atomic_write_text(self.out/"config.yaml", config_yaml(c))
         if start is not None: _cut_csv(self.out/"train_log.csv", self.step)
@@ -823,8 +927,14 @@ def export(self:Trainer)->Path:
     "Write `final/unet` or `final/lora`, and `final/combined`."
     acc, final = self.accelerator, self.out/"final"
     acc.wait_for_everyone()
+    if self.fsdp:      # the export needs the whole UNet anyway: every process sends its shards to the main process's CPU memory
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+        weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if acc.is_main_process:
         unet = self.unet
+        if self.fsdp:  # a plain UNet holding them (SD and SDXL both use this class)
+            from diffusers import UNet2DConditionModel
+            unet = UNet2DConditionModel.from_config(unet.config); unet.load_state_dict(weights)
         if self.ema is not None: self.ema.store(self.params); self.ema.copy_to(self.params)
         try:
             if self.lora:
