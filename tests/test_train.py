@@ -199,3 +199,15 @@ def test_validation_at_a_resolution_other_than_the_models(tmp_path):
     tr.fit()
     from PIL import Image
     assert Image.open(tmp_path/"samples"/"step-1.png").size[1] < 2 * 32      # two rows (tuned, combined) of 16 px images
+
+def test_bf16_frozen_parts_and_fp32_adapter(tmp_path):
+    "mixed_precision=bf16 with LoRA on tiny components: VAE, text encoder and reward in bf16, the adapter in fp32, a finite step that moves it."
+    bb = Backbone(tiny_sd_pipeline(resolution=32), scheduler="ddpm", num_inference_steps=6)
+    tr = Trainer(cfg(tmp_path, "mixed_precision=bf16", "model.lora_rank=4", "max_steps=1", "gradient_accumulation_steps=1"), bb,
+                 ImageReFL(ImageReFLConfig(num_inference_steps=6, start_index=3, max_mid_index=6, min_mid_index=3)), Brightness(), images_data())
+    assert tr.frozen_dtype == torch.bfloat16 and bb.vae.dtype == torch.bfloat16 and bb.pipe.text_encoder.dtype == torch.bfloat16
+    lora = {n: p.detach().clone() for n, p in tr.unet.named_parameters() if p.requires_grad}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    logs = tr.update()
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in logs.values() if isinstance(v, (int, float)))
+    assert max((p.detach() - lora[n]).abs().max().item() for n, p in tr.unet.named_parameters() if p.requires_grad) > 0
