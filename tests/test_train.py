@@ -200,7 +200,13 @@ def test_validation_at_a_resolution_other_than_the_models(tmp_path):
     from PIL import Image
     assert Image.open(tmp_path/"samples"/"step-1.png").size[1] < 2 * 32      # two rows (tuned, combined) of 16 px images
 
-def test_bf16_frozen_parts_and_fp32_adapter(tmp_path):
+@pytest.fixture
+def own_precision():
+    "accelerate keeps one mixed-precision setting per process; this test's bf16 must not meet the other tests' fp32 (internal reset, as accelerate's own tests do)."
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(); yield; AcceleratorState._reset_state()
+
+def test_bf16_frozen_parts_and_fp32_adapter(tmp_path, own_precision):
     "mixed_precision=bf16 with LoRA on tiny components: VAE, text encoder and reward in bf16, the adapter in fp32, a finite step that moves it."
     bb = Backbone(tiny_sd_pipeline(resolution=32), scheduler="ddpm", num_inference_steps=6)
     tr = Trainer(cfg(tmp_path, "mixed_precision=bf16", "model.lora_rank=4", "max_steps=1", "gradient_accumulation_steps=1"), bb,
