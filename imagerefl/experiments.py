@@ -186,7 +186,7 @@ class DemoPlan:
     aig_powers:tuple                # AIG after ReFL
     num_inference_steps:int=20      # N of the evaluation sampler and of training
     batch_size:int=60               # images per sampler call
-    threads:int=1                   # torch threads: fixed, so that a seed gives the same numbers in any process
+    threads:int=1                   # torch threads: fixed, so that a seed gives the same numbers in any process (see below)
     train_overrides:dict=field(default_factory=dict) # model name -> extra `key=value` settings of its training run
 
 _N20 = dict(refl=("objective.num_inference_steps=20", "objective.min_mid_index=15", "objective.max_mid_index=20", "validation.every=0"),
@@ -197,7 +197,7 @@ _N10 = {k: tuple(s.replace("=20", "=10").replace("=15", "=7") for s in v) for k,
 DEMO_PLANS = dict(
     full=DemoPlan(train_steps=40, imagerefl_steps=80, train_seeds=(0, 1, 2), checkpoints=4, prompts=12, images_per_prompt=5,
                   base_guidances=(1, 2, 3, 7.5), base_guidance=3, refl_switch=(5, 10, 15), imagerefl_switch=(5, 10, 15),
-                  aig_powers=(1, 2, 4), threads=2, train_overrides=_N20),
+                  aig_powers=(1, 2, 4), train_overrides=_N20),
     quick=DemoPlan(train_steps=2, imagerefl_steps=4, train_seeds=(0,), checkpoints=2, prompts=4, images_per_prompt=4,
                    base_guidances=(1, 3), base_guidance=3, refl_switch=(5,), imagerefl_switch=(5,), aig_powers=(2,),
                    num_inference_steps=10, train_overrides=_N10),
