@@ -14,6 +14,7 @@ from diffusers import UNet2DConditionModel
 from .core import UserError, seed_everything, atomic_write_text
 from .diffusion import load_pipeline
 from .sampling import CombinedStableDiffusionPipeline, CombinedStableDiffusionXLPipeline, AIGStableDiffusionPipeline, AIGStableDiffusionXLPipeline
+from .sampling import BaseStepsCache
 from .metrics import evaluate
 
 # %% auto #0
@@ -52,6 +53,7 @@ def make_sampler(base_pipe, tuned_unet, setting:Setting,
                  guidance_scale:float=7.5,          # CFG of the base UNet, unless the setting names one
                  fine_tuned_guidance_scale:float=1.0, # CFG of the tuned UNet (paper: none), unless the setting names one
                  aig_guidance_scale:float=1.0,      # CFG of both UNets under AIG (reference: none), unless the setting names one
+                 base_steps_cache:BaseStepsCache|None=None, # shared base steps of combined generation (same images, less work)
                 )->tuple:                           # (pipeline, keyword arguments of its call)
     "The pipeline and call arguments that generate `setting`."
     xl = hasattr(base_pipe, "text_encoder_2")
@@ -68,7 +70,7 @@ def make_sampler(base_pipe, tuned_unet, setting:Setting,
         return pipe, dict(num_inference_steps=N, aig_power=s.aig_power, guidance_scale=g_aig)
     k = dict(base=N, tuned=0, combined=s.original_unet_steps)[s.sampler]
     if k is None: raise UserError(f"setting '{s.name}': combined generation needs original_unet_steps")
-    pipe = (CombinedStableDiffusionXLPipeline if xl else CombinedStableDiffusionPipeline).from_pipelines(base_pipe, tuned)
+    pipe = (CombinedStableDiffusionXLPipeline if xl else CombinedStableDiffusionPipeline).from_pipelines(base_pipe, tuned, base_steps_cache)
     return pipe, dict(num_inference_steps=N, original_unet_steps=k, guidance_scale=g, fine_tuned_guidance_scale=g_ft)
 
 def sampler_settings(setting:Setting, sampler_kwargs:dict)->dict:
@@ -124,7 +126,8 @@ def evaluate_setting(base_pipe, tuned_unet, setting:Setting, prompts:list[str], 
 def combined_sweep(base_pipe, tuned_unet, prompts:list[str], out_dir:str|Path,
                    original_unet_steps=(0, 10, 20, 30, 35, 40), # switch steps to measure
                    method:str="combined", model:str="tuned", **kwargs)->pd.DataFrame:
-    "Measure combined generation at each switch step; one row per step."
+    "Measure combined generation at each switch step; one row per step (the base steps they share run once)."
+    kwargs.setdefault("base_steps_cache", BaseStepsCache())
     rows = [evaluate_setting(base_pipe, tuned_unet, Setting(method, model, "combined", int(k)), prompts, out_dir, **kwargs)
             for k in original_unet_steps]
     return pd.DataFrame(rows)
@@ -183,7 +186,7 @@ class DemoPlan:
     aig_powers:tuple                # AIG after ReFL
     num_inference_steps:int=20      # N of the evaluation sampler and of training
     batch_size:int=60               # images per sampler call
-    threads:int=1                   # torch threads: fixed, so that a seed gives the same numbers in any process
+    threads:int=1                   # torch threads: fixed, so that a seed gives the same numbers in any process (see below)
     train_overrides:dict=field(default_factory=dict) # model name -> extra `key=value` settings of its training run
 
 _N20 = dict(refl=("objective.num_inference_steps=20", "objective.min_mid_index=15", "objective.max_mid_index=20", "validation.every=0"),
@@ -194,7 +197,7 @@ _N10 = {k: tuple(s.replace("=20", "=10").replace("=15", "=7") for s in v) for k,
 DEMO_PLANS = dict(
     full=DemoPlan(train_steps=40, imagerefl_steps=80, train_seeds=(0, 1, 2), checkpoints=4, prompts=12, images_per_prompt=5,
                   base_guidances=(1, 2, 3, 7.5), base_guidance=3, refl_switch=(5, 10, 15), imagerefl_switch=(5, 10, 15),
-                  aig_powers=(1, 2, 4), threads=2, train_overrides=_N20),
+                  aig_powers=(1, 2, 4), train_overrides=_N20),
     quick=DemoPlan(train_steps=2, imagerefl_steps=4, train_seeds=(0,), checkpoints=2, prompts=4, images_per_prompt=4,
                    base_guidances=(1, 3), base_guidance=3, refl_switch=(5,), imagerefl_switch=(5,), aig_powers=(2,),
                    num_inference_steps=10, train_overrides=_N10),
@@ -554,6 +557,7 @@ def _demo(out, plan, quick, seed, progress):
               reference_images=reference, fid_features=features, images_per_prompt=plan.images_per_prompt,
               batch_size=plan.batch_size, seed=seed, num_inference_steps=plan.num_inference_steps, progress=False)
     rows, cache = [], {}
+    kw["base_steps_cache"] = BaseStepsCache()      # combined generation reuses the base model's steps at the same CFG
     for i, s in enumerate(settings):
         _say(progress, f"stage 2/3: evaluate {s.name} ({i + 1} of {len(settings)})")
         unet = None

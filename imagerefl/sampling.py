@@ -7,9 +7,10 @@ Docs: https://imagerefl.github.io/imagerefl/sampling.html.md"""
 
 # %% ../nbs/07_sampling.ipynb #9245deb1
 from __future__ import annotations
-import inspect, json, operator
+import copy, hashlib, inspect, json, operator
+from collections import OrderedDict
 from pathlib import Path
-import torch
+import numpy as np, torch
 from fastcore.basics import patch
 from fastcore.meta import delegates
 from diffusers import (DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
@@ -23,7 +24,7 @@ from .core import UserError, check_source
 # %% auto #0
 __all__ = ['check_original_unet_steps', 'CombinedPlan', 'aig_weights', 'AIGPlan', 'CombinedStableDiffusionPipeline',
            'CombinedStableDiffusionXLPipeline', 'AIGStableDiffusionPipeline', 'AIGStableDiffusionXLPipeline',
-           'switch_sweep_images']
+           'BaseStepsCache', 'switch_sweep_images']
 
 # %% ../nbs/07_sampling.ipynb #32d686f5
 def check_original_unet_steps(original_unet_steps:int, # base-UNet steps asked for
@@ -53,14 +54,17 @@ class CombinedPlan:
     def uses_cfg(self, n:int)->bool: return (self.k > 0 and self.g > 1) or (self.k < n and self.g_ft > 1)
     def denoise(self, pipe, latents, timesteps, inputs):
         "Run the two phases; `inputs[cfg]` = (encoder hidden states, added cond kwargs)."
-        n = len(timesteps)
-        for start, end, tuned, g in ((0, self.k, False, self.g), (self.k, n, True, self.g_ft)):
+        n, first, cache = len(timesteps), 0, pipe.base_steps_cache if self.k > 0 else None
+        trail = cache.open(pipe, latents, timesteps, inputs[self.g > 1], self.g) if cache is not None else None
+        if trail is not None: latents, first = cache.resume(trail, pipe, latents, self.k)  # base steps an earlier call ran
+        for start, end, tuned, g in ((first, self.k, False, self.g), (self.k, n, True, self.g_ft)):
             if start == end: continue     # no spurious step at k = 0 (reference bug, see above)
             unet = pipe._unet_for(tuned)
             embeds, added = inputs[g > 1]
             for i in range(start, end):
                 t = timesteps[i]
                 latents = pipe._advance(pipe._eps(unet, latents, t, embeds, added, g), t, latents, i)
+                if trail is not None and not tuned: cache.record(trail, pipe, latents, i + 1)
         return latents
 
 # %% ../nbs/07_sampling.ipynb #92adc992
@@ -102,6 +106,7 @@ class _TwoUNets:
     _base_class = None
     _optional_components = ["fine_tuned_unet"]
     _exclude_from_cpu_offload = []
+    base_steps_cache = None    # a `BaseStepsCache` shared with other pipelines, or None (below)
 
     @property
     def unet(self): return self.original_unet
@@ -109,6 +114,7 @@ class _TwoUNets:
     @classmethod
     def from_pipelines(cls, base_pipe:DiffusionPipeline, # the base model's diffusers pipeline
                        fine_tuned_unet=None, # tuned UNet (object or folder); None: LoRA form (adapter on the base UNet)
+                       base_steps_cache=None, # a `BaseStepsCache`: calls that start alike share their base steps
                       ):
         "Build from a base pipeline (its UNet becomes `original_unet`) and a fine-tuned UNet."
         if not isinstance(base_pipe, cls._base_class) or isinstance(base_pipe, _TwoUNets):
@@ -123,6 +129,7 @@ class _TwoUNets:
         kw = {k: v for k, v in base_pipe.components.items() if k in names and k != "unet"}
         pipe = cls(original_unet=base_pipe.unet, fine_tuned_unet=fine_tuned_unet, **kw, **cls._config_from(base_pipe))
         pipe.set_progress_bar_config(**getattr(base_pipe, "_progress_bar_config", {}))
+        pipe.base_steps_cache = base_steps_cache
         return pipe
 
     @classmethod
@@ -387,6 +394,76 @@ class AIGStableDiffusionXLPipeline(CombinedStableDiffusionXLPipeline):
         "Generate with annealed interpolation of the base and fine-tuned noise predictions."
         return self._generate(AIGPlan(aig_power, guidance_scale), prompt, **kwargs)
 
+# %% ../nbs/07_sampling.ipynb #823bb6e7
+def _fingerprint(h, x)->bool:
+    "Feed `x` (tensors, arrays, generators, numbers, strings, lists, dicts) into the hash `h`; False if it holds anything else."
+    if isinstance(x, torch.Generator): h.update(f"G{x.device};".encode()); x = x.get_state()
+    if isinstance(x, torch.Tensor):
+        t = x.detach().reshape(-1).contiguous().cpu()
+        h.update(f"T{t.dtype}{tuple(x.shape)}{x.device.type};".encode()); h.update(t.view(torch.uint8).numpy().tobytes())
+        return True
+    if isinstance(x, np.ndarray): h.update(f"A{x.dtype}{x.shape};".encode()); h.update(np.ascontiguousarray(x).tobytes()); return True
+    if x is None or isinstance(x, (bool, int, float, str, np.generic)): h.update(f"{type(x).__name__}:{x!r};".encode()); return True
+    if isinstance(x, (list, tuple)): h.update(f"L{len(x)};".encode()); return all(_fingerprint(h, v) for v in x)
+    if isinstance(x, dict):
+        h.update(f"D{len(x)};".encode())
+        return all(_fingerprint(h, str(k)) and _fingerprint(h, v) for k, v in sorted(x.items(), key=lambda kv: str(kv[0])))
+    return False
+
+def _generators(pipe)->list:
+    g = pipe._extra_step_kwargs.get("generator")
+    return [] if g is None else list(g) if isinstance(g, (list, tuple)) else [g]
+
+class _Trail:
+    "The base steps of one key: `steps[j-1]` = (latents, generator states, scheduler state) after step j."
+    def __init__(self, unet): self.unet, self.steps, self.nbytes = unet, [], 0
+
+class BaseStepsCache:
+    "The state after each base-UNet step of combined-generation calls, shared by later calls whose base phase starts alike."
+    def __init__(self, max_bytes:int=2**30): # drop the oldest trails beyond this many bytes of snapshots
+        self.max_bytes, self.trails, self.steps_reused = max_bytes, OrderedDict(), 0
+
+    def key(self, pipe, latents, timesteps, inputs, g:float)->str|None:
+        "Everything the base phase depends on, hashed; None when the call must not be cached."
+        kw = pipe._extra_step_kwargs
+        if pipe._callback is not None or pipe._cross_attention_kwargs or ("generator" in kw and kw["generator"] is None): return None
+        unet, h = pipe.original_unet, hashlib.blake2b(digest_size=20)
+        sched = {k: v for k, v in vars(pipe.scheduler).items() if k != "is_scale_input_called"}   # Euler's warning flag
+        weights = [(p.data_ptr(), p._version) for p in (*unet.parameters(), *unet.buffers())]
+        ok = all(_fingerprint(h, x) for x in (id(unet), weights, pipe.fine_tuned_unet is None, latents, timesteps, inputs,
+                                              float(g), float(pipe._guidance_rescale), kw, type(pipe.scheduler).__name__,
+                                              sched, torch.get_num_threads(),
+                                              torch.is_autocast_enabled(latents.device.type)))
+        return h.hexdigest() if ok else None
+
+    def open(self, pipe, latents, timesteps, inputs, g:float)->_Trail|None:
+        "The trail of this call's key (a new, empty one if none matches); None when the call is not cached."
+        key = self.key(pipe, latents, timesteps, inputs, g)
+        if key is None: return None
+        t = self.trails.get(key)
+        if t is None or t.unet is not pipe.original_unet: t = self.trails[key] = _Trail(pipe.original_unet)
+        self.trails.move_to_end(key)
+        return t
+
+    def resume(self, trail:_Trail, pipe, latents, k:int)->tuple:
+        "Restore the state after `min(k, recorded)` base steps: (latents, the step to go on from)."
+        j = min(k, len(trail.steps))
+        if j == 0: return latents, 0
+        x, states, sched = trail.steps[j - 1]
+        for gen, s in zip(_generators(pipe), states): gen.set_state(s)
+        vars(pipe.scheduler).update(copy.deepcopy(sched))
+        pipe._bar.update(j); self.steps_reused += j
+        return x.to(latents.device, copy=True), j
+
+    def record(self, trail:_Trail, pipe, latents, j:int):
+        "Keep the state after base step `j` if it extends the trail."
+        if len(trail.steps) != j - 1: return
+        states = [gen.get_state() for gen in _generators(pipe)]
+        trail.steps.append((latents.to("cpu", copy=True), states, copy.deepcopy(vars(pipe.scheduler))))
+        trail.nbytes += latents.nbytes + sum(s.nbytes for s in states)
+        while sum(t.nbytes for t in self.trails.values()) > self.max_bytes and len(self.trails) > 1:
+            self.trails.popitem(last=False)
+
 # %% ../nbs/07_sampling.ipynb #f143606e
 def switch_sweep_images(pipe:CombinedStableDiffusionPipeline|CombinedStableDiffusionXLPipeline, # a combined pipeline
                    prompts:str|list,               # prompt(s)
@@ -396,5 +473,7 @@ def switch_sweep_images(pipe:CombinedStableDiffusionPipeline|CombinedStableDiffu
                   )->dict:                         # switch point -> images
     "Generate with each switch point from the same initial noise and per-step noise."
     for k in original_unet_steps_list: check_original_unet_steps(k, kwargs.get("num_inference_steps", 50))
-    return {k: pipe(prompts, original_unet_steps=k, generator=torch.Generator(pipe.device).manual_seed(seed), **kwargs).images
-            for k in original_unet_steps_list}
+    own, pipe.base_steps_cache = pipe.base_steps_cache, pipe.base_steps_cache or BaseStepsCache()  # the base steps run once
+    try: return {k: pipe(prompts, original_unet_steps=k, generator=torch.Generator(pipe.device).manual_seed(seed), **kwargs).images
+                 for k in original_unet_steps_list}
+    finally: pipe.base_steps_cache = own

@@ -7,7 +7,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from imagerefl.core import UserError
 from imagerefl.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 from imagerefl.sampling import (CombinedStableDiffusionPipeline, CombinedStableDiffusionXLPipeline,
-                                AIGStableDiffusionPipeline, AIGStableDiffusionXLPipeline)
+                                AIGStableDiffusionPipeline, AIGStableDiffusionXLPipeline, BaseStepsCache, switch_sweep_images)
 
 PROMPT, N = ["a photo of a cat", "a red bicycle"], 4
 
@@ -69,6 +69,48 @@ def test_stochastic_noise_is_shared_across_switch_points():
     # DDPM draws fresh noise each step from the generator: with all steps on one UNet, a different seed must differ
     base, tuned, comb, _ = pipes("sd", "ddpm")
     assert (gen(comb, seed=0, original_unet_steps=2) - gen(comb, seed=1, original_unet_steps=2)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kind,sched", [("sd", "ddim"), ("sd", "ddpm"), ("sd", "euler"), ("sd", "dpm"), ("sdxl", "ddpm")])
+def test_shared_base_steps_give_the_same_images(kind, sched):
+    "A sweep over switch points with a `BaseStepsCache` gives every image bit for bit, and runs each base step once."
+    base, tuned, comb, _ = pipes(kind, sched)
+    make, comb_cls, _ = MAKERS[kind]
+    shared = comb_cls.from_pipelines(base, tuned.unet, base_steps_cache=BaseStepsCache())
+    calls = []
+    hook = base.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    # one generator per image, as `evaluate` passes them; the base model alone (k = N) first, then the switch points
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]
+    run = lambda p, k: p(PROMPT, num_inference_steps=N, generator=gens(), output_type="pt", original_unet_steps=k).images
+    plain = {k: run(comb, k) for k in (N, 1, 3, 2)}
+    calls.clear()
+    for k in (N, 1, 3, 2): assert torch.equal(run(shared, k), plain[k]), k
+    hook.remove()
+    assert len(calls) == N and shared.base_steps_cache.steps_reused == 1 + 3 + 2
+
+
+def test_shared_base_steps_lora_form_and_sweep(tmp_path):
+    "The LoRA form shares its base steps too (adapter off), and `switch_sweep_images` shares them by default."
+    one = tiny_sd_pipeline(0, "ddpm")
+    _random_lora(one)
+    plain = CombinedStableDiffusionPipeline.from_pipelines(one)
+    shared = CombinedStableDiffusionPipeline.from_pipelines(one, base_steps_cache=BaseStepsCache())
+    for k in (N, 2, 0, 3): assert torch.equal(gen(shared, original_unet_steps=k), gen(plain, original_unet_steps=k)), k
+    assert shared.base_steps_cache.steps_reused == 2 + 3
+    sw = switch_sweep_images(plain, PROMPT, [2, 3, N], num_inference_steps=N, output_type="pt")
+    for k, im in sw.items(): assert torch.equal(im, gen(plain, original_unet_steps=k)), k
+    assert plain.base_steps_cache is None                                  # the sweep's own cache is gone afterwards
+
+
+def test_shared_base_steps_not_used_where_they_could_differ():
+    "A step callback, or no generator with a stochastic sampler, runs every step (nothing recorded)."
+    base, tuned, comb, _ = pipes("sd", "ddpm")
+    cache = BaseStepsCache()
+    shared = CombinedStableDiffusionPipeline.from_pipelines(base, tuned.unet, base_steps_cache=cache)
+    shared(PROMPT, num_inference_steps=N, original_unet_steps=2, output_type="pt")                   # global RNG
+    shared(PROMPT, num_inference_steps=N, original_unet_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0),
+           callback_on_step_end=lambda p, i, t, kw: kw)
+    assert not cache.trails and cache.steps_reused == 0
 
 
 def test_negative_prompt_encoded_only_when_a_phase_uses_cfg(monkeypatch):
