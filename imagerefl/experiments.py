@@ -6,7 +6,7 @@ Docs: https://imagerefl.github.io/imagerefl/experiments.html.md"""
 
 # %% ../nbs/10b_experiments.ipynb #aa6e2105
 from __future__ import annotations
-import math, time, json
+import math, time, json, functools
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 import numpy as np, pandas as pd, torch
@@ -18,10 +18,10 @@ from .sampling import BaseStepsCache
 from .metrics import evaluate
 
 # %% auto #0
-__all__ = ['DEMO_PLANS', 'SETTING_COLUMNS', 'Setting', 'make_sampler', 'sampler_settings', 'summary_row', 'evaluate_setting',
-           'combined_sweep', 'aig_sweep', 'load_tuned_unet', 'load_models', 'DemoPlan', 'train_steps_of',
-           'checkpoint_steps', 'demo_settings', 'claim_verdict', 'matched_diversity', 'judge_claims', 'seed_summary',
-           'demo_report', 'DigitAccuracy', 'load_checkpoint_unet', 'demo']
+__all__ = ['DEMO_PLANS', 'NO_CFG_COMBINED', 'SETTING_COLUMNS', 'Setting', 'make_sampler', 'sampler_settings', 'summary_row',
+           'evaluate_setting', 'combined_sweep', 'aig_sweep', 'load_tuned_unet', 'load_models', 'DemoPlan',
+           'train_steps_of', 'checkpoint_steps', 'demo_settings', 'claim_verdict', 'matched_diversity', 'judge_claims',
+           'seed_summary', 'demo_report', 'DigitAccuracy', 'load_checkpoint_unet', 'demo']
 
 # %% ../nbs/10b_experiments.ipynb #797426c0
 @dataclass
@@ -184,9 +184,11 @@ class DemoPlan:
     refl_switch:tuple               # combined generation after ReFL: `original_unet_steps` values
     imagerefl_switch:tuple          # ... after ImageReFL
     aig_powers:tuple                # AIG after ReFL
+    refl_switch_no_cfg:tuple=()     # combined generation after ReFL with the base UNet also without CFG (AIG's guidance)
     num_inference_steps:int=20      # N of the evaluation sampler and of training
     batch_size:int=60               # images per sampler call
-    threads:int=1                   # torch threads: fixed, so that a seed gives the same numbers in any process (see below)
+    threads:int=1                   # torch threads per process: fixed, so that a seed gives the same numbers in any process (see below)
+    workers:int=1                   # processes: each trains and evaluates whole training runs (the numbers do not depend on it)
     train_overrides:dict=field(default_factory=dict) # model name -> extra `key=value` settings of its training run
 
 _N20 = dict(refl=("objective.num_inference_steps=20", "objective.min_mid_index=15", "objective.max_mid_index=20", "validation.every=0"),
@@ -197,9 +199,10 @@ _N10 = {k: tuple(s.replace("=20", "=10").replace("=15", "=7") for s in v) for k,
 DEMO_PLANS = dict(
     full=DemoPlan(train_steps=40, imagerefl_steps=80, train_seeds=(0, 1, 2), checkpoints=4, prompts=12, images_per_prompt=5,
                   base_guidances=(1, 2, 3, 7.5), base_guidance=3, refl_switch=(5, 10, 15), imagerefl_switch=(5, 10, 15),
-                  aig_powers=(1, 2, 4), train_overrides=_N20),
+                  aig_powers=(1, 2, 4), refl_switch_no_cfg=(5, 10, 15), workers=2, train_overrides=_N20),
     quick=DemoPlan(train_steps=2, imagerefl_steps=4, train_seeds=(0,), checkpoints=2, prompts=4, images_per_prompt=4,
                    base_guidances=(1, 3), base_guidance=3, refl_switch=(5,), imagerefl_switch=(5,), aig_powers=(2,),
+                   refl_switch_no_cfg=(5,),
                    num_inference_steps=10, train_overrides=_N10),
 )
 
@@ -211,6 +214,8 @@ def checkpoint_steps(plan:DemoPlan, model:str)->list[int]:
     "The training steps at which `model` is evaluated: `plan.checkpoints` evenly spaced, the last one the end."
     n = train_steps_of(plan, model)
     return sorted({max(1, round(n*(i + 1)/plan.checkpoints)) for i in range(plan.checkpoints)})
+
+NO_CFG_COMBINED = "refl+combined (no CFG)"  # combined generation at AIG's guidance: the guidance-matched comparison
 
 def demo_settings(plan:DemoPlan,
                   seed:int=0, # the demo's seed: training seeds are `seed + plan.train_seeds`
@@ -229,6 +234,8 @@ def demo_settings(plan:DemoPlan,
             out += [Setting(f"{model}+combined", model, "combined", k, guidance_scale=gb, fine_tuned_guidance_scale=1.0, **final)
                     for k in (plan.refl_switch if model == "refl" else plan.imagerefl_switch)]
             if model == "refl":
+                out += [Setting(NO_CFG_COMBINED, "refl", "combined", k, guidance_scale=1.0, fine_tuned_guidance_scale=1.0, **final)
+                        for k in plan.refl_switch_no_cfg]
                 out += [Setting("refl+aig", "refl", "aig", aig_power=float(p), fine_tuned_guidance_scale=1.0, **final)
                         for p in plan.aig_powers]
     return out
@@ -369,6 +376,15 @@ def judge_claims(results:pd.DataFrame, # a results table with sampler settings (
         out += _matched_claims("Combined generation keeps more diversity than AIG at equal reward (after ReFL)",
                                control, curves("refl+combined", "refl"),
                                curves("refl+aig", "refl", with_tuned=False))
+    if (df.method == NO_CFG_COMBINED).any() and (df.method == "refl+aig").any():
+        g_aig = df[df.method == "refl+aig"].base_guidance.dropna()
+        g_nc = df[df.method == NO_CFG_COMBINED].base_guidance.dropna()
+        if len(g_aig) and len(g_nc) and _same(float(g_aig.iloc[0]), float(g_nc.iloc[0])):
+            # both families run between the same two ends (base and ReFL at one guidance), so both curves include them
+            out += _matched_claims("Combined generation keeps more diversity than AIG at equal reward (after ReFL, same guidance)",
+                                   f"ReFL + AIG over its power, both samplers at CFG {float(g_aig.iloc[0]):g} in both UNets, "
+                                   "curves closed by the base and ReFL alone at that CFG",
+                                   curves(NO_CFG_COMBINED, "refl"), curves("refl+aig", "refl"))
     if (df.method == "refl+combined").any() and (df.method == "imagerefl+combined").any():
         out += _matched_claims("ImageReFL + combined generation keeps more diversity than ReFL + combined at equal reward",
                                "ReFL + combined generation over the same switch points", curves("imagerefl+combined", "imagerefl"),
@@ -524,54 +540,99 @@ def demo(out_dir:str|Path="demo",  # output folder
          seed:int=0,               # evaluation seed; training seeds are `seed + plan.train_seeds`
          progress:bool=True,       # stage messages and progress bars
          plan:DemoPlan|None=None,  # how much to train and measure; None = `DEMO_PLANS["quick" or "full"]`
+         workers:int|None=None,    # processes; None = the plan's (the results do not depend on it)
         )->pd.DataFrame:           # the results table (also `results.csv`)
     "Train ReFL and ImageReFL on the mini world (several seeds), evaluate every setting and its controls, write results, figures and a report."
     plan = plan or DEMO_PLANS["quick" if quick else "full"]
     if not {1.0, float(plan.base_guidance)} <= {float(g) for g in plan.base_guidances}:
         raise UserError(f"the plan's base_guidances {plan.base_guidances} must include 1 and base_guidance={plan.base_guidance}: they are the controls")
+    workers = plan.workers if workers is None else workers
+    if not isinstance(workers, int) or workers < 1: raise UserError(f"workers must be a whole number >= 1, not {workers!r}")
     threads = torch.get_num_threads(); torch.set_num_threads(plan.threads)
-    try: return _demo(Path(out_dir), plan, quick, seed, progress)
+    try: return _demo(Path(out_dir), plan, quick, seed, progress, workers)
     finally: torch.set_num_threads(threads)
 
-def _demo(out, plan, quick, seed, progress):
+@functools.lru_cache(maxsize=1)
+def _eval_world(prompts:int, images_per_prompt:int, batch_size:int, num_inference_steps:int, seed:int)->tuple:
+    "The evaluation's fixed parts, loaded once per process: base pipeline, prompts and `evaluate_setting`'s keyword arguments."
     from imagerefl.mininets import load_mini_features
     from imagerefl.rewards import load_reward
     from imagerefl.data import load_prompts, mini_digits
-    from imagerefl.figures import plot_tradeoff_curves, plot_training_curves, comparison_grid, save_figure
-    timings, t0 = {}, time.time()
-    settings, seeds = demo_settings(plan, seed), [seed + s for s in plan.train_seeds]
-    runs = {}
-    for i, s in enumerate(seeds):
-        for name in ("refl", "imagerefl"):
-            _say(progress, f"stage 1/3: train {name}, seed {s}, {train_steps_of(plan, name)} steps (run {2*i + (name == 'imagerefl') + 1} of {2*len(seeds)})")
-            seed_everything(s)
-            t = time.time(); runs[name, s] = _train_once(f"mini_{name}", out/"train"/f"{name}-seed{s}", plan, s)
-            timings[f"train {name}, seed {s}"] = time.time() - t
-    t = time.time()
     base_pipe, _ = load_models("mini")
-    prompts = load_prompts("mini-digits", split="test")[:plan.prompts]
     features, reward = load_mini_features(), load_reward("mini-digits")
     real = mini_digits("test", resolution=base_pipe.unet.config.sample_size * base_pipe.vae_scale_factor)
     reference = torch.stack([real[i]["image"] for i in range(len(real))])
     kw = dict(rewards={"reward": reward, "accuracy": DigitAccuracy(reward)}, features={"mini": features},
-              reference_images=reference, fid_features=features, images_per_prompt=plan.images_per_prompt,
-              batch_size=plan.batch_size, seed=seed, num_inference_steps=plan.num_inference_steps, progress=False)
-    rows, cache = [], {}
-    kw["base_steps_cache"] = BaseStepsCache()      # combined generation reuses the base model's steps at the same CFG
-    for i, s in enumerate(settings):
-        _say(progress, f"stage 2/3: evaluate {s.name} ({i + 1} of {len(settings)})")
-        unet = None
-        if s.model != "base":
-            key = (s.model, s.train_seed, s.train_step)
-            if key not in cache:
-                cache.clear()
-                run = runs[s.model, s.train_seed]
-                final = s.train_step == train_steps_of(plan, s.model)
-                cache[key] = (load_tuned_unet(run/"final"/"unet" if (run/"final"/"unet").exists() else run, base_pipe) if final
-                              else load_checkpoint_unet(run, s.train_step, base_pipe))
-            unet = cache[key]
-        rows.append(evaluate_setting(base_pipe, unet, s, prompts, out/"eval", **kw))
-    timings["evaluate"] = time.time() - t
+              reference_images=reference, fid_features=features, images_per_prompt=images_per_prompt,
+              batch_size=batch_size, seed=seed, num_inference_steps=num_inference_steps, progress=False,
+              base_steps_cache=BaseStepsCache())   # combined generation reuses the base model's steps at the same CFG
+    return base_pipe, load_prompts("mini-digits", split="test")[:prompts], kw
+
+def _demo_job(out:Path, plan:DemoPlan, seed:int, model:str, train_seed:int|None, settings:list, # [(row index, Setting)]
+              progress:bool, total:int)->tuple:
+    "One unit of the demo: train one run (unless finished), then evaluate its settings; (timings, [(row index, row)])."
+    torch.set_num_threads(plan.threads)
+    timings, rows = {}, []
+    if model != "base":
+        _say(progress, f"stage 1/3: train {model}, seed {train_seed}, {train_steps_of(plan, model)} steps")
+        seed_everything(train_seed)
+        t = time.time(); run = _train_once(f"mini_{model}", out/"train"/f"{model}-seed{train_seed}", plan, train_seed)
+        timings[f"train {model}, seed {train_seed}"] = time.time() - t
+    t = time.time()
+    base_pipe, prompts, kw = _eval_world(plan.prompts, plan.images_per_prompt, plan.batch_size, plan.num_inference_steps, seed)
+    unet, at = None, None
+    for i, s in settings:
+        _say(progress, f"stage 2/3: evaluate {s.name} ({i + 1} of {total})")
+        if s.model != "base" and at != s.train_step:
+            final = s.train_step == train_steps_of(plan, s.model)
+            unet, at = (load_tuned_unet(run/"final"/"unet" if (run/"final"/"unet").exists() else run, base_pipe) if final
+                        else load_checkpoint_unet(run, s.train_step, base_pipe)), s.train_step
+        rows.append((i, evaluate_setting(base_pipe, unet, s, prompts, out/"eval", **kw)))
+    timings[f"evaluate {model}" + (f", seed {train_seed}" if train_seed is not None else "")] = time.time() - t
+    return timings, rows
+
+def _demo_job_args(args:tuple)->tuple: return _demo_job(*args)
+
+def _worker_init(loading_bars:bool):
+    "A worker shows diffusers' and transformers' loading bars only if the calling process does."
+    if not loading_bars:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+        dlog.disable_progress_bar(); tlog.disable_progress_bar()
+
+def _demo_jobs(settings:list)->list:
+    "The demo's units of work, largest first: the base sweep, and one per training run (its training and its settings)."
+    groups = {}
+    for i, s in enumerate(settings): groups.setdefault((s.model, s.train_seed), []).append((i, s))
+    return sorted(groups.items(), key=lambda kv: -len(kv[1]))
+
+def _run_jobs(out, plan, seed, progress, workers, jobs, total)->tuple:
+    "Run the units in this process (workers=1) or in a pool of fresh processes; (timings, rows in table order)."
+    args = [(out, plan, seed, model, s, group, progress, total) for (model, s), group in jobs]
+    if workers == 1: done = [_demo_job(*a) for a in args]
+    else:
+        import multiprocessing as mp
+        _say(progress, f"{len(args)} units of work (one per training run, one for the base sweep) on {workers} processes")
+        from diffusers.utils import logging as dlog
+        pool = mp.get_context("spawn").Pool(min(workers, len(args)),    # fresh processes: no state forked from this one
+                                            initializer=_worker_init, initargs=(dlog.is_progress_bar_enabled(),))
+        try:
+            done = list(pool.imap_unordered(_demo_job_args, args))        # the first failure surfaces when it happens
+            pool.close()
+        except BaseException:
+            pool.terminate()        # the other units stop too; checkpoints are written atomically, a rerun resumes them
+            raise
+        finally: pool.join()
+    timings, rows = {}, {}
+    for t, r in done: timings.update(t); rows.update(r)
+    return timings, [rows[i] for i in range(total)]
+
+def _demo(out, plan, quick, seed, progress, workers=1):
+    from imagerefl.figures import plot_tradeoff_curves, plot_training_curves, comparison_grid, save_figure
+    t0 = time.time()
+    settings, seeds = demo_settings(plan, seed), [seed + s for s in plan.train_seeds]
+    timings, rows = _run_jobs(out, plan, seed, progress, workers, _demo_jobs(settings), len(settings))
+    timings["training and evaluation (wall)"] = time.time() - t0
     _say(progress, "stage 3/3: figures and report")
     results = pd.DataFrame(rows)
     atomic_write_text(out/"results.csv", results.to_csv(index=False))
