@@ -131,8 +131,8 @@ def save_figure(fig,              # a matplotlib Figure
 # %% ../nbs/10a_figures.ipynb #6bc216de
 def _curve_key(method:str, g:pd.DataFrame)->pd.Series:
     "What a method's points are ordered by along its curve."
-    if method.endswith("+combined"): return g.switch_step
-    if method.endswith("+aig"): return g.aig_power
+    if method.endswith("+combined") or (g.sampler == "combined").all(): return g.switch_step
+    if method.endswith("+aig") or (g.sampler == "aig").all(): return g.aig_power
     if method == "base": return g.base_guidance
     return g.train_step
 

@@ -60,9 +60,17 @@ def test_every_row_states_its_sampler_settings(quick_run):
     assert set(claims.verdict) <= {"held", "did not hold", "inconclusive"}
 
 def test_same_seed_same_results(quick_run, tmp_path):
-    "An in-process run with the same seed gives the CLI run's results.csv, bit for bit (fixed thread count)."
-    demo(tmp_path/"again", quick=True, seed=0, progress=False)
+    "A run with the same seed on two worker processes gives the one-process CLI run's results.csv, bit for bit."
+    demo(tmp_path/"again", quick=True, seed=0, progress=False, workers=2)
     assert (tmp_path/"again"/"results.csv").read_bytes() == (quick_run/"results.csv").read_bytes()
+
+def test_a_failing_worker_stops_the_demo_with_its_error(tmp_path, monkeypatch):
+    "A unit of work that fails in a worker process surfaces as the same one-line error, and nothing is left running."
+    import dataclasses
+    from imagerefl.core import UserError
+    from imagerefl.experiments import DEMO_PLANS
+    bad = dataclasses.replace(DEMO_PLANS["quick"], train_overrides={"refl": ("optimizer.lr=-1",)})
+    with pytest.raises(UserError, match="lr"): demo(tmp_path/"bad", plan=bad, progress=False, workers=2)
 
 def test_demo_rerun_reuses_finished_work(quick_run):
     before = {p: p.stat().st_mtime_ns for p in (quick_run/"eval").rglob("*.png")}

@@ -31,7 +31,7 @@ echo "notebooks: $nb_passed passed, $nb_failed failed (of $nb_total)"
 # built once; TEST_WORKERS=0 runs everything in this process
 workers=${TEST_WORKERS:-2}
 xdist=(); [ "$workers" -gt 0 ] && xdist=(-n "$workers" --dist loadscope)
-"$py" -m pytest tests -q -o addopts="" -p no:cacheprovider "${xdist[@]}" 2>&1 | tee "$log"
+"$py" -m pytest tests -q -o addopts="" -p no:cacheprovider --durations=15 "${xdist[@]}" 2>&1 | tee "$log"
 py_rc=${PIPESTATUS[0]}
 summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed|error|errors|skipped|deselected)' "$log" | tail -1)
 count() { echo "$summary" | grep -Eo "[0-9]+ ($1)" | awk '{s += $1} END {print s + 0}'; }
