@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse, csv, errno, io, json, math, os, re, sys
 from pathlib import Path
 from . import __version__
-from .core import UserError, read_text
+from .core import UserError, read_text, quiet_loading
 
 # %% auto #0
-__all__ = ['cmd_train', 'config_description', 'cmd_configs', 'quiet_loading', 'load_any_pipeline', 'cmd_sample', 'cmd_evaluate',
-           'cmd_demo', 'cmd_mini_pretrain', 'parser', 'os_error_line', 'main']
+__all__ = ['cmd_train', 'config_description', 'cmd_configs', 'load_any_pipeline', 'cmd_sample', 'cmd_evaluate', 'cmd_demo',
+           'cmd_mini_pretrain', 'parser', 'os_error_line', 'main']
 
 # %% ../nbs/11_cli.ipynb #93e16a83
 def cmd_train(a):
@@ -43,12 +43,6 @@ def cmd_configs(a):
     return 0
 
 # %% ../nbs/11_cli.ipynb #1d1122d8
-def quiet_loading():
-    "Silence diffusers' and transformers' per-component loading bars (the CLI prints its own one line)."
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-    dlog.disable_progress_bar(); tlog.disable_progress_bar()
-
 def load_any_pipeline(path:str):
     "A combined pipeline if `path` holds one (two UNets), else a plain diffusers pipeline."
     from imagerefl.core import check_source

@@ -11,7 +11,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['UserError', 'seed_everything', 'resolve_device', 'umask', 'atomic_path', 'atomic_write_text', 'save_safetensors',
-           'read_text', 'load_yaml', 'looks_like_path', 'hub_offline', 'missing_components', 'check_source']
+           'read_text', 'load_yaml', 'quiet_loading', 'looks_like_path', 'hub_offline', 'missing_components',
+           'check_source']
 
 # %% ../nbs/00_core.ipynb #5a75a4d9
 class UserError(ValueError):
@@ -107,6 +108,12 @@ class _EmptyFp32Warning(logging.Filter):
     def filter(self, record): return "should be kept in float32: []" not in record.getMessage()
 
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32Warning())
+
+def quiet_loading():
+    "Silence diffusers' and transformers' per-component loading bars (the CLI prints its own one line)."
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+    dlog.disable_progress_bar(); tlog.disable_progress_bar()
 
 # %% ../nbs/00_core.ipynb #fa16c697
 def looks_like_path(source:str) -> bool:

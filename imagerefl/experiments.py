@@ -11,7 +11,7 @@ from dataclasses import dataclass, asdict, field
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from diffusers import UNet2DConditionModel
-from .core import UserError, seed_everything, atomic_write_text
+from .core import UserError, seed_everything, atomic_write_text, quiet_loading
 from .diffusion import load_pipeline
 from .sampling import CombinedStableDiffusionPipeline, CombinedStableDiffusionXLPipeline, AIGStableDiffusionPipeline, AIGStableDiffusionXLPipeline
 from .sampling import BaseStepsCache
@@ -595,10 +595,7 @@ def _demo_job_args(args:tuple)->tuple: return _demo_job(*args)
 
 def _worker_init(loading_bars:bool):
     "A worker shows diffusers' and transformers' loading bars only if the calling process does."
-    if not loading_bars:
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
-        dlog.disable_progress_bar(); tlog.disable_progress_bar()
+    if not loading_bars: quiet_loading()
 
 def _demo_jobs(settings:list)->list:
     "The demo's units of work, largest first: the base sweep, and one per training run (its training and its settings)."
@@ -612,9 +609,10 @@ def _run_jobs(out, plan, seed, progress, workers, jobs, total)->tuple:
     if workers == 1: done = [_demo_job(*a) for a in args]
     else:
         import multiprocessing as mp
-        _say(progress, f"{len(args)} units of work (one per training run, one for the base sweep) on {workers} processes")
         from diffusers.utils import logging as dlog
-        pool = mp.get_context("spawn").Pool(min(workers, len(args)),    # fresh processes: no state forked from this one
+        n = min(workers, len(args))
+        _say(progress, f"{len(args)} units of work (one per training run, one for the base sweep) on {n} processes")
+        pool = mp.get_context("spawn").Pool(n,                          # fresh processes: no state forked from this one
                                             initializer=_worker_init, initargs=(dlog.is_progress_bar_enabled(),))
         try:
             done = list(pool.imap_unordered(_demo_job_args, args))        # the first failure surfaces when it happens

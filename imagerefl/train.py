@@ -363,6 +363,14 @@ def _put(template, part, where:dict|None, name:str):
     with torch.no_grad(): local.copy_(part)
     return template
 
+def _check_trainable_names(folder:str|Path, # the checkpoint, for the message
+                          saved:dict, # its trainable weights by name
+                          model:dict, # this model's trainable weights by name
+                         ):
+    "Refuse a checkpoint whose trainable weights are not this model's (another model, or another `model.lora_rank`)."
+    if set(saved) != set(model):
+        raise UserError(f"{folder} does not match this model's trainable weights (a different model or model.lora_rank?)")
+
 def save_sharded(model:nn.Module, # the FSDP model (FSDP2 `fully_shard`, or FSDP1 with `use_orig_params=True`)
                  optimizer,       # its torch optimizer
                  folder:str|Path, # the checkpoint's temporary folder; every process writes its two files there
@@ -400,8 +408,7 @@ def load_sharded(model:nn.Module, # the FSDP model, sharded as when the checkpoi
     with safe_open(str(folder/shard_file("model", rank, world)), framework="pt") as f:
         shards, weights = json.loads(f.metadata()["sharding"])["shards"], {k: f.get_tensor(k) for k in f.keys()}
     sd = get_model_state_dict(model, options=o)
-    if set(weights) != set(sd):
-        raise UserError(f"{folder} does not match this model's trainable weights (a different model or model.lora_rank?)")
+    _check_trainable_names(folder, weights, sd)
     sd = {k: _put(v, weights[k], shards.get(k), k) for k, v in sd.items()}
     set_model_state_dict(model, sd, options=StateDictOptions(strict=False))   # the frozen weights are not in the checkpoint
     saved, osd = load_state(folder/shard_file("optimizer", rank, world)), get_optimizer_state_dict(model, optimizer, options=o)
@@ -708,8 +715,7 @@ def load_checkpoint(self:Trainer, path:str|Path):
     if self.fsdp: load_sharded(self.model, self.optimizer.optimizer, path)
     else:
         weights, named = load_file(str(path/"trainable.safetensors")), self.named_trainable()
-        if set(weights) != set(named):
-            raise UserError(f"{path} does not match this model's trainable weights (different model or model.lora_rank?)")
+        _check_trainable_names(path, weights, named)
         with torch.no_grad():
             for n, p in named.items(): p.copy_(weights[n])
         self.optimizer.optimizer.load_state_dict(load_state(path/"optimizer.safetensors"))
