@@ -28,25 +28,31 @@ def _bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 @lru_cache()
-def clip_tokenizer_files()->Path:
-    "Write CLIP's `vocab.json` and `merges.txt` (from open_clip's bundled BPE) to a cached folder and return it."
+def _clip_bpe()->tuple[str, str]:
+    "The text of CLIP's `vocab.json` and `merges.txt`, from open_clip's bundled BPE."
     spec = importlib.util.find_spec("open_clip")
     if spec is None: raise ImportError("open_clip_torch is needed for the offline CLIP tokenizer: pip install open_clip_torch")
     d = spec.submodule_search_locations[0]
     merges = gzip.open(os.path.join(d, "bpe_simple_vocab_16e6.txt.gz")).read().decode().split("\n")[1:49152-256-2+1]
     vocab = list(_bytes_to_unicode().values()); vocab += [v + "</w>" for v in vocab]
     vocab += ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    out = Path(tempfile.mkdtemp(prefix="imagerefl-clip-bpe-"))
-    (out/"vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (out/"merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), "#version: 0.2\n" + "\n".join(merges) + "\n"
+
+def clip_tokenizer_files(folder:str|Path, # where to write them (created if missing)
+                        )->Path:
+    "Write CLIP's `vocab.json` and `merges.txt` (from open_clip's bundled BPE) to `folder` and return it."
+    out = Path(folder); out.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _clip_bpe()
+    (out/"vocab.json").write_text(vocab, encoding="utf-8"); (out/"merges.txt").write_text(merges, encoding="utf-8")
     return out
 
 # %% ../nbs/01_testing.ipynb #e2882f45
 def clip_tokenizer(pad_token:str="<|endoftext|>", # SD1.x pads with eos; SD2.x/SDXL's second tokenizer with "!"
                   )->CLIPTokenizer:
     "The real CLIP BPE tokenizer (49408 tokens, `model_max_length=77`), built offline."
-    d = clip_tokenizer_files()
-    return CLIPTokenizer(str(d/"vocab.json"), str(d/"merges.txt"), pad_token=pad_token, model_max_length=77)
+    with tempfile.TemporaryDirectory(prefix="imagerefl-clip-bpe-") as d:
+        d = clip_tokenizer_files(d)
+        return CLIPTokenizer(str(d/"vocab.json"), str(d/"merges.txt"), pad_token=pad_token, model_max_length=77)
 
 # %% ../nbs/01_testing.ipynb #1d0e1a77
 SCHEDULERS = dict(ddim=DDIMScheduler, ddpm=DDPMScheduler, euler=EulerDiscreteScheduler, dpm=DPMSolverMultistepScheduler)
