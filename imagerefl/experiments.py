@@ -185,6 +185,7 @@ class DemoPlan:
     imagerefl_switch:tuple          # ... after ImageReFL
     aig_powers:tuple                # AIG after ReFL
     refl_switch_no_cfg:tuple=()     # combined generation after ReFL with the base UNet also without CFG (AIG's guidance)
+    tuned_guidances:tuple=(1,)      # CFGs at which each final tuned model is also sampled alone (1 = none, the paper's; each needs its base control)
     num_inference_steps:int=20      # N of the evaluation sampler and of training
     batch_size:int=60               # images per sampler call
     threads:int=1                   # torch threads per process: fixed, so that a seed gives the same numbers in any process (see below)
@@ -194,16 +195,16 @@ class DemoPlan:
 _N20 = dict(refl=("objective.num_inference_steps=20", "objective.min_mid_index=15", "objective.max_mid_index=20", "validation.every=0"),
             imagerefl=("objective.num_inference_steps=20", "objective.start_index=15", "objective.min_mid_index=15",
                        "objective.max_mid_index=20", "validation.every=0"))
-_N10 = {k: tuple(s.replace("=20", "=10").replace("=15", "=7") for s in v) for k, v in _N20.items()}
+_N8 = {k: tuple(s.replace("=20", "=8").replace("=15", "=6") for s in v) + ("batch_size=8",) for k, v in _N20.items()}  # --quick: a smoke run
 
 DEMO_PLANS = dict(
-    full=DemoPlan(train_steps=40, imagerefl_steps=80, train_seeds=(0, 1, 2), checkpoints=4, prompts=12, images_per_prompt=5,
+    full=DemoPlan(train_steps=30, imagerefl_steps=60, train_seeds=(0, 1, 2), checkpoints=3, prompts=12, images_per_prompt=4,
                   base_guidances=(1, 2, 3, 7.5), base_guidance=3, refl_switch=(5, 10, 15), imagerefl_switch=(5, 10, 15),
-                  aig_powers=(1, 2, 4), refl_switch_no_cfg=(5, 10, 15), workers=2, train_overrides=_N20),
+                  aig_powers=(1, 4), refl_switch_no_cfg=(5, 10, 15), workers=2, train_overrides=_N20),
     quick=DemoPlan(train_steps=2, imagerefl_steps=4, train_seeds=(0,), checkpoints=2, prompts=4, images_per_prompt=4,
                    base_guidances=(1, 3), base_guidance=3, refl_switch=(5,), imagerefl_switch=(5,), aig_powers=(2,),
                    refl_switch_no_cfg=(5,),
-                   num_inference_steps=10, train_overrides=_N10),
+                   num_inference_steps=8, train_overrides=_N8),
 )
 
 def train_steps_of(plan:DemoPlan, model:str)->int:
@@ -229,8 +230,7 @@ def demo_settings(plan:DemoPlan,
             out += [Setting(f"{model} (training)", model, "tuned", fine_tuned_guidance_scale=1.0, train_seed=s, train_step=t)
                     for t in steps[:-1]]
             final = dict(train_seed=s, train_step=steps[-1])
-            out += [Setting(model, model, "tuned", fine_tuned_guidance_scale=1.0, **final),
-                    Setting(model, model, "tuned", fine_tuned_guidance_scale=gb, **final)]
+            out += [Setting(model, model, "tuned", fine_tuned_guidance_scale=float(g), **final) for g in plan.tuned_guidances]
             out += [Setting(f"{model}+combined", model, "combined", k, guidance_scale=gb, fine_tuned_guidance_scale=1.0, **final)
                     for k in (plan.refl_switch if model == "refl" else plan.imagerefl_switch)]
             if model == "refl":
@@ -456,8 +456,9 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
              f"model at the same guidance: CFG 1 (diversity {_fmt(g1.diversity_mean.iloc[0] if len(g1) else math.nan, 4)}) "
              "is where the base has the most diversity to lose, so it is the positive control's setting. Combined "
              f"generation runs the base UNet at CFG {plan.base_guidance:g}: a guidance that buys reward while keeping "
-             "part of the base's diversity (at 7.5 little is left). Each tuned model is also sampled at that CFG, "
-             "against the base at the same CFG.", "",
+             "part of the base's diversity (at 7.5 little is left)." + (
+                 f" Each tuned model is also sampled alone at CFG {', '.join(f'{g:g}' for g in other)}, against the base at the same CFG."
+                 if (other := [float(g) for g in plan.tuned_guidances if not _same(g, 1.0)]) else ""), "",
              "## Which of the paper's claims held here", "",
              "Effects are tuned minus control (or method A minus method B at equal reward); the interval is a 95 % "
              "t-interval across training seeds unless it says otherwise; *held* means the interval excludes zero on "
@@ -546,6 +547,8 @@ def demo(out_dir:str|Path="demo",  # output folder
     plan = plan or DEMO_PLANS["quick" if quick else "full"]
     if not {1.0, float(plan.base_guidance)} <= {float(g) for g in plan.base_guidances}:
         raise UserError(f"the plan's base_guidances {plan.base_guidances} must include 1 and base_guidance={plan.base_guidance}: they are the controls")
+    if 1.0 not in {float(g) for g in plan.tuned_guidances} or not {float(g) for g in plan.tuned_guidances} <= {float(g) for g in plan.base_guidances}:
+        raise UserError(f"the plan's tuned_guidances {plan.tuned_guidances} must include 1 (the training curves) and be in base_guidances {plan.base_guidances} (their controls)")
     workers = plan.workers if workers is None else workers
     if not isinstance(workers, int) or workers < 1: raise UserError(f"workers must be a whole number >= 1, not {workers!r}")
     threads = torch.get_num_threads(); torch.set_num_threads(plan.threads)

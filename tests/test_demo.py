@@ -77,3 +77,18 @@ def test_demo_rerun_reuses_finished_work(quick_run):
     demo(quick_run, quick=True, seed=0, progress=False)
     after = {p: p.stat().st_mtime_ns for p in (quick_run/"eval").rglob("*.png")}
     assert before == after          # no image regenerated, no training rerun
+
+def test_subsample_bench_reproduces_the_run(quick_run):
+    "bench/demo_subsample.py: the whole run recomputed from its images is the run's results table; fewer images change it."
+    sys.path.insert(0, str(Path(__file__).parents[1]/"bench"))
+    try: from demo_subsample import Run
+    finally: sys.path.pop(0)
+    run, df = Run(quick_run), pd.read_csv(quick_run/"results.csv")
+    cols = ["reward_mean", "reward_ci_low", "reward_ci_high", "diversity_mean", "diversity_ci_low", "diversity_ci_high"]
+    plan = DEMO_PLANS["quick"]
+    same = run.table(plan.prompts, plan.images_per_prompt)
+    assert np.allclose(same[cols].to_numpy(float), df[cols].to_numpy(float), rtol=0, atol=1e-6)
+    fewer = run.table(plan.prompts, 2, drop=lambda r: r["sampler"] == "aig")
+    assert (fewer.n_images == plan.prompts * 2).all() and "aig" not in set(fewer.sampler)
+    assert not np.allclose(fewer.diversity_mean.to_numpy(), df[df.sampler != "aig"].diversity_mean.to_numpy())
+    assert judge_claims(fewer).verdict.notna().all()

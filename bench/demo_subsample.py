@@ -1,0 +1,94 @@
+"""What a smaller demo plan would have concluded: a finished demo folder's claims, recomputed on subsets of its images
+(the first m prompts, the first n images of each prompt) and without some settings, next to the claims as run.
+
+    python bench/demo_subsample.py demo                            # as run, then one image and a quarter of the prompts fewer
+    python bench/demo_subsample.py demo --prompts 12 9 --images 5 4 --drop-aig-power 2
+
+An image's seed depends only on (evaluation seed, prompt, sample) (`metrics.image_seed`), so the first n images of a
+prompt are the images a plan with n images per prompt draws (up to float rounding of another batch size): each subset
+gives the smaller plan's numbers without running it. Rewards come from `images.csv`; diversity is recomputed from the
+saved PNGs with the mini feature network, as `evaluate` computes it. Used to choose the full plan (README, Measured).
+"""
+from __future__ import annotations
+import argparse, math, os, sys
+from pathlib import Path
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pandas as pd, torch
+
+def folder_name(row)->str:
+    "The evaluation folder of a results row (`Setting.name` rebuilt from the row's settings)."
+    from imagerefl.experiments import Setting
+    num = lambda v, f=float: None if v is None or (isinstance(v, float) and math.isnan(v)) else f(v)
+    kw = dict(train_seed=num(row.get("train_seed"), int), train_step=num(row.get("train_step"), int))
+    if row["sampler"] in ("base", "combined"): kw["guidance_scale"] = num(row["base_guidance"])
+    if row["sampler"] != "base": kw["fine_tuned_guidance_scale"] = num(row["tuned_guidance"])
+    if row["sampler"] == "combined": kw["original_unet_steps"] = num(row["original_unet_steps"], int)
+    if row["sampler"] == "aig": kw["aig_power"] = num(row["aig_power"])
+    return Setting(row["method"], row["model"], row["sampler"], **kw).name
+
+class Run:
+    "A demo folder's results table with each row's per-image rewards and mini features."
+    def __init__(self, folder:Path):
+        from imagerefl.mininets import load_mini_features
+        from imagerefl.metrics import _load_png
+        self.results = pd.read_csv(folder/"results.csv")
+        net, self.images, self.features = load_mini_features().eval(), [], []
+        for _, row in self.results.iterrows():
+            d = folder/"eval"/folder_name(row)
+            if not (d/"images.csv").exists(): sys.exit(f"{d} has no images.csv: is {folder} a finished demo folder?")
+            t = pd.read_csv(d/"images.csv")
+            with torch.no_grad(): f = net(torch.stack([_load_png(d/p) for p in t.path])).float()
+            self.images.append(t); self.features.append(f)
+
+    def table(self, prompts:int, images:int, drop=lambda row: False)->pd.DataFrame:
+        "The results table as a plan with `prompts` prompts and `images` images per prompt would have measured it."
+        from imagerefl.metrics import pairwise_diversity, summarize
+        rows = []
+        for (_, row), t, f in zip(self.results.iterrows(), self.images, self.features):
+            if drop(row): continue
+            keep = ((t["sample"] < images) & (t.prompt_id < prompts)).to_numpy()
+            sub = t[keep]; row = row.copy()
+            per_prompt = dict(reward=sub.groupby("prompt_id", sort=True).reward.mean().to_numpy(),
+                              diversity=pairwise_diversity(f[torch.tensor(keep)], sub.prompt_id.tolist()).diversity.to_numpy())
+            for m, v in per_prompt.items():   # as `evaluate` summarises: mean over prompts, t-interval across prompts
+                s = summarize(v); row[f"{m}_mean"], row[f"{m}_ci_low"], row[f"{m}_ci_high"] = s.mean, s.ci_low, s.ci_high
+            row["n_images"] = int(keep.sum())
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+def main(argv=None)->int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", type=Path, help="a finished `imagerefl demo` output folder")
+    ap.add_argument("--prompts", type=int, nargs="*", help="prompt counts to try (default: as run and 3/4 of it)")
+    ap.add_argument("--images", type=int, nargs="*", help="images per prompt to try (default: as run and one fewer)")
+    ap.add_argument("--drop-aig-power", type=float, nargs="*", default=[], help="also try without these AIG powers")
+    a = ap.parse_args(argv)
+    from imagerefl.experiments import judge_claims
+    from imagerefl.figures import markdown_table
+    run = Run(a.folder)
+    n_prompts = int(run.images[0].prompt_id.nunique()); n_images = int(run.images[0]["sample"].nunique())
+    plans = [(p, i, ()) for p in (a.prompts or [n_prompts, round(n_prompts * 3 / 4)])
+             for i in (a.images or [n_images, n_images - 1])]
+    if any(p > n_prompts or i > n_images or p < 2 or i < 2 for p, i, _ in plans):
+        sys.exit(f"the run has {n_prompts} prompts x {n_images} images: try 2 to {n_prompts} prompts and 2 to {n_images} images")
+    if a.drop_aig_power: plans.append((n_prompts, n_images, tuple(a.drop_aig_power)))
+    out = []
+    for p, i, drop in plans:
+        label = f"{p} x {i}" + (f", no AIG power {', '.join(f'{x:g}' for x in drop)}" if drop else "")
+        df = run.table(p, i, lambda r: r["sampler"] == "aig" and any(math.isclose(r["aig_power"], x) for x in drop))
+        for c in judge_claims(df).itertuples():
+            level = f" at reward {c.reward_level:.2f}" if pd.notna(c.reward_level) else ""
+            interval = f"{c.effect:+.3f} [{c.ci_low:+.3f}, {c.ci_high:+.3f}]" if pd.notna(c.effect) else "–"
+            out.append(dict(plan=label, claim=f"{c.claim} (control: {c.control[:40]}…)", result=f"{interval}{level}, {c.seeds_held} {c.verdict}"))
+    table = pd.DataFrame(out)
+    claims = {pl: g.claim.tolist() for pl, g in table.groupby("plan", sort=False)}
+    assert len({tuple(v) for v in claims.values()}) == 1, "the plans judged different claims"
+    table["order"] = table.groupby("plan").cumcount()   # a claim at matched reward comes once per reward level
+    wide = table.pivot(index="order", columns="plan", values="result")[list(claims)]
+    wide.index = pd.Index(next(iter(claims.values())), name="claim")
+    print(f"{a.folder}: {len(run.results)} settings, {n_prompts} prompts x {n_images} images as run; "
+          "each cell: effect [95 % interval across training seeds (one seed: across prompts)], seeds where it held, verdict\n")
+    print(markdown_table(wide))
+    return 0
+
+if __name__ == "__main__": sys.exit(main())
