@@ -894,7 +894,7 @@ def fit(self:Trainer, report:bool=True, # print the closing message
         self._start(say)
         if c.log_with != "none": acc.init_trackers(**_tracker_init(c))
         self._install_signals()
-        bar = tqdm(total=c.max_steps, initial=self.step, disable=not acc.is_local_main_process, desc="train", unit="step")
+        bar = tqdm(total=c.max_steps, initial=self.step, disable=not acc.is_local_main_process, desc=f"train {Path(c.out_dir).name}", unit="step")   # the run named: parallel runs share a terminal
         status, t0 = "finished", time.time()
         try:
             if self.step == 0 and c.validation.every: self.validate()
