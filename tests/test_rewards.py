@@ -10,7 +10,6 @@ from imagerefl.core import UserError
 from imagerefl.rewards import (load_reward, convert_mps_checkpoint, tiny_clip_folder, resize_center_crop, normalize,
                                MPS_CONDITION, reward_names, register_reward, REWARDS, Reward)
 
-torch.set_num_threads(2)
 PROMPTS = ["a photo of a cat", "an oil painting of a harbour at dusk"]
 
 def _images(n=2, h=32, w=32, seed=0):
