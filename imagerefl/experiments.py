@@ -545,9 +545,10 @@ def demo(out_dir:str|Path="demo",  # output folder
         )->pd.DataFrame:           # the results table (also `results.csv`)
     "Train ReFL and ImageReFL on the mini world (several seeds), evaluate every setting and its controls, write results, figures and a report."
     plan = plan or DEMO_PLANS["quick" if quick else "full"]
-    if not {1.0, float(plan.base_guidance)} <= {float(g) for g in plan.base_guidances}:
+    base_g, tuned_g = ({float(g) for g in gs} for gs in (plan.base_guidances, plan.tuned_guidances))
+    if not {1.0, float(plan.base_guidance)} <= base_g:
         raise UserError(f"the plan's base_guidances {plan.base_guidances} must include 1 and base_guidance={plan.base_guidance}: they are the controls")
-    if 1.0 not in {float(g) for g in plan.tuned_guidances} or not {float(g) for g in plan.tuned_guidances} <= {float(g) for g in plan.base_guidances}:
+    if 1.0 not in tuned_g or not tuned_g <= base_g:
         raise UserError(f"the plan's tuned_guidances {plan.tuned_guidances} must include 1 (the training curves) and be in base_guidances {plan.base_guidances} (their controls)")
     workers = plan.workers if workers is None else workers
     if not isinstance(workers, int) or workers < 1: raise UserError(f"workers must be a whole number >= 1, not {workers!r}")
