@@ -13,7 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel, AutoencoderKL
 from transformers import CLIPTextConfig, CLIPTextModel
-from imagerefl.testing import tiny_sd_pipeline, clip_tokenizer, sd_scheduler
+from imagerefl.testing import tiny_sd_pipeline
+from imagerefl.mini.components import clip_tokenizer, sd_scheduler
 from imagerefl.sampling import CombinedStableDiffusionPipeline
 
 # Stable Diffusion 1.5's UNet (stable-diffusion-v1-5/unet/config.json), written out so no hub access is needed.

@@ -16,9 +16,9 @@ import torch
 PARTS = {"UNet forward": r"unet_2d_condition.py:\d+\(forward\)", "backward": r"run_backward",
          "VAE decode": r"autoencoder_kl.py:\d+\(decode\)", "VAE encode": r"autoencoder_kl.py:\d+\(encode\)",
          "text encoder": r"diffusion.py:\d+\(encode_prompt\)|pipeline_stable_diffusion.py:\d+\(encode_prompt\)",
-         "reward": r"rewards.py:\d+\(forward\)", "optimizer step": r"optimizer.py:\d+\(wrapper\)",
-         "scheduler step": r"scheduling_ddpm.py:\d+\(step\)", "PNG write/read": r"metrics.py:\d+\(_(save|load)_png\)",
-         "scores, diversity, FID/KID": r"metrics.py:\d+\(_(score|finish)\)", "checkpoint": r"train.py:\d+\(save_checkpoint\)"}
+         "reward": r"(registry|nets).py:\d+\(forward\)", "optimizer step": r"optimizer.py:\d+\(wrapper\)",
+         "scheduler step": r"scheduling_ddpm.py:\d+\(step\)", "PNG write/read": r"evaluate.py:\d+\(_(save|load)_png\)",
+         "scores, diversity, FID/KID": r"evaluate.py:\d+\(_(score|finish)\)", "checkpoint": r"train.py:\d+\(save_checkpoint\)"}
 
 def cpu()->float: r = resource.getrusage(resource.RUSAGE_SELF); return r.ru_utime + r.ru_stime
 
@@ -37,8 +37,10 @@ def timed(fn, n:int):
     return out, prof
 
 def trainer(plan, model:str):
-    from imagerefl.experiments import train_steps_of
-    from imagerefl.train import load_config, Trainer, build_data, model_source
+    from imagerefl.mini.demo import train_steps_of
+    from imagerefl.config import load_config
+    from imagerefl.train import Trainer, build_data
+    from imagerefl.config import model_source
     from imagerefl.objectives import make_objective
     from imagerefl.diffusion import Backbone
     from imagerefl.rewards import load_reward
@@ -52,10 +54,12 @@ def trainer(plan, model:str):
 
 def eval_setting(plan):
     "A closure that evaluates combined generation (base CFG `plan.base_guidance`, the middle switch step) into a fresh folder."
-    from imagerefl.experiments import Setting, evaluate_setting, load_models, DigitAccuracy
-    from imagerefl.mininets import load_mini_features
+    from imagerefl.sweeps import Setting, evaluate_setting, load_models
+    from imagerefl.mini.demo import DigitAccuracy
+    from imagerefl.mini.nets import load_mini_features
     from imagerefl.rewards import load_reward
-    from imagerefl.data import load_prompts, mini_digits
+    from imagerefl.data import load_prompts
+    from imagerefl.mini.data import mini_digits
     base, _ = load_models("mini"); tuned = copy.deepcopy(base.unet)
     prompts = load_prompts("mini-digits", split="test")[:plan.prompts]
     features, reward = load_mini_features(), load_reward("mini-digits")
@@ -70,11 +74,11 @@ def eval_setting(plan):
 
 def main(argv=None)->int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--plan", default="full", help="a key of imagerefl.experiments.DEMO_PLANS")
+    ap.add_argument("--plan", default="full", help="a key of imagerefl.mini.demo.DEMO_PLANS")
     ap.add_argument("--threads", type=int, nargs="*", help="torch thread counts to run in turn (default: the plan's)")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps timed per objective (after one warm-up step)")
     a = ap.parse_args(argv)
-    from imagerefl.experiments import DEMO_PLANS
+    from imagerefl.mini.demo import DEMO_PLANS
     plan = DEMO_PLANS[a.plan]
     print(f"plan {a.plan}: N = {plan.num_inference_steps}, {plan.prompts} prompts x {plan.images_per_prompt} images, "
           f"batch {plan.batch_size}; os.cpu_count() = {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")

@@ -17,7 +17,7 @@ import pandas as pd, torch
 
 def folder_name(row)->str:
     "The evaluation folder of a results row (`Setting.name` rebuilt from the row's settings)."
-    from imagerefl.experiments import Setting
+    from imagerefl.sweeps import Setting
     num = lambda v, f=float: None if v is None or (isinstance(v, float) and math.isnan(v)) else f(v)
     kw = dict(train_seed=num(row.get("train_seed"), int), train_step=num(row.get("train_step"), int))
     if row["sampler"] in ("base", "combined"): kw["guidance_scale"] = num(row["base_guidance"])
@@ -29,8 +29,8 @@ def folder_name(row)->str:
 class Run:
     "A demo folder's results table with each row's per-image rewards and mini features."
     def __init__(self, folder:Path):
-        from imagerefl.mininets import load_mini_features
-        from imagerefl.metrics import _load_png
+        from imagerefl.mini.nets import load_mini_features
+        from imagerefl.evaluate import _load_png
         self.results = pd.read_csv(folder/"results.csv")
         net, self.images, self.features = load_mini_features().eval(), [], []
         for _, row in self.results.iterrows():
@@ -63,7 +63,7 @@ def main(argv=None)->int:
     ap.add_argument("--images", type=int, nargs="*", help="images per prompt to try (default: as run and one fewer)")
     ap.add_argument("--drop-aig-power", type=float, nargs="*", default=[], help="also try without these AIG powers")
     a = ap.parse_args(argv)
-    from imagerefl.experiments import judge_claims
+    from imagerefl.claims import judge_claims
     from imagerefl.figures import markdown_table
     run = Run(a.folder)
     n_prompts = int(run.images[0].prompt_id.nunique()); n_images = int(run.images[0]["sample"].nunique())

@@ -122,7 +122,8 @@ def check_adam8bit(run:Run, pipe):
     try: import bitsandbytes  # noqa: F401
     except ImportError: raise Skip("bitsandbytes is not installed")
     if run.device.type != "cuda": raise Skip("bitsandbytes' 8-bit Adam needs CUDA")
-    from imagerefl.train import make_optimizer, OptimizerConfig
+    from imagerefl.train import make_optimizer
+    from imagerefl.config import OptimizerConfig
     lin = torch.nn.Linear(4096, 4096, device=run.device)
     opt = make_optimizer(list(lin.parameters()), OptimizerConfig(name="adamw8bit", lr=1e-3))
     before = lin.weight.detach().clone()
@@ -134,7 +135,9 @@ def check_adam8bit(run:Run, pipe):
 # ---- 2. training step ----------------------------------------------------------------------------------------------
 def train_step(run:Run, pipe, reward, name:str, setup:str, steps:int, out:str)->tuple[float, float]:
     "Seconds per optimizer step and peak memory (GiB; CUDA only) of one objective and setup (as bench/train_step.py)."
-    from imagerefl.train import Trainer, load_config, PromptDataset
+    from imagerefl.train import Trainer
+    from imagerefl.data import PromptDataset
+    from imagerefl.config import load_config
     from imagerefl.diffusion import Backbone
     ref = setup == "reference-like"
     cfg = load_config(dict(out_dir=out, mixed_precision=run.precision, log_with="none", export=False, checkpoint_every=0,
@@ -165,7 +168,7 @@ def train_step(run:Run, pipe, reward, name:str, setup:str, steps:int, out:str)->
 # ---- 3. combined generation against StableDiffusionPipeline --------------------------------------------------------
 def generation_ratio(run:Run, pipe, steps:int, pairs:int)->tuple[float, float, float]:
     from imagerefl.sampling import CombinedStableDiffusionPipeline
-    from imagerefl.testing import sd_scheduler
+    from imagerefl.mini.components import sd_scheduler
     dtype = torch.float32 if run.rehearsal else torch.float16
     base = copy.deepcopy(pipe).to(run.device, dtype); base.scheduler = sd_scheduler("ddim")
     comb = CombinedStableDiffusionPipeline.from_pipelines(base, copy.deepcopy(base.unet))

@@ -19,7 +19,7 @@ def sd15_pipeline():
     "A Stable Diffusion 1.5-size pipeline with random weights (configs of the SD1.5 checkpoint)."
     from diffusers import AutoencoderKL, UNet2DConditionModel, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
-    from imagerefl.testing import clip_tokenizer, sd_scheduler
+    from imagerefl.mini.components import clip_tokenizer, sd_scheduler
     unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
@@ -49,7 +49,9 @@ def objective(name:str, sd15:bool):
     return make_objective(name, cfg)
 
 def run(name:str, setup:str, sd15:bool, batch:int, steps:int, out:str)->dict:
-    from imagerefl.train import Trainer, load_config, PromptDataset
+    from imagerefl.train import Trainer
+    from imagerefl.data import PromptDataset
+    from imagerefl.config import load_config
     from imagerefl.diffusion import Backbone
     from imagerefl.testing import tiny_sd_pipeline
     cuda = torch.cuda.is_available()

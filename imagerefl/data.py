@@ -20,10 +20,9 @@ from fastcore.basics import patch
 from .core import UserError, hub_offline, looks_like_path, read_text
 
 # %% auto #0
-__all__ = ['TEXT_COLUMNS', 'MINI_DIGIT_WORDS', 'MINI_BOLD_QUANTILE', 'MINI_SLANT_QUANTILE', 'MINI_TEST_FRACTION',
-           'HUB_PROMPT_SETS', 'HUB_IMAGE_SETS', 'to_rgb', 'fit_image', 'pil_to_tensor', 'resize_center_crop',
-           'ImageCaptionDataset', 'collate', 'read_jsonl', 'mini_prompt', 'ink_slant', 'mini_digits',
-           'digit_from_prompt', 'load_prompts', 'load_image_captions']
+__all__ = ['TEXT_COLUMNS', 'HUB_PROMPT_SETS', 'HUB_IMAGE_SETS', 'to_rgb', 'fit_image', 'pil_to_tensor', 'resize_center_crop',
+           'ImageCaptionDataset', 'collate', 'read_jsonl', 'load_prompts', 'load_image_captions', 'PromptDataset',
+           'collate_batch', 'EpochBatches']
 
 # %% ../nbs/02_data.ipynb #f7c09764
 _WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")   # how PIL opens 16-bit greyscale PNGs and TIFFs
@@ -46,19 +45,19 @@ def pil_to_tensor(image:Image.Image)->torch.Tensor:
     return torch.from_numpy(np.asarray(to_rgb(image), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
 
 # %% ../nbs/02_data.ipynb #15af46cd
-def resize_center_crop(images:torch.Tensor, # (B,C,H,W) float
-                       size:int,            # side of the square result
-                      )->torch.Tensor:      # (B,C,size,size)
-    "`fit_image` on tensors, but bicubic (antialiased), the feature networks' own filter: resize the shorter side, centre crop."
+def resize_center_crop(images:torch.Tensor,   # (B,3,H,W) float
+                       size:int,        # target of the shorter side
+                       crop:int|None=None, # square crop, default `size`
+                       rounding:str="round", # crop offset: "round" (torchvision) or "floor" (transformers)
+                      )->torch.Tensor:        # (B,3,crop,crop)
+    "`fit_image` on tensors, differentiably: resize the shorter side to `size` (bicubic, antialiased, the feature networks' and reward models' filter), centre-crop."
+    crop = crop or size
     h, w = images.shape[-2:]
-    if (h, w) != (size, size):
-        short, long = min(h, w), max(h, w)
-        new_long = int(size * long / short)
-        new = (size, new_long) if h <= w else (new_long, size)
-        images = F.interpolate(images, size=new, mode="bicubic", antialias=True, align_corners=False)
-        h, w = images.shape[-2:]
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return images[..., top:top+size, left:left+size]
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    x = images if (nh, nw) == (h, w) else F.interpolate(images, (nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    off = (lambda v: int(round(v))) if rounding == "round" else (lambda v: int(v))
+    top, left = off((nh - crop) / 2), off((nw - crop) / 2)
+    return x[..., top:top + crop, left:left + crop]
 
 # %% ../nbs/02_data.ipynb #31247555
 def _open_image(src):
@@ -246,76 +245,6 @@ def from_hub(cls:ImageCaptionDataset, name:str,            # hub dataset id, e.g
     rows = None if len(keep) == len(captions) else keep
     return cls(_Column(ds, image_column, rows), [captions[i] for i in keep], resolution, skipped=len(captions) - len(keep))
 
-# %% ../nbs/02_data.ipynb #95cd52cf
-MINI_DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-MINI_BOLD_QUANTILE, MINI_SLANT_QUANTILE, MINI_TEST_FRACTION = 0.75, 0.80, 0.15
-
-def mini_prompt(digit:int)->str:
-    "The plain class prompt of the mini world."
-    return f"a handwritten digit {MINI_DIGIT_WORDS[digit]}"
-
-def ink_slant(images:np.ndarray, # (..., h, w) ink intensities >= 0
-             )->np.ndarray:      # (...) shear dx/dy of the ink; > 0 leans right
-    "Slant of the ink from its second-order central moments: `-mu11/mu02`."
-    h, w = images.shape[-2:]
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
-    m = images.sum((-2, -1))
-    cx, cy = (images*xs).sum((-2, -1))/m, (images*ys).sum((-2, -1))/m
-    dx, dy = xs - cx[..., None, None], ys - cy[..., None, None]
-    return -(images*dx*dy).sum((-2, -1)) / (images*dy*dy).sum((-2, -1))
-
-# %% ../nbs/02_data.ipynb #df3cdfe4
-@lru_cache()
-def _mini_digits_base():
-    "Digits, labels, captions and the train/test split, computed once."
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    d = load_digits()
-    x, y = d.images.astype(np.float64), d.target.astype(np.int64)
-    mass, slant = x.sum((1, 2)) / 16, ink_slant(x)
-    captions = []
-    words = [[] for _ in y]
-    for k in range(10):
-        idx = np.flatnonzero(y == k)
-        lo, hi = np.quantile(mass[idx], [1 - MINI_BOLD_QUANTILE, MINI_BOLD_QUANTILE])
-        dev = np.abs(slant[idx] - np.median(slant[idx]))
-        s_thr = np.quantile(dev, MINI_SLANT_QUANTILE)
-        for i, dv in zip(idx, dev):
-            if mass[i] >= hi: words[i].append("bold")
-            elif mass[i] <= lo: words[i].append("thin")
-            if dv > s_thr: words[i].append("slanted")
-    captions = [", ".join([mini_prompt(k)] + w) for k, w in zip(y, words)]
-    train, test = train_test_split(np.arange(len(y)), test_size=MINI_TEST_FRACTION, stratify=y, random_state=0)
-    return x, y, captions, dict(train=np.sort(train), test=np.sort(test)), mass, slant
-
-@lru_cache(maxsize=4)
-def _mini_images(resolution:int)->torch.Tensor:
-    x = torch.from_numpy(_mini_digits_base()[0]).float()[:, None] / 16
-    return F.interpolate(x, size=(resolution, resolution), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-
-# %% ../nbs/02_data.ipynb #7244e9a7
-def mini_digits(split:str="train", # "train" (85 %), "test" (15 %, held out) or "all"
-                resolution:int=32, # side of the square images
-               )->ImageCaptionDataset:
-    "The mini world's captioned digits (scikit-learn `load_digits`), white on black RGB, in [0,1]."
-    x, y, captions, splits, *_ = _mini_digits_base()
-    if split == "all": idx = np.arange(len(y))
-    elif split in splits: idx = splits[split]
-    else: raise UserError(f"mini-digits split '{split}' does not exist: use train, test or all")
-    ims = _mini_images(resolution)[torch.from_numpy(idx)]
-    ds = ImageCaptionDataset(ims, [captions[i] for i in idx], resolution)
-    ds.labels, ds.source_index = torch.from_numpy(y[idx]), idx
-    return ds
-
-# %% ../nbs/02_data.ipynb #39f47d2b
-def digit_from_prompt(prompt:str, # e.g. "a handwritten digit seven, bold"
-                     )->int:      # 0..9
-    "The digit a mini-world prompt asks for."
-    found = {MINI_DIGIT_WORDS.index(w) for w in re.findall(r"[a-z]+", prompt.lower()) if w in MINI_DIGIT_WORDS}
-    if len(found) != 1:
-        raise UserError(f"prompt {prompt!r} must name exactly one digit word ({', '.join(MINI_DIGIT_WORDS)}) for the mini world")
-    return found.pop()
-
 # %% ../nbs/02_data.ipynb #bdbff6bf
 HUB_PROMPT_SETS = {
     "hpdv2":    dict(repo="ymhao/HPDv2", split="test", column="prompt"),
@@ -350,7 +279,8 @@ def load_prompts(source:str,          # hpdv2, coco, pickapic, mini-digits, a hu
                 )->list[str]:
     "A list of prompts from a named set, a hub dataset or a local file (null entries are skipped with a warning)."
     source = str(source)
-    if source == "mini-digits":
+    if source == "mini-digits":      # the mini world, imported only when asked for
+        from imagerefl.mini.data import mini_digits, mini_prompt
         if split in (None, "classes"): prompts = [mini_prompt(k) for k in range(10)]
         else: prompts = mini_digits(split).captions
     elif source in HUB_PROMPT_SETS:
@@ -379,10 +309,38 @@ def load_image_captions(source:str,             # coco, mini-digits, a local ima
                        )->ImageCaptionDataset:
     "An image-caption set from a name, a local folder or a hub id."
     source = str(source)
-    if source == "mini-digits": return mini_digits(split, resolution or 32)
+    if source == "mini-digits":      # the mini world, imported only when asked for
+        from imagerefl.mini.data import mini_digits
+        return mini_digits(split, resolution or 32)
     resolution = resolution or 512
     if source in HUB_IMAGE_SETS:
         spec = HUB_IMAGE_SETS[source]
         return ImageCaptionDataset.from_hub(spec["repo"], split, resolution, spec["image_column"], spec["text_column"])
     if Path(source).expanduser().exists() or looks_like_path(source): return ImageCaptionDataset.from_folder(source, resolution)
     return ImageCaptionDataset.from_hub(source, split, resolution)
+
+# %% ../nbs/02_data.ipynb #d46c2ce9
+class PromptDataset(torch.utils.data.Dataset):
+    "A list of prompts as dataset items `dict(caption, index)`."
+    def __init__(self, prompts:list[str]): self.prompts = list(prompts)
+    def __len__(self): return len(self.prompts)
+    def __getitem__(self, i): return dict(caption=self.prompts[i], index=i)
+
+def collate_batch(items:list[dict])->dict:
+    "Captions as a list of str, indices as a tensor, images (when present) stacked."
+    out = dict(caption=[b["caption"] for b in items], index=torch.tensor([int(b["index"]) for b in items]))
+    if "image" in items[0]: out["image"] = torch.stack([b["image"] for b in items])
+    return out
+
+class EpochBatches(torch.utils.data.Sampler):
+    "Row indices of one process's micro-batches in one epoch: a seeded shuffle, the global batch split by process."
+    def __init__(self, n:int, batch_size:int, seed:int, epoch:int, # rows, per-process batch, run seed, epoch
+                 rank:int=0, world:int=1, start:int=0):            # this process, number of processes, first micro-batch
+        self.n, self.batch_size, self.seed, self.epoch, self.rank, self.world, self.start = n, batch_size, seed, epoch, rank, world, start
+    def __len__(self): return max(0, self.n // (self.batch_size * self.world) - self.start)
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+        g = self.batch_size * self.world
+        for b in range(self.start, self.n // g):
+            lo = b * g + self.rank * self.batch_size
+            yield order[lo:lo + self.batch_size].tolist()

@@ -9,7 +9,7 @@ from PIL import Image
 from imagerefl.cli import main
 from imagerefl.core import UserError, atomic_write_text, check_source, save_safetensors
 from imagerefl.data import ImageCaptionDataset, load_prompts, pil_to_tensor
-from imagerefl.mininets import mini_base_path
+from imagerefl.mini.nets import mini_base_path
 import imagerefl, imagerefl.sampling   # diffusers' log handler binds the real stderr now, not a test's captured one
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def test_pipeline_call_errors_are_value_errors(folders):
         with pytest.raises(ValueError, match=msg): pipe(**kw)
 
 def test_user_reward_in_config(tmp_path, monkeypatch, capsys):
-    from imagerefl.train import load_config
+    from imagerefl.config import load_config
     (tmp_path/"my_reward.py").write_text("import torch\nclass Bright(torch.nn.Module):\n"
                                          "    def forward(self, images, prompts): return images.mean((1, 2, 3))\n")
     monkeypatch.chdir(tmp_path)

@@ -4,7 +4,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest, yaml
 from imagerefl.cli import main
-from imagerefl.train import load_config, config_names, config_dir, TrainConfig
+from imagerefl.config import load_config, config_names, config_dir, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ["sd15_hps21_imagerefl", "sd15_hps21_refl", "sd15_hps21_draftk", "sd15_pickscore_imagerefl", "sdxl_hps21_imagerefl"]

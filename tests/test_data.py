@@ -6,7 +6,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from imagerefl.core import UserError
 from imagerefl.data import (ImageCaptionDataset, collate, fit_image, pil_to_tensor, resize_center_crop, load_prompts,
-                            load_image_captions, mini_digits, digit_from_prompt, MINI_DIGIT_WORDS, mini_prompt)
+                            load_image_captions)
+from imagerefl.mini.data import mini_digits, digit_from_prompt, MINI_DIGIT_WORDS, mini_prompt
 
 
 def one_line_user_error(f, contains):

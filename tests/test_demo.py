@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import pytest
 from PIL import Image
-from imagerefl.experiments import demo, DEMO_PLANS, demo_settings, judge_claims
+from imagerefl.mini.demo import demo, DEMO_PLANS, demo_settings
+from imagerefl.claims import judge_claims
 
 METRIC_COLS = ["reward_mean", "reward_ci_low", "reward_ci_high", "accuracy_mean", "diversity_mean", "diversity_ci_low",
                "diversity_ci_high", "fid", "kid", "kid_std"]
@@ -68,7 +69,7 @@ def test_a_failing_worker_stops_the_demo_with_its_error(tmp_path, monkeypatch):
     "A unit of work that fails in a worker process surfaces as the same one-line error, and nothing is left running."
     import dataclasses
     from imagerefl.core import UserError
-    from imagerefl.experiments import DEMO_PLANS
+    from imagerefl.mini.demo import DEMO_PLANS
     bad = dataclasses.replace(DEMO_PLANS["quick"], train_overrides={"refl": ("optimizer.lr=-1",)})
     with pytest.raises(UserError, match="lr"): demo(tmp_path/"bad", plan=bad, progress=False, workers=2)
 
@@ -92,3 +93,15 @@ def test_subsample_bench_reproduces_the_run(quick_run):
     assert (fewer.n_images == plan.prompts * 2).all() and "aig" not in set(fewer.sampler)
     assert not np.allclose(fewer.diversity_mean.to_numpy(), df[df.sampler != "aig"].diversity_mean.to_numpy())
     assert judge_claims(fewer).verdict.notna().all()
+
+def test_results_equal_those_before_the_module_split(quick_run):
+    """The quick demo's results.csv holds the rows and values it held before the trainer, the experiments and the mini
+    world were split into one module per idea (`tests/data/quick_demo_results.csv`, written by that layout). Settings
+    must match exactly; measured values to 1e-3 (the same up to the last digits where another CPU rounds differently)."""
+    before = pd.read_csv(Path(__file__).parent/"data"/"quick_demo_results.csv")
+    now = pd.read_csv(quick_run/"results.csv")
+    assert list(now.columns) == list(before.columns) and len(now) == len(before)
+    measured = [c for c in now.columns if c.endswith(("_mean", "_ci_low", "_ci_high")) or c in ("fid", "kid", "kid_std")]
+    settings = [c for c in now.columns if c not in measured]
+    pd.testing.assert_frame_equal(now[settings], before[settings])
+    np.testing.assert_allclose(now[measured].to_numpy(float), before[measured].to_numpy(float), rtol=1e-3, atol=1e-3)

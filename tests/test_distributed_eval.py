@@ -7,9 +7,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a cat", "a red dog", "a small house"]
 
 
-class Brightness(nn.Module):
-    def forward(self, images, prompts):
-        return images.mean((1, 2, 3)) + 0.01 * torch.tensor([len(p) for p in prompts], dtype=images.dtype)
+def Brightness():
+    "Mean brightness plus 0.01 per prompt character."
+    from imagerefl.testing import Brightness as B
+    return B(per_char=0.01).requires_grad_(False)
 
 
 class Counting:
@@ -20,7 +21,8 @@ class Counting:
 def work(out:str, resume:bool)->tuple:
     "One evaluation (in one process, or in each process of a distributed launch); with `resume`, lose 3 images and re-run."
     from transformers import ViTConfig, ViTModel
-    from imagerefl.metrics import evaluate, DinoFeatures, Processes
+    from imagerefl.evaluate import evaluate, Processes
+    from imagerefl.metrics import DinoFeatures
     from imagerefl.testing import tiny_sd_pipeline
     threads = torch.get_num_threads(); torch.set_num_threads(1)
     try:

@@ -2,7 +2,7 @@
 
 1. One optimizer step: the SD UNet sharded with torch's FSDP (FSDP2 `fully_shard` and FSDP1) over two processes, on
    half the batch each, equals the single-process step on the whole batch.
-2. Sharded checkpoints (`imagerefl.train.save_sharded` / `load_sharded`, the functions the trainer calls): Adam step 1,
+2. Sharded checkpoints (`imagerefl.checkpoint.save_sharded` / `load_sharded`, the functions the trainer calls): Adam step 1,
    save, step 2 gives W2; fresh processes that load the checkpoint and take step 2 give W2 exactly. Each process's
    file holds its shards only; a damaged shard and another number of processes are refused in one line.
 3. The trainer itself, started by `accelerate launch` with the shipped `configs/accelerate/fsdp_4gpu.yaml` on two CPU
@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from imagerefl.core import UserError, save_safetensors
 from imagerefl.runfolder import commit_checkpoint, find_checkpoint
-from imagerefl.train import save_sharded, load_sharded
+from imagerefl.checkpoint import save_sharded, load_sharded
 
 ROOT = Path(__file__).resolve().parents[1]
 slow = pytest.mark.skipif(os.environ.get("IMAGEREFL_SLOW") != "1", reason="slow: several gloo processes; IMAGEREFL_SLOW=1")
@@ -171,7 +171,7 @@ def test_sharded_checkpoint_in_a_world_of_one(tmp_path, monkeypatch):
     assert sorted(p.name for p in ck.iterdir()) == ["manifest.json", "model-rank00-of-01.safetensors", "optimizer-rank00-of-01.safetensors"]
     with safe_open(str(ck/"model-rank00-of-01.safetensors"), "pt") as f: head = json.loads(f.metadata()["sharding"])
     assert head["world_size"] == 1 and head["shards"]["2.weight"] == dict(shape=[64, 64], offset=[0, 0])
-    import imagerefl.train as T
+    import imagerefl.checkpoint as T
     monkeypatch.setattr(T, "_rank_world", lambda: (0, 2))                # as if two processes resumed it
     with pytest.raises(UserError, match=r"holds the shards of 1 process, this run has 2: resume with 1 process$"):
         load_sharded(nn.Linear(1, 1), None, ck)
@@ -235,7 +235,8 @@ TRAIN_WORKER = textwrap.dedent('''
     from imagerefl.testing import tiny_sd_pipeline
     from imagerefl.diffusion import Backbone
     from imagerefl.objectives import ImageReFL, ImageReFLConfig
-    from imagerefl.train import Trainer, load_config
+    from imagerefl.train import Trainer
+    from imagerefl.config import load_config
     from test_train import Brightness, images_data
     out, base, over = sys.argv[1], sys.argv[2], sys.argv[3:]
     cfg = load_config(dict(out_dir=out, mixed_precision="no", log_with="none", max_steps=2, batch_size=1, gradient_accumulation_steps=2,

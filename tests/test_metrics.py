@@ -8,8 +8,9 @@ from scipy import stats, linalg
 from imagerefl.core import UserError
 from imagerefl.data import ImageCaptionDataset, pil_to_tensor
 from imagerefl.metrics import (pairwise_diversity, summarize, DinoFeatures, ClipImageFeatures, InceptionFeatures,
-                               load_features, image_distances, image_seed, evaluate, model_id)
-from imagerefl.testing import tiny_sd_pipeline
+                               load_features, image_distances)
+from imagerefl.evaluate import image_seed, evaluate, model_id
+from imagerefl.testing import tiny_sd_pipeline, Brightness as _Brightness
 from transformers import ViTConfig, ViTModel
 
 PROMPTS = ["a cat", "a red dog", "a small house"]
@@ -41,12 +42,7 @@ class Counting:
         self.calls.append(len(kw["prompt"])); return self.pipe(**kw)
 
 
-class Brightness(nn.Module):
-    "A toy reward: mean brightness plus 0.01 per prompt character; counts the images it scores."
-    def __init__(self): super().__init__(); self.scored = 0
-    def forward(self, images, prompts):
-        self.scored += len(images)
-        return images.mean((1, 2, 3)) + 0.01 * torch.tensor([len(p) for p in prompts], dtype=images.dtype)
+def Brightness(): return _Brightness(per_char=0.01).requires_grad_(False)   # mean brightness + 0.01 per prompt character, counting
 
 
 def load(path): return pil_to_tensor(Image.open(path))

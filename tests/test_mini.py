@@ -4,9 +4,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest, torch
 from diffusers import StableDiffusionPipeline
 from imagerefl.core import UserError
-import imagerefl.mininets as mn
-from imagerefl.mininets import load_mini_reward, load_mini_features, mini_base_path, mini_assets_dir
-from imagerefl.mini import pretrain, sample_accuracy, mini_tensors, mini_prompts
+import imagerefl.mini.nets as mn
+from imagerefl.mini.nets import load_mini_reward, load_mini_features, mini_base_path, mini_assets_dir
+from imagerefl.mini.pretrain import pretrain, sample_accuracy, mini_tensors, mini_prompts
 
 # targets for the base model (design: samples must be legible before reward tuning means anything); mini.json
 # measured 1.00 with CFG 5 and 0.88 without on 100 DDPM-40 samples (seed 0); the thresholds leave room for another seed.

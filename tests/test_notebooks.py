@@ -14,7 +14,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def world():
     "Arguments that point the notebooks at the shipped mini world (its defaults: nothing to override)."
-    from imagerefl.mininets import mini_assets_dir
+    from imagerefl.mini.nets import mini_assets_dir
     assert (mini_assets_dir()/"base"/"model_index.json").exists(), "the mini world is not shipped: run `imagerefl mini pretrain`"
     return dict(make_args=[], base="mini", reward_path=None, imagerefl_config="mini_imagerefl")
 
@@ -94,7 +94,7 @@ def test_make_figures_without_results_says_what_to_do(tmp_path):
 
 def test_explorer_headless(world, made):
     "The widget builds on the mini world; moving the slider regenerates the combined image; k = 0 and k = N are the tuned and base images."
-    from imagerefl.experiments import load_models
+    from imagerefl.sweeps import load_models
     from imagerefl.rewards import load_reward
     from imagerefl.figures import make_explorer
     base_pipe, tuned_unet = load_models(world["base"], str(made/"train"/"imagerefl"))

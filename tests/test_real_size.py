@@ -59,7 +59,9 @@ def own_copy(pipe, precision:str):
 def test_lora_step_with_checkpointing_and_validation(parts, name, precision, tmp_path):
     """One optimizer step (LoRA, gradient checkpointing, frozen parts in `precision`, fp32 adapter), then a validation
     pass whose combined generation switches the LoRA off and on."""
-    from imagerefl.train import Trainer, load_config, PromptDataset
+    from imagerefl.train import Trainer
+    from imagerefl.data import PromptDataset
+    from imagerefl.config import load_config
     from imagerefl.diffusion import Backbone
     from imagerefl.objectives import make_objective
     from imagerefl.data import ImageCaptionDataset
@@ -95,7 +97,7 @@ def test_lora_step_with_checkpointing_and_validation(parts, name, precision, tmp
 def test_combined_generation_two_unets(parts, precision):
     "Combined generation with two SD1.5-size UNets for a few steps equals the base pipeline when the base runs all steps."
     from imagerefl.sampling import CombinedStableDiffusionPipeline
-    from imagerefl.testing import sd_scheduler
+    from imagerefl.mini.components import sd_scheduler
     pipe, _ = parts
     base = copy.deepcopy(pipe).to(dtype=torch.bfloat16 if precision == "bf16" else torch.float32); base.scheduler = sd_scheduler("ddim")
     tuned = copy.deepcopy(base.unet)

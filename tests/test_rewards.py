@@ -7,8 +7,12 @@ from pathlib import Path
 import numpy as np, pytest, torch, torch.nn as nn, torch.nn.functional as F
 from PIL import Image
 from imagerefl.core import UserError
-from imagerefl.rewards import (load_reward, convert_mps_checkpoint, tiny_clip_folder, resize_center_crop, normalize,
-                               MPS_CONDITION, reward_names, register_reward, REWARDS, Reward)
+from imagerefl.rewards import load_reward, reward_names, register_reward, REWARDS, Reward
+from imagerefl.rewards import convert_mps_checkpoint
+from imagerefl.rewards.mps import MPS_CONDITION
+from imagerefl.testing import tiny_clip_folder
+from imagerefl.data import resize_center_crop
+from imagerefl.rewards import normalize
 
 PROMPTS = ["a photo of a cat", "an oil painting of a harbour at dusk"]
 

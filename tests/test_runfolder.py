@@ -8,7 +8,10 @@ from imagerefl.core import UserError
 from imagerefl.testing import tiny_sd_pipeline
 from imagerefl.diffusion import Backbone
 from imagerefl import train as T
-from imagerefl.train import Trainer, load_config, PromptDataset, FixedNoiseObjective
+from imagerefl.train import Trainer
+from imagerefl.data import PromptDataset
+from imagerefl.config import load_config
+from imagerefl.testing import FixedNoiseObjective, Brightness
 
 PROMPTS = [f"prompt {i}" for i in range(8)]
 
@@ -18,9 +21,6 @@ def cfg(out, *over):
                 model=dict(scheduler="ddim", gradient_checkpointing=False), optimizer=dict(name="adam", lr=1e-3),
                 objective=dict(name="refl", num_inference_steps=6, min_mid_index=3, max_mid_index=6))
     return load_config(base, list(over))
-
-class Brightness(torch.nn.Module):
-    def forward(self, images, prompts): return images.float().mean((1, 2, 3))
 
 def trainer(out, *over, objective=None, val_prompts=None):
     bb = Backbone(tiny_sd_pipeline(resolution=32), scheduler="ddim", num_inference_steps=6)
@@ -114,12 +114,12 @@ def test_second_ctrl_c_during_a_checkpoint_save_finishes_the_save(tmp_path, monk
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 def test_push_to_hub_writes_the_card_and_uploads_final_combined(tmp_path, monkeypatch, capsys):
-    import huggingface_hub
     calls = []
     class FakeApi:                                                       # the upload itself, offline
         def create_repo(self, repo_id, **kw): calls.append(("create", repo_id, kw))
         def upload_folder(self, **kw): calls.append(("upload", sorted(p.name for p in Path(kw["folder_path"]).iterdir()), kw))
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    import imagerefl.export
+    monkeypatch.setattr(imagerefl.export, "HfApi", FakeApi)              # where the export reaches huggingface_hub
     (tmp_path/"val.txt").write_text("a cat\na dog\n")
     tr = trainer(tmp_path/"run", "max_steps=1", "model.lora_rank=2", "export=true", "push_to_hub=true", "hub_model_id=me/tiny",
                  "validation.every=1", f"validation.prompts={tmp_path/'val.txt'}", "validation.num_prompts=2",

@@ -10,13 +10,13 @@ from imagerefl.testing import tiny_sd_pipeline
 from imagerefl.diffusion import Backbone
 from imagerefl.data import ImageCaptionDataset
 from imagerefl.objectives import ImageReFL, ImageReFLConfig
-from imagerefl.train import Trainer, load_config, PromptDataset, FixedNoiseObjective, train
+from imagerefl.train import Trainer, train
+from imagerefl.data import PromptDataset
+from imagerefl.config import load_config
+from imagerefl.testing import FixedNoiseObjective, Brightness
 from imagerefl.runfolder import write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-class Brightness(nn.Module):
-    def forward(self, images, prompts): return images.float().mean((1, 2, 3))
 
 def images_data(n=10, res=32):
     g = torch.Generator().manual_seed(0)
@@ -100,7 +100,11 @@ WORKER = textwrap.dedent('''
     import torch
     from imagerefl.testing import tiny_sd_pipeline
     from imagerefl.diffusion import Backbone
-    from imagerefl.train import Trainer, load_config, PromptDataset, FixedNoiseObjective, save_safetensors
+    from imagerefl.train import Trainer
+    from imagerefl.data import PromptDataset
+    from imagerefl.config import load_config
+    from imagerefl.testing import FixedNoiseObjective
+    from imagerefl.core import save_safetensors
     import imagerefl.train as T, time
     if os.environ.get("RANK") == "1":      # late to the run folder: it must not find the main process's new config.yaml there
         on_time = T.resume_point
@@ -169,7 +173,8 @@ def test_deepspeed_and_fsdp1_lora_are_refused_before_any_step(tmp_path, kind, ov
         def distributed_type(self): return DistributedType[kind]
         @distributed_type.setter
         def distributed_type(self, v): pass
-    monkeypatch.setattr(accelerate, "Accelerator", Sharded)               # FSDP1: the state's plugin is not FSDP2
+    import imagerefl.train
+    monkeypatch.setattr(imagerefl.train, "Accelerator", Sharded)          # FSDP1: the state's plugin is not FSDP2
     with pytest.raises(UserError, match=said):
         run(tmp_path, FixedNoiseObjective(), "max_steps=1", *over)
     assert not (tmp_path/"checkpoints").exists()

@@ -21,7 +21,7 @@ def process(nbs:Path)->Path:
     return proc_nbs(str(nbs), n_workers=int(os.environ.get("DOCS_WORKERS", 2)), force=True)
 
 def pages(nbs:Path)->dict:
-    "Site path of every page (`07_sampling.ipynb` -> `sampling.html`) -> its source."
+    "Site path of every page (`10_sampling.ipynb` -> `sampling.html`) -> its source."
     from nbdev.config import nbpath2html
     return {nbpath2html(p.relative_to(nbs)).as_posix(): p for p in nbs.rglob("*") if p.suffix in (".ipynb", ".qmd", ".md")
             and not any(part.startswith((".", "_")) for part in p.relative_to(nbs).parts)}

@@ -4,13 +4,13 @@
 Cells flagged `#| picture` (skipped by the tests, see `tst_flags`) are run after the notebook's exported and import
 cells (its tests are not run), their outputs are kept, every other output is dropped, then `nbdev-clean`.
   python tools/render_notebooks.py                      # the notebooks that hold pictures
-  python tools/render_notebooks.py nbs/07_sampling.ipynb
+  python tools/render_notebooks.py nbs/10_sampling.ipynb
 """
 import os, re, subprocess, sys, time
 from pathlib import Path
 
 root = Path(__file__).resolve().parent.parent
-DEFAULT = ["nbs/06_objectives.ipynb", "nbs/07_sampling.ipynb", "nbs/08_metrics.ipynb", "nbs/09_train.ipynb"]
+DEFAULT = ["nbs/09_objectives.ipynb", "nbs/10_sampling.ipynb", "nbs/11_metrics.ipynb", "nbs/16_train.ipynb"]
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def render(path:Path):
