@@ -68,7 +68,7 @@ def eval_setting(plan):
               reference_images=torch.stack([real[i]["image"] for i in range(len(real))]), fid_features=features,
               images_per_prompt=plan.images_per_prompt, batch_size=plan.batch_size, seed=0,
               num_inference_steps=plan.num_inference_steps, progress=False)
-    k = plan.refl_switch[len(plan.refl_switch) // 2]
+    k = plan.refl_original_unet_steps[len(plan.refl_original_unet_steps) // 2]
     s = Setting("refl+combined", "refl", "combined", k, guidance_scale=float(plan.base_guidance), fine_tuned_guidance_scale=1.0)
     return lambda: evaluate_setting(base, tuned, s, prompts, tempfile.mkdtemp(), **kw), s.name
 

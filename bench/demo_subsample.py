@@ -21,7 +21,8 @@ def folder_name(row)->str:
     num = lambda v, f=float: None if v is None or (isinstance(v, float) and math.isnan(v)) else f(v)
     kw = dict(train_seed=num(row.get("train_seed"), int), train_step=num(row.get("train_step"), int))
     if row["sampler"] in ("base", "combined"): kw["guidance_scale"] = num(row["base_guidance"])
-    if row["sampler"] != "base": kw["fine_tuned_guidance_scale"] = num(row["tuned_guidance"])
+    if row["sampler"] in ("tuned", "combined"): kw["fine_tuned_guidance_scale"] = num(row["tuned_guidance"])
+    if row["sampler"] == "aig": kw["aig_guidance_scale"] = num(row["base_guidance"])
     if row["sampler"] == "combined": kw["original_unet_steps"] = num(row["original_unet_steps"], int)
     if row["sampler"] == "aig": kw["aig_power"] = num(row["aig_power"])
     return Setting(row["method"], row["model"], row["sampler"], **kw).name

@@ -20,10 +20,12 @@ from .core import UserError, load_yaml, save_safetensors
 from .runfolder import RunLock, check_resume_config, find_checkpoint, run_files, verify_checkpoint
 
 # %% auto #0
-__all__ = ['RESUMABLE', 'save_state', 'load_state', 'shard_file', 'save_sharded', 'load_sharded', 'resume_point', 'check_resume',
-           'rng_state', 'set_rng_state']
+__all__ = ['TRAINABLE_FILE', 'RESUMABLE', 'save_state', 'load_state', 'shard_file', 'save_sharded', 'load_sharded',
+           'resume_point', 'check_resume', 'rng_state', 'set_rng_state']
 
 # %% ../nbs/14_checkpoint.ipynb #6c35f5bc
+TRAINABLE_FILE = "trainable.safetensors"  # a checkpoint's trainable weights (the UNet or its LoRA adapter; FSDP: shards instead)
+
 def _flatten(obj, tensors:dict, key:str):
     if torch.is_tensor(obj): tensors[key] = obj; return {"__tensor__": key}
     if isinstance(obj, np.ndarray): tensors[key] = torch.from_numpy(np.ascontiguousarray(obj).astype(np.int64) if obj.dtype.kind in "ui" else obj.copy()); return {"__ndarray__": key, "dtype": str(obj.dtype)}

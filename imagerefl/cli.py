@@ -51,9 +51,8 @@ def load_any_pipeline(path:str):
     quiet_loading()
     index = json.loads(read_text(p/"model_index.json")) if (p/"model_index.json").exists() else {}
     if "original_unet" in index:
-        from imagerefl.sampling import CombinedStableDiffusionPipeline, CombinedStableDiffusionXLPipeline
-        cls = CombinedStableDiffusionXLPipeline if "text_encoder_2" in index else CombinedStableDiffusionPipeline
-        try: pipe = cls.from_pretrained(str(p))
+        from imagerefl.sampling import combined_class
+        try: pipe = combined_class(index).from_pretrained(str(p))
         except UserError: raise
         except (OSError, ValueError, KeyError, RuntimeError) as e:   # truncated or mismatched weights, bad configs
             raise UserError(f"could not load the combined pipeline in '{path}' ({type(e).__name__}: "

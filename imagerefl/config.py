@@ -6,16 +6,17 @@ Docs: https://imagerefl.github.io/imagerefl/config.html.md"""
 
 # %% ../nbs/13_config.ipynb #7050136c
 from __future__ import annotations
-import copy, math, types, typing
+import copy, math, types, typing, warnings
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 import yaml
 from .core import UserError, load_yaml
 
 # %% auto #0
-__all__ = ['CHOICES', 'MINIMA', 'RANGES', 'ModelConfig', 'RewardConfig', 'DataConfig', 'OptimizerConfig', 'ValidationConfig',
-           'TrainConfig', 'build_section', 'check_values', 'resolve_objective', 'config_dir', 'config_names',
-           'find_config', 'parse_override', 'apply_overrides', 'load_config', 'config_yaml', 'model_source']
+__all__ = ['CHOICES', 'MINIMA', 'RANGES', 'RENAMED', 'ModelConfig', 'RewardConfig', 'DataConfig', 'OptimizerConfig',
+           'ValidationConfig', 'TrainConfig', 'build_section', 'check_values', 'resolve_objective', 'config_dir',
+           'config_names', 'find_config', 'parse_override', 'apply_overrides', 'renamed_keys', 'load_config',
+           'config_yaml', 'model_source']
 
 # %% ../nbs/13_config.ipynb #4351ac4b
 @dataclass
@@ -69,7 +70,7 @@ class ValidationConfig:
     num_prompts:int=8               # first prompts of the set
     images_per_prompt:int=2         # images per prompt (diversity is measured within a prompt)
     num_inference_steps:int=40      # N of the validation sampler
-    guidance_scale:float=1.0        # CFG of the tuned model alone (1 = none, as in training)
+    fine_tuned_guidance_scale:float=1.0 # CFG of the tuned UNet, alone and in combined generation (1 = none, as in training)
     original_unet_steps:int|None=30 # combined generation: base-UNet steps; None = no combined pass
     base_guidance_scale:float=7.5   # CFG of the base UNet in combined generation
     batch_size:int=8                # images generated at once
@@ -179,7 +180,7 @@ RANGES = {"optimizer.lr": (0, None, "> 0"), "optimizer.eps": (0, None, "> 0"), "
           "optimizer.betas[0]": (0, 1, "in [0, 1)"), "optimizer.betas[1]": (0, 1, "in [0, 1)"),
           "optimizer.max_grad_norm": (0, None, "> 0, or null for no clipping"), "ema_decay": (0, 1, "in [0, 1)"),
           "model.lora_alpha": (0, None, "> 0, or null for the rank"),
-          "validation.guidance_scale": (0, None, ">= 0"), "validation.base_guidance_scale": (0, None, ">= 0")}
+          "validation.fine_tuned_guidance_scale": (0, None, ">= 0"), "validation.base_guidance_scale": (0, None, ">= 0")}
 
 def _get(cfg, key:str):
     for k in key.replace("[", ".").replace("]", "").split("."): cfg = cfg[int(k)] if k.isdigit() else getattr(cfg, k)
@@ -213,7 +214,7 @@ def check_values(cfg:TrainConfig)->TrainConfig:
     return cfg
 
 def resolve_objective(section:dict)->dict:
-    "The objective section with every field of its dataclass, checked (types, ranges, then the dataclass's `validate`)."
+    "The objective section with every field of its dataclass, checked (types, ranges, then the dataclass's `check`)."
     from imagerefl.objectives import OBJECTIVES
     section = dict(section or {})
     name = section.pop("name", "imagerefl")
@@ -223,8 +224,13 @@ def resolve_objective(section:dict)->dict:
     for k, x in asdict(oc).items():       # weights >= 0 (0 = that term off), scales > 0, guidance >= 0
         rule = ">= 0" if k.endswith("_weight") or k == "guidance_scale" else "> 0" if k == "loss_scale" else None
         if rule and not _in_range(x, 0, None, rule): raise UserError(f"objective.{k}={x} is not allowed: it must be {rule}")
-    try: oc.validate()
+    try: oc.check()
     except UserError as e: raise UserError(f"objective ({name}): {e}") from None
+    if getattr(oc, "consistency_weight", 0) > 0:   # training from a config: the term's feature network by name
+        from imagerefl.metrics import FEATURES
+        if oc.consistency_network not in FEATURES:
+            raise UserError(f"objective.consistency_weight={oc.consistency_weight} needs objective.consistency_network, the "
+                            f"feature network of the consistency term: one of {', '.join(FEATURES)} (got {oc.consistency_network!r})")
     return dict(name=name, **asdict(oc))
 
 # %% ../nbs/13_config.ipynb #bc6dadc8
@@ -267,6 +273,20 @@ def apply_overrides(raw:dict, overrides:list[str])->dict:
         d[path[-1]] = value
     return raw
 
+RENAMED = {"validation.guidance_scale": "validation.fine_tuned_guidance_scale"}  # old key -> its name now
+
+def renamed_keys(raw:dict)->dict:
+    "Old key names a config file or `--set` may still use, moved to their names now with a one-line warning."
+    raw = copy.deepcopy(raw)
+    for old, new in RENAMED.items():
+        (sec, o), (_, n) = old.split("."), new.split(".")
+        d = raw.get(sec)
+        if not isinstance(d, dict) or o not in d: continue
+        if n in d: raise UserError(f"{old} and {new} are the same setting (the old and the new name): keep only {new}")
+        warnings.warn(f"{old} is now called {new}: rename it in your config (the old name still works)", FutureWarning, stacklevel=3)
+        d[n] = d.pop(o)
+    return raw
+
 def load_config(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped config name, mapping, or None (defaults)
                 overrides:list[str]|None=None,              # ["optimizer.lr=1e-5", "model.lora_rank=8", ...]
                )->TrainConfig:
@@ -276,7 +296,7 @@ def load_config(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped
     else:
         path = find_config(config)
         raw = load_yaml(path) or {}
-    return check_values(build_section(TrainConfig, apply_overrides(raw, overrides)))
+    return check_values(build_section(TrainConfig, renamed_keys(apply_overrides(raw, overrides))))
 
 def config_yaml(cfg:TrainConfig)->str:
     "The resolved config as YAML (what the run folder keeps)."

@@ -6,8 +6,7 @@ Docs: https://imagerefl.github.io/imagerefl/data.html.md"""
 
 # %% ../nbs/02_data.ipynb #44241de4
 from __future__ import annotations
-import io, json, math, re, warnings
-from functools import lru_cache
+import io, json, math, warnings
 from itertools import chain
 from pathlib import Path
 from typing import Sequence

@@ -7,7 +7,7 @@ Docs: https://imagerefl.github.io/imagerefl/diffusion.html.md"""
 # %% ../nbs/03_diffusion.ipynb #f24e2b0a
 from __future__ import annotations
 import inspect
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 import torch, diffusers
 from torch import Tensor
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -17,7 +17,7 @@ from fastcore.basics import patch
 from .core import UserError, check_source
 
 # %% auto #0
-__all__ = ['SCHEDULER_CLASSES', 'make_scheduler', 'Conditioning', 'Backbone', 'load_pipeline']
+__all__ = ['SCHEDULER_CLASSES', 'make_scheduler', 'Conditioning', 'Backbone', 'load_pipeline', 'combine_cfg']
 
 # %% ../nbs/03_diffusion.ipynb #5faf83ff
 SCHEDULER_CLASSES = dict(ddpm="DDPMScheduler", ddim="DDIMScheduler", euler="EulerDiscreteScheduler",
@@ -197,7 +197,13 @@ def predict(self:Backbone, unet, latents:Tensor, # (B,4,h,w) latents at position
     x = torch.cat([latents] * 2) if cfg else latents
     x = self.scheduler.scale_model_input(x, t)
     out = unet(x, t, **cond.unet_kwargs(cfg), return_dict=False)[0]
-    if not cfg: return out
+    return combine_cfg(out, guidance_scale, guidance_rescale) if cfg else out
+
+def combine_cfg(out:Tensor,                 # a UNet output on `[uncond, cond]` inputs, stacked on the batch
+                guidance_scale:float,       # CFG scale g
+                guidance_rescale:float=0.0, # CFG rescale (Lin et al. 2023), 0 = off
+               )->Tensor:
+    "Classifier-free guidance: `uncond + g (cond - uncond)`, optionally rescaled (diffusers' `rescale_noise_cfg`)."
     uncond, text = out.chunk(2)
     out = uncond + guidance_scale * (text - uncond)
     return rescale_noise_cfg(out, text, guidance_rescale=guidance_rescale) if guidance_rescale > 0 else out

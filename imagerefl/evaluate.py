@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from .core import UserError, atomic_path, atomic_write_text, resolve_device
 from .data import _verify_file, load_prompts, pil_to_tensor
-from .metrics import (InceptionFeatures, _module_device, _tensor_batches, load_features, pairwise_diversity,
+from .metrics import (InceptionFeatures, fid_kid, _module_device, _tensor_batches, load_features, pairwise_diversity,
                                summarize)
 
 # %% auto #0
@@ -212,11 +212,6 @@ def _generate(sampler, table:pd.DataFrame, out:Path, batch_size:int, sampler_kwa
     return set(todo)
 
 # %% ../nbs/12_evaluate.ipynb #3f84dceb
-class _Given(nn.Module):
-    "Features computed beforehand, handed to torchmetrics' FID/KID as if extracted by them."
-    def __init__(self, num_features:int): super().__init__(); self.num_features = num_features
-    def forward(self, features): return features
-
 def _score(table:pd.DataFrame, out:Path, batch_size:int, rewards:dict, features:dict, fid_features, progress:bool,
            procs:Processes)->list:
     "Rewards where missing, diversity features and FID features of the saved images; batches shared between processes."
@@ -244,7 +239,7 @@ def _score(table:pd.DataFrame, out:Path, batch_size:int, rewards:dict, features:
 
 # %% ../nbs/12_evaluate.ipynb #8d41dcf7
 def _finish(table:pd.DataFrame, parts:list, out:Path, rewards:list, features:list, ff, reference_images,
-            batch_size:int, kid_subset_size:int)->Evaluation:
+            batch_size:int, kid_subset_size:int, kid_seed:int=0)->Evaluation:
     "Merge the scored batches (in table order), then diversity, FID/KID and the three tables, written atomically."
     for r in parts:
         for name, (idx, vals) in r["rewards"].items(): table.loc[idx, name] = vals
@@ -263,27 +258,12 @@ def _finish(table:pd.DataFrame, parts:list, out:Path, rewards:list, features:lis
     for name in features:
         rows.append(dict(metric=f"diversity_{name}", **summarize(div[f"diversity_{name}"].to_numpy())._asdict()))
     if ff is not None:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.kid import KernelInceptionDistance
-        dim = parts[0]["fid"].shape[-1]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-            fid = FrechetInceptionDistance(feature=_Given(dim), sync_on_compute=False)
-            kid = KernelInceptionDistance(feature=_Given(dim), sync_on_compute=False)
-        for r in parts: fid.update(r["fid"], real=False); kid.update(r["fid"], real=False)
-        n_ref = 0
         with torch.no_grad():
-            for b in _tensor_batches(reference_images, batch_size, _load_png(out/table.path[0]).shape[-1]):
-                x = ff(b.to(_module_device(ff), torch.float32)).float().cpu()
-                fid.update(x, real=True); kid.update(x, real=True); n_ref += len(b)
-        if n_ref < 2 or len(table) < 2: raise UserError(f"FID/KID need at least 2 generated and 2 reference images (got {len(table)} and {n_ref})")
-        kid.subset_size = min(kid_subset_size, n_ref, len(table))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            kid_mean, kid_std = kid.compute()
-        nan = float("nan")
-        rows.append(dict(metric="fid", mean=float(fid.compute()), ci_low=nan, ci_high=nan, n=len(table), std=nan))
-        rows.append(dict(metric="kid", mean=float(kid_mean), ci_low=nan, ci_high=nan, n=len(table), std=float(kid_std)))
+            ref = [ff(b.to(_module_device(ff), torch.float32)).float().cpu()
+                   for b in _tensor_batches(reference_images, batch_size, _load_png(out/table.path[0]).shape[-1])]
+        d, nan = fid_kid([r["fid"] for r in parts], ref, kid_subset_size=kid_subset_size, seed=kid_seed), float("nan")
+        rows.append(dict(metric="fid", mean=d["fid"], ci_low=nan, ci_high=nan, n=len(table), std=nan))
+        rows.append(dict(metric="kid", mean=d["kid"], ci_low=nan, ci_high=nan, n=len(table), std=d["kid_std"]))
     summary = pd.DataFrame(rows, columns=["metric", "mean", "ci_low", "ci_high", "n", "std"])
     atomic_write_text(out/"summary.csv", summary.to_csv(index=False))
     return Evaluation(table, div, summary, out)
@@ -301,6 +281,7 @@ def evaluate(sampler:Callable,            # sampler(prompt=list, generator=list,
              fid_features:nn.Module|None=None, # feature module for FID/KID; None: the standard Inception
              sampler_kwargs:dict|None=None,# extra sampler arguments (num_inference_steps, guidance_scale, ...)
              kid_subset_size:int=1000,     # KID subset size (capped at the number of images)
+             kid_seed:int=0,               # seed of KID's random subsets
              progress:bool=True,           # show tqdm bars
              model:str|None=None,          # what identifies the model in run.json; None: `model_id(sampler)`
             )->Evaluation:
@@ -340,4 +321,4 @@ def evaluate(sampler:Callable,            # sampler(prompt=list, generator=list,
     if reference_images is not None: ff = fid_features if fid_features is not None else InceptionFeatures()
     parts = _score(table, out, batch_size, rewards, features, ff, progress, procs)
     return procs.on_main(lambda: _finish(table, parts, out, list(rewards), list(features), ff, reference_images,
-                                         batch_size, kid_subset_size))
+                                         batch_size, kid_subset_size, kid_seed))

@@ -21,7 +21,7 @@ from .sampling import (CombinedStableDiffusionPipeline, CombinedStableDiffusionX
                                 combined_pipeline, pipe_like)
 
 # %% auto #0
-__all__ = ['PIPELINES', 'save_tuned', 'export_base', 'save_combined', 'card_switch_step', 'model_card', 'upload_to_hub']
+__all__ = ['PIPELINES', 'save_tuned', 'export_base', 'save_combined', 'card_original_unet_steps', 'model_card', 'upload_to_hub']
 
 # %% ../nbs/15_export.ipynb #8778159d
 def save_tuned(unet:nn.Module,      # the trained UNet (with its LoRA adapter, if any)
@@ -58,7 +58,7 @@ def save_combined(base, tuned:nn.Module, final:Path)->Path:
 PIPELINES = dict(CombinedStableDiffusionPipeline=CombinedStableDiffusionPipeline,
                  CombinedStableDiffusionXLPipeline=CombinedStableDiffusionXLPipeline)
 
-def card_switch_step(cfg:TrainConfig, pipeline_class:str)->int:
+def card_original_unet_steps(cfg:TrainConfig, pipeline_class:str)->int:
     "The card's `original_unet_steps`: the run's validation setting, else the pipeline's default fraction."
     v = cfg.validation
     if v.original_unet_steps is not None: return v.original_unet_steps
@@ -74,7 +74,7 @@ def model_card(cfg:TrainConfig,          # the run's config
     front = ["---", "library_name: diffusers", "pipeline_tag: text-to-image",
              "tags: [text-to-image, diffusers, imagerefl, reward-fine-tuning, " + o["name"] + "]",
              *([f"base_model: {base}"] if base != "mini" and "/" in base and not base.startswith((".", "/", "~")) else []), "---"]
-    steps = card_switch_step(cfg, pipeline_class)
+    steps = card_original_unet_steps(cfg, pipeline_class)
     settings = ", ".join(f"{k}={val}" for k, val in o.items() if k != "name")
     return "\n".join([*front, "", f"# {cfg.hub_model_id or 'imagerefl model'}", "",
         f"Reward fine-tuning of `{base}` with **{o['name']}** on the reward **{cfg.reward.name}**, trained with "
@@ -92,7 +92,7 @@ def model_card(cfg:TrainConfig,          # the run's config
         f"from imagerefl.sampling import {pipeline_class}",
         f"pipe = {pipeline_class}.from_pretrained(\"{cfg.hub_model_id or 'path/to/final/combined'}\")",
         f"image = pipe(\"a photo of a cat\", num_inference_steps={v.num_inference_steps}, original_unet_steps={steps},",
-        f"             guidance_scale={v.base_guidance_scale}, fine_tuned_guidance_scale={v.guidance_scale}).images[0]", "```", "",
+        f"             guidance_scale={v.base_guidance_scale}, fine_tuned_guidance_scale={v.fine_tuned_guidance_scale}).images[0]", "```", "",
         *(["## Validation", "", f"![validation grid]({grid})", "",
            "Rows: the tuned model alone, then combined generation, on the fixed validation prompts and seeds.", ""] if grid else []),
         "## Training config", "", "```yaml", config_yaml(cfg).rstrip(), "```", ""])

@@ -131,7 +131,7 @@ def save_figure(fig,              # a matplotlib Figure
 # %% ../nbs/19_figures.ipynb #6bc216de
 def _curve_key(method:str, g:pd.DataFrame)->pd.Series:
     "What a method's points are ordered by along its curve."
-    if method.endswith("+combined") or (g.sampler == "combined").all(): return g.switch_step
+    if method.endswith("+combined") or (g.sampler == "combined").all(): return g.original_unet_steps
     if method.endswith("+aig") or (g.sampler == "aig").all(): return g.aig_power
     if method == "base": return g.base_guidance
     return g.train_step
@@ -356,12 +356,11 @@ def comparison_grid(evals:dict,                 # method label -> `evaluate` out
 
 # %% ../nbs/19_figures.ipynb #dc0ba305
 def _combined_pipe(base_pipe, tuned_unet):
-    from imagerefl.sampling import CombinedStableDiffusionPipeline, CombinedStableDiffusionXLPipeline
+    from imagerefl.sampling import combined_class      # here: the figures need diffusers only for the explorer
     if tuned_unet is None:
         if "original_unet" not in base_pipe.components: raise UserError("pass the tuned UNet, or a combined pipeline as base_pipe")
         return base_pipe
-    cls = CombinedStableDiffusionXLPipeline if "text_encoder_2" in base_pipe.components else CombinedStableDiffusionPipeline
-    return cls.from_pipelines(base_pipe, tuned_unet)
+    return combined_class(base_pipe).from_pipelines(base_pipe, tuned_unet)
 
 def _png(image:torch.Tensor)->bytes:
     buf = io.BytesIO()

@@ -7,24 +7,22 @@ Docs: https://imagerefl.github.io/imagerefl/metrics.html.md"""
 
 # %% ../nbs/11_metrics.ipynb #c801f99d
 from __future__ import annotations
-import csv, hashlib, importlib, io, json, os, warnings
-from dataclasses import dataclass
+import importlib, warnings
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
+from torch import Tensor
 import torch.nn.functional as F
-from PIL import Image
-from tqdm.auto import tqdm
-from .core import UserError, atomic_path, atomic_write_text, check_source, resolve_device
-from .data import ImageCaptionDataset, collate, fit_image, pil_to_tensor, resize_center_crop, load_prompts, _verify_file
+from .core import UserError, check_source, resolve_device
+from .data import ImageCaptionDataset, collate, resize_center_crop
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CLIP_MEAN', 'CLIP_STD', 'FEATURES', 'pairwise_diversity', 'Summary', 'summarize',
            'DinoFeatures', 'ClipImageFeatures', 'load_features', 'feature_diversity', 'InceptionFeatures',
-           'image_distances']
+           'image_distances', 'fid_kid']
 
 # %% ../nbs/11_metrics.ipynb #1100475b
 def pairwise_diversity(features:torch.Tensor, # (N,D) image features, any scale
@@ -132,7 +130,6 @@ def load_features(name:str,           # a key of `FEATURES`: dino, clip, mini
 # %% ../nbs/11_metrics.ipynb #fec7aef3
 def feature_diversity(name:str):
     "A validation diversity function: mean over prompts of the pairwise `1 - cos` of the `name` features."
-    from imagerefl.metrics import load_features, pairwise_diversity
     feats = load_features(name)
     dev = next(feats.parameters()).device
     return lambda images, ids: float(pairwise_diversity(feats(images.to(dev)), ids).diversity.mean())
@@ -193,23 +190,38 @@ def image_distances(generated,                      # [0,1] images: tensor (N,3,
                     resolution:int|None=None,       # size files are loaded at; None: 512
                    )->dict:                         # fid, kid, kid_std, n_generated, n_reference
     "FID and KID (torchmetrics) between generated and reference images."
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
     feature = feature if feature is not None else InceptionFeatures()
     dev = _module_device(feature)
+    with torch.no_grad():
+        feats = [[feature(b.to(dev, torch.float32)).float() for b in _tensor_batches(src, batch_size, resolution)]
+                 for src in (generated, reference)]
+    return fid_kid(*feats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
+
+class _Given(nn.Module):
+    "Features computed beforehand, handed to torchmetrics' FID/KID as if extracted by them."
+    def __init__(self, num_features:int): super().__init__(); self.num_features = num_features
+    def forward(self, features): return features
+
+def fid_kid(generated:list[Tensor],       # feature batches (B,D) of the generated images
+            reference:list[Tensor],       # feature batches of the real images
+            kid_subsets:int=100,          # KID: number of random subsets
+            kid_subset_size:int=1000,     # KID: subset size (capped at the smaller set's size)
+            seed:int=0,                   # KID subset sampling seed
+           )->dict:                       # fid, kid, kid_std, n_generated, n_reference
+    "FID and KID (torchmetrics) from features extracted beforehand, batch by batch."
+    from torchmetrics.image.fid import FrechetInceptionDistance      # here: torchmetrics takes seconds to import
+    from torchmetrics.image.kid import KernelInceptionDistance
+    n_gen, n_ref = sum(len(f) for f in generated), sum(len(f) for f in reference)
+    if min(n_gen, n_ref) < 2: raise UserError(f"FID/KID need at least 2 generated and 2 reference images (got {n_gen} and {n_ref})")
+    dim = generated[0].shape[-1]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        fid = FrechetInceptionDistance(feature=feature, normalize=True).to(dev)
-        kid = KernelInceptionDistance(feature=feature, normalize=True, subsets=kid_subsets).to(dev)
-    n = dict(gen=0, ref=0)
-    with torch.no_grad():
-        for real, src in ((False, generated), (True, reference)):
-            for b in _tensor_batches(src, batch_size, resolution):
-                b = b.to(dev, torch.float32); fid.update(b, real=real); kid.update(b, real=real)
-                n["ref" if real else "gen"] += len(b)
-    if min(n.values()) < 2: raise UserError(f"FID/KID need at least 2 generated and 2 reference images (got {n['gen']} and {n['ref']})")
-    kid.subset_size = min(kid_subset_size, *n.values())
+        fid = FrechetInceptionDistance(feature=_Given(dim), sync_on_compute=False)
+        kid = KernelInceptionDistance(feature=_Given(dim), subsets=kid_subsets, sync_on_compute=False)
+    for real, batches in ((False, generated), (True, reference)):
+        for f in batches: f = f.detach().cpu(); fid.update(f, real=real); kid.update(f, real=real)
+    kid.subset_size = min(kid_subset_size, n_gen, n_ref)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
-    return dict(fid=float(fid.compute()), kid=float(kid_mean), kid_std=float(kid_std), n_generated=n["gen"], n_reference=n["ref"])
+    return dict(fid=float(fid.compute()), kid=float(kid_mean), kid_std=float(kid_std), n_generated=n_gen, n_reference=n_ref)

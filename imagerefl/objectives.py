@@ -6,6 +6,7 @@ Docs: https://imagerefl.github.io/imagerefl/objectives.html.md"""
 
 # %% ../nbs/09_objectives.ipynb #7beb3ce5
 from __future__ import annotations
+import warnings
 from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,15 @@ class RewardLoss:
         "Mean reward loss over the batch."
         if self.hinge_margin is not None: return self.reward_weight * F.relu(self.hinge_margin - rewards).mean()
         return -self.reward_weight * (rewards + self.reward_offset).mean()
+
+    def check(self):
+        "A one-line `UserError` for settings the method cannot run; the config itself otherwise."
+        return self
+
+    def validate(self):
+        "The old name of `check`."
+        warnings.warn(f"{type(self).__name__}.validate() is now called check()", FutureWarning, stacklevel=2)
+        return self.check()
 
 # %% ../nbs/09_objectives.ipynb #deca8819
 def draw_mid_index(low:int, high:int, # draw uniformly in [low, high)
@@ -67,7 +77,7 @@ class ReFLConfig(RewardLoss):
     diffusion_weight:float=0.0   # weight of the noise-MSE on real images (needs images); 0 = off
     loss_scale:float=1e-3        # the whole loss is multiplied by this (reference value)
 
-    def validate(self):
+    def check(self):
         "Raise a one-line `UserError` for settings outside the schedule."
         check_window(self, "min_mid_index"); return self
 
@@ -76,7 +86,7 @@ class Objective:
     "Base of the objectives: holds the config and a micro-batch counter that checkpoints with the run."
     needs_images, shared_seed = False, None   # shared_seed: `mid` alike on every process (FSDP), see `draw_mid`
     def __init__(self, config=None):
-        self.config = (config or self.config_class()).validate()
+        self.config = (config or self.config_class()).check()
         self.calls = 0
     def state_dict(self): return dict(calls=self.calls)
     def load_state_dict(self, d): self.calls = int(d["calls"])
@@ -136,11 +146,12 @@ class ImageReFLConfig(RewardLoss):
     diffusion_weight:float=0.01  # weight of the noise-MSE on the real images (the paper's regulariser)
     refl_every:int|None=None     # every k-th micro-batch is plain ReFL (None = never, the authors' default)
     min_mid_index:int|None=None  # lowest gradient step, >= start_index (None: start_index); also for ReFL micro-batches
-    consistency_weight:float=0.0 # weight of 1 - cos(E(x̂0), E(real image)); needs `consistency_features`
+    consistency_weight:float=0.0 # weight of 1 - cos(E(x̂0), E(real image)); needs a feature network E
+    consistency_network:str|None=None # E by name for a config (`metrics.load_features`: dino, clip, mini); Python callers may pass `consistency_features`
     mid_per_sample:bool=False    # draw `mid` per sample instead of per micro-batch
     loss_scale:float=1e-3        # the whole loss is multiplied by this (reference value)
 
-    def validate(self):
+    def check(self):
         "Raise a one-line `UserError` for settings outside the schedule."
         check_window(self, "start_index")
         if self.min_mid_index is not None:
@@ -164,7 +175,8 @@ class ImageReFL(Objective):
                 ):
         super().__init__(config)
         if self.config.consistency_weight > 0 and consistency_features is None:
-            raise UserError("consistency_weight > 0 needs an image feature network (consistency_features)")
+            raise UserError("consistency_weight > 0 needs an image feature network: pass consistency_features= "
+                            "(training from a config: set objective.consistency_network)")
         self.consistency_features = consistency_features
         # the plain-ReFL micro-batches (`refl_every`) share the reward loss, schedule and weights
         self.refl = None if self.config.refl_every is None else ReFL(ReFLConfig(min_mid_index=self.config.mid_low, **{
@@ -238,7 +250,7 @@ class DRaFTKConfig(RewardLoss):
     guidance_scale:float=1.0     # CFG in the chain; 1 = none
     loss_scale:float=1e-3
 
-    def validate(self):
+    def check(self):
         "Raise a one-line `UserError` if K does not fit the schedule."
         if not 1 <= self.k <= self.num_inference_steps:
             raise UserError(f"k must be in [1, num_inference_steps={self.num_inference_steps}], got k={self.k}")

@@ -17,14 +17,15 @@ from diffusers import (DiffusionPipeline, StableDiffusionPipeline, StableDiffusi
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps, rescale_noise_cfg
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils.import_utils import is_invisible_watermark_available
 from .core import UserError, check_source
+from .diffusion import combine_cfg
 
 # %% auto #0
 __all__ = ['check_original_unet_steps', 'CombinedPlan', 'aig_weights', 'AIGPlan', 'CombinedStableDiffusionPipeline',
-           'CombinedStableDiffusionXLPipeline', 'pipe_like', 'combined_pipeline', 'AIGStableDiffusionPipeline',
-           'AIGStableDiffusionXLPipeline', 'BaseStepsCache', 'switch_sweep_images']
+           'CombinedStableDiffusionXLPipeline', 'pipe_like', 'combined_class', 'combined_pipeline',
+           'AIGStableDiffusionPipeline', 'AIGStableDiffusionXLPipeline', 'BaseStepsCache']
 
 # %% ../nbs/10_sampling.ipynb #32d686f5
 def check_original_unet_steps(original_unet_steps:int, # base-UNet steps asked for
@@ -158,10 +159,7 @@ def _eps(self:_TwoUNets, unet, latents, t, embeds, added, g:float):
     x = self.scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
     eps = unet(x, t, encoder_hidden_states=embeds, cross_attention_kwargs=self._cross_attention_kwargs,
                added_cond_kwargs=added, return_dict=False)[0]
-    if not cfg: return eps
-    eps_uncond, eps_cond = eps.chunk(2)
-    eps = eps_uncond + g * (eps_cond - eps_uncond)
-    return rescale_noise_cfg(eps, eps_cond, guidance_rescale=self._guidance_rescale) if self._guidance_rescale > 0 else eps
+    return combine_cfg(eps, g, self._guidance_rescale) if cfg else eps
 
 @patch
 def _advance(self:_TwoUNets, eps, t, latents, i:int):
@@ -379,7 +377,6 @@ def __call__(self:CombinedStableDiffusionXLPipeline, prompt=None, # prompt(s), a
 # %% ../nbs/10_sampling.ipynb #adeffcf5
 def pipe_like(pipe, **parts):
     "A pipeline of the same class with some components replaced (e.g. `unet=`, `scheduler=`)."
-    import inspect
     names = inspect.signature(type(pipe).__init__).parameters
     kw = {k: v for k, v in pipe.components.items() if k in names}
     for k in ("force_zeros_for_empty_prompt",):
@@ -389,12 +386,17 @@ def pipe_like(pipe, **parts):
     out = type(pipe)(**{**kw, **parts}); out.set_progress_bar_config(disable=True)
     return out
 
+def combined_class(pipe, # a pipeline, or its `model_index.json` as a dict
+                   aig:bool=False, # the AIG class rather than combined generation's
+                  )->type:
+    "The combined-generation (or AIG) pipeline class of `pipe`'s family: SDXL if it has a second text encoder, else SD."
+    xl = "text_encoder_2" in (pipe if isinstance(pipe, dict) else pipe.components)
+    if aig: return AIGStableDiffusionXLPipeline if xl else AIGStableDiffusionPipeline
+    return CombinedStableDiffusionXLPipeline if xl else CombinedStableDiffusionPipeline
+
 def combined_pipeline(base_pipe, fine_tuned_unet=None):
-    "Combined generation (`imagerefl.sampling`) of the right family; `fine_tuned_unet=None` is the LoRA form."
-    from imagerefl.sampling import CombinedStableDiffusionPipeline, CombinedStableDiffusionXLPipeline
-    from diffusers import StableDiffusionXLPipeline
-    cls = CombinedStableDiffusionXLPipeline if isinstance(base_pipe, StableDiffusionXLPipeline) else CombinedStableDiffusionPipeline
-    out = cls.from_pipelines(base_pipe, fine_tuned_unet); out.set_progress_bar_config(disable=True)
+    "Combined generation of `base_pipe`'s family; `fine_tuned_unet=None` is the LoRA form."
+    out = combined_class(base_pipe).from_pipelines(base_pipe, fine_tuned_unet); out.set_progress_bar_config(disable=True)
     return out
 
 # %% ../nbs/10_sampling.ipynb #88d78b8c
@@ -484,17 +486,3 @@ class BaseStepsCache:
         trail.nbytes += latents.nbytes + sum(s.nbytes for s in states)
         while sum(t.nbytes for t in self.trails.values()) > self.max_bytes and len(self.trails) > 1:
             self.trails.popitem(last=False)
-
-# %% ../nbs/10_sampling.ipynb #f143606e
-def switch_sweep_images(pipe:CombinedStableDiffusionPipeline|CombinedStableDiffusionXLPipeline, # a combined pipeline
-                   prompts:str|list,               # prompt(s)
-                   original_unet_steps_list:list,  # switch points to try, e.g. [0, 20, 25, 32, 35, 38] of 40
-                   seed:int=0,                     # the same seed for every switch point
-                   **kwargs,                       # passed to the pipeline call (num_inference_steps, output_type, ...)
-                  )->dict:                         # switch point -> images
-    "Generate with each switch point from the same initial noise and per-step noise."
-    for k in original_unet_steps_list: check_original_unet_steps(k, kwargs.get("num_inference_steps", 50))
-    own, pipe.base_steps_cache = pipe.base_steps_cache, pipe.base_steps_cache or BaseStepsCache()  # the base steps run once
-    try: return {k: pipe(prompts, original_unet_steps=k, generator=torch.Generator(pipe.device).manual_seed(seed), **kwargs).images
-                 for k in original_unet_steps_list}
-    finally: pipe.base_steps_cache = own

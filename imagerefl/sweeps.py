@@ -8,18 +8,19 @@ Docs: https://imagerefl.github.io/imagerefl/sweeps.html.md"""
 from __future__ import annotations
 import math
 from dataclasses import dataclass
+import torch
 from pathlib import Path
 import pandas as pd
 from diffusers import UNet2DConditionModel
 from .core import UserError
 from .diffusion import load_pipeline
 from .evaluate import evaluate
-from .sampling import (AIGStableDiffusionPipeline, AIGStableDiffusionXLPipeline, BaseStepsCache,
-                                CombinedStableDiffusionPipeline, CombinedStableDiffusionXLPipeline)
+from .config import model_source
+from .sampling import BaseStepsCache, CombinedStableDiffusionPipeline, check_original_unet_steps, combined_class
 
 # %% auto #0
 __all__ = ['Setting', 'make_sampler', 'sampler_settings', 'summary_row', 'evaluate_setting', 'combined_sweep', 'aig_sweep',
-           'load_tuned_unet', 'load_models']
+           'switch_sweep_images', 'load_tuned_unet', 'load_models']
 
 # %% ../nbs/17_sweeps.ipynb #797426c0
 @dataclass
@@ -31,7 +32,8 @@ class Setting:
     original_unet_steps:int|None=None   # combined generation: base-UNet steps
     aig_power:float|None=None           # AIG: p in w_i = (i/N)^p
     guidance_scale:float|None=None      # CFG of the base UNet; None = the sampler call's (7.5)
-    fine_tuned_guidance_scale:float|None=None # CFG of the tuned UNet (AIG: of both UNets); None = the call's (1 = none)
+    fine_tuned_guidance_scale:float|None=None # CFG of the tuned UNet; None = the call's (1 = none)
+    aig_guidance_scale:float|None=None  # AIG: the one CFG of its blend of both UNets; None = the call's (1 = none)
     train_seed:int|None=None            # seed of the training run of `model`
     train_step:int|None=None            # optimizer step of `model` (None = its final weights)
 
@@ -42,7 +44,8 @@ class Setting:
                  f"-p{self.aig_power:g}" if self.sampler == "aig" else "")
         run = (f"-s{self.train_seed}" if self.train_seed is not None else "") + (f"-t{self.train_step}" if self.train_step is not None else "")
         g = (f"-g{self.guidance_scale:g}" if self.guidance_scale is not None and self.sampler in ("base", "combined") else "")
-        g += (f"-ft{self.fine_tuned_guidance_scale:g}" if self.fine_tuned_guidance_scale is not None and self.sampler != "base" else "")
+        g += (f"-ft{self.fine_tuned_guidance_scale:g}" if self.fine_tuned_guidance_scale is not None and self.sampler in ("tuned", "combined") else "")
+        g += (f"-g{self.aig_guidance_scale:g}" if self.aig_guidance_scale is not None and self.sampler == "aig" else "")
         return f"{self.model}{run}-{self.sampler}{extra}{g}"
 
 # %% ../nbs/17_sweeps.ipynb #723252d2
@@ -54,7 +57,6 @@ def make_sampler(base_pipe, tuned_unet, setting:Setting,
                  base_steps_cache:BaseStepsCache|None=None, # shared base steps of combined generation (same images, less work)
                 )->tuple:                           # (pipeline, keyword arguments of its call)
     "The pipeline and call arguments that generate `setting`."
-    xl = hasattr(base_pipe, "text_encoder_2")
     s, N = setting, num_inference_steps
     if s.sampler not in ("base", "tuned", "combined", "aig"):
         raise UserError(f"setting '{s.name}': sampler must be base, tuned, combined or aig, not '{s.sampler}'")
@@ -63,16 +65,18 @@ def make_sampler(base_pipe, tuned_unet, setting:Setting,
     g = s.guidance_scale if s.guidance_scale is not None else guidance_scale
     g_ft = s.fine_tuned_guidance_scale if s.fine_tuned_guidance_scale is not None else fine_tuned_guidance_scale
     if s.sampler == "aig":
-        g_aig = s.fine_tuned_guidance_scale if s.fine_tuned_guidance_scale is not None else aig_guidance_scale
-        pipe = (AIGStableDiffusionXLPipeline if xl else AIGStableDiffusionPipeline).from_pipelines(base_pipe, tuned)
+        if s.guidance_scale is not None or s.fine_tuned_guidance_scale is not None:
+            raise UserError(f"setting '{s.name}': AIG blends both UNets under one CFG: set aig_guidance_scale, not the per-UNet scales")
+        g_aig = s.aig_guidance_scale if s.aig_guidance_scale is not None else aig_guidance_scale
+        pipe = combined_class(base_pipe, aig=True).from_pipelines(base_pipe, tuned)
         return pipe, dict(num_inference_steps=N, aig_power=s.aig_power, guidance_scale=g_aig)
     k = dict(base=N, tuned=0, combined=s.original_unet_steps)[s.sampler]
     if k is None: raise UserError(f"setting '{s.name}': combined generation needs original_unet_steps")
-    pipe = (CombinedStableDiffusionXLPipeline if xl else CombinedStableDiffusionPipeline).from_pipelines(base_pipe, tuned, base_steps_cache)
+    pipe = combined_class(base_pipe).from_pipelines(base_pipe, tuned, base_steps_cache)
     return pipe, dict(num_inference_steps=N, original_unet_steps=k, guidance_scale=g, fine_tuned_guidance_scale=g_ft)
 
 def sampler_settings(setting:Setting, sampler_kwargs:dict)->dict:
-    "What a results row records of how it was sampled: the CFG each UNet ran with (NaN: that UNet ran no step), N, the switch step, the AIG power, the training run."
+    "What a results row records of how it was sampled: the CFG each UNet ran with (NaN: that UNet ran no step), N, the AIG power, the training run (the switch point is the setting's `original_unet_steps`)."
     kw, nan = sampler_kwargs, math.nan
     N = int(kw["num_inference_steps"])
     if setting.sampler == "aig":
@@ -82,7 +86,7 @@ def sampler_settings(setting:Setting, sampler_kwargs:dict)->dict:
         g_base = float(kw["guidance_scale"]) if k > 0 else nan
         g_tuned = float(kw["fine_tuned_guidance_scale"]) if k < N else nan
     return dict(base_guidance=g_base, tuned_guidance=g_tuned, num_inference_steps=N,
-                switch_step=k, aig_power=kw.get("aig_power", nan) if setting.sampler == "aig" else nan,
+                aig_power=kw.get("aig_power", nan) if setting.sampler == "aig" else nan,
                 train_seed=setting.train_seed if setting.train_seed is not None else nan,
                 train_step=setting.train_step if setting.train_step is not None else nan)
 
@@ -138,6 +142,20 @@ def aig_sweep(base_pipe, tuned_unet, prompts:list[str], out_dir:str|Path,
             for p in aig_powers]
     return pd.DataFrame(rows)
 
+# %% ../nbs/17_sweeps.ipynb #f143606e
+def switch_sweep_images(pipe,                              # a combined pipeline (SD or SDXL)
+                   prompts:str|list,               # prompt(s)
+                   original_unet_steps_list:list,  # switch points to try, e.g. [0, 20, 25, 32, 35, 38] of 40
+                   seed:int=0,                     # the same seed for every switch point
+                   **kwargs,                       # passed to the pipeline call (num_inference_steps, output_type, ...)
+                  )->dict:                         # switch point -> images
+    "Generate with each switch point from the same initial noise and per-step noise."
+    for k in original_unet_steps_list: check_original_unet_steps(k, kwargs.get("num_inference_steps", 50))
+    own, pipe.base_steps_cache = pipe.base_steps_cache, pipe.base_steps_cache or BaseStepsCache()  # the base steps run once
+    try: return {k: pipe(prompts, original_unet_steps=k, generator=torch.Generator(pipe.device).manual_seed(seed), **kwargs).images
+                 for k in original_unet_steps_list}
+    finally: pipe.base_steps_cache = own
+
 # %% ../nbs/17_sweeps.ipynb #882cc2e4
 def load_tuned_unet(source:str|Path, # run folder, UNet folder, LoRA folder or combined pipeline folder
                     base_pipe=None,  # needed for a LoRA: the base its adapter was trained on
@@ -161,8 +179,5 @@ def load_models(base:str="mini",     # base pipeline: "mini", a folder or a hub 
                 tuned:str|None=None, # a tuned model (see `load_tuned_unet`), or None
                )->tuple:             # (base pipeline, tuned UNet or None)
     "The base pipeline and the tuned UNet to compare."
-    if base == "mini":
-        from imagerefl.mini.nets import mini_base_path
-        base = str(mini_base_path())
-    base_pipe = load_pipeline(base); base_pipe.set_progress_bar_config(disable=True)
+    base_pipe = load_pipeline(model_source(base)); base_pipe.set_progress_bar_config(disable=True)
     return base_pipe, (load_tuned_unet(tuned, base_pipe) if tuned is not None else None)

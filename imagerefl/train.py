@@ -22,14 +22,14 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
-from .checkpoint import (_check_trainable_names, check_resume, load_sharded, load_state, resume_point,
+from .checkpoint import (TRAINABLE_FILE, _check_trainable_names, check_resume, load_sharded, load_state, resume_point,
                                   rng_state, save_sharded, save_state, set_rng_state)
 from .config import ModelConfig, OptimizerConfig, TrainConfig, config_yaml, load_config, model_source
 from .core import UserError, atomic_path, atomic_write_text, save_safetensors, seed_everything
 from .data import EpochBatches, PromptDataset, collate_batch, load_image_captions, load_prompts
 from .diffusion import Backbone
 from .export import export_base, save_combined, save_tuned, upload_to_hub
-from .metrics import feature_diversity
+from .metrics import feature_diversity, load_features
 from .objectives import make_objective
 from .rewards import load_reward
 from .runfolder import (RunLock, checkpoint_step, checkpoints, commit_checkpoint, find_checkpoint,
@@ -44,7 +44,6 @@ def prepare_trainable(backbone, model:ModelConfig)->list[nn.Parameter]:
     "Make the UNet, or a LoRA adapter on it, the only trainable part; return the trainable parameters."
     unet = backbone.unet
     if model.lora_rank > 0:
-        pass
         unet.requires_grad_(False)
         try: unet.add_adapter(LoraConfig(r=model.lora_rank, lora_alpha=model.lora_alpha or model.lora_rank,
                                          init_lora_weights="gaussian", target_modules=list(model.lora_targets)))
@@ -109,6 +108,7 @@ class Trainer:
         backbone.freeze(self.frozen_dtype)
         for m in backbone.frozen_modules: m.to(acc.device)
         self.reward = reward.requires_grad_(False).eval().to(acc.device, self.frozen_dtype) if reward is not None else None
+        if (e := getattr(objective, "consistency_features", None)) is not None: e.requires_grad_(False).eval().to(acc.device)
         v = c.validation
         self.combined_val = bool(v.every and v.original_unet_steps is not None and val_prompts)
         self.lora = c.model.lora_rank > 0
@@ -121,7 +121,6 @@ class Trainer:
         self.lr_schedule = make_lr_schedule(self.optimizer.optimizer, c.optimizer, c.max_steps)  # stepped once per update
         self.ema = None
         if c.ema_decay > 0:
-            pass
             self.ema = EMAModel(self.params, decay=c.ema_decay)
         self.step = self.epoch = self.batch_in_epoch = self.skipped = self.bad_in_row = 0
         self._batches, self._signal = None, None
@@ -200,7 +199,7 @@ def save_checkpoint(self:Trainer)->Path:
         save_state(rng_state(), tmp/f"rng-{acc.process_index}.safetensors")
         if self.fsdp: save_sharded(self.model, self.optimizer.optimizer, tmp)      # each process its own shards
         elif acc.is_main_process:
-            save_safetensors(self.named_trainable(), tmp/"trainable.safetensors")
+            save_safetensors(self.named_trainable(), tmp/TRAINABLE_FILE)
             save_state(self.optimizer.optimizer.state_dict(), tmp/"optimizer.safetensors")
         if acc.is_main_process:
             save_state(dict(lr_schedule=self.lr_schedule.state_dict(), ema=self.ema.state_dict() if self.ema else None,
@@ -227,12 +226,12 @@ def load_checkpoint(self:Trainer, path:str|Path):
     rng = path/f"rng-{acc.process_index}.safetensors"
     if st["processes"] != acc.num_processes or not rng.exists():
         raise UserError(f"{path} was written by {st['processes']} processes, this run has {acc.num_processes}: resume with the same number of processes")
-    if (path/"trainable.safetensors").exists() == self.fsdp:
+    if (path/TRAINABLE_FILE).exists() == self.fsdp:
         raise UserError(f"{path} was written {'without' if self.fsdp else 'with'} FSDP, this run {'uses' if self.fsdp else 'does not use'} it: "
                         "resume with the accelerate config it was written with")
     if self.fsdp: load_sharded(self.model, self.optimizer.optimizer, path)
     else:
-        weights, named = load_file(str(path/"trainable.safetensors")), self.named_trainable()
+        weights, named = load_file(str(path/TRAINABLE_FILE)), self.named_trainable()
         _check_trainable_names(path, weights, named)
         with torch.no_grad():
             for n, p in named.items(): p.copy_(weights[n])
@@ -251,7 +250,7 @@ def last_good_checkpoint(self:Trainer)->Path|None:
     "The newest intact checkpoint from before the current step whose weights are all finite (after a divergence)."
     for p in checkpoints(self.out/"checkpoints"):        # the current step's weights gave only non-finite updates
         if checkpoint_step(p) < self.step and verify_checkpoint(p) is None and \
-           all(bool(t.isfinite().all()) for f in [*p.glob("trainable.safetensors"), *p.glob("model-rank*.safetensors")]
+           all(bool(t.isfinite().all()) for f in [*p.glob(TRAINABLE_FILE), *p.glob("model-rank*.safetensors")]
                for t in load_file(str(f)).values()): return p
     return None
 
@@ -269,14 +268,14 @@ def validate(self:Trainer)->dict:
         chunks = [prompts[i:i + v.batch_size] for i in range(0, len(prompts), v.batch_size)]
         n0 = bb.num_inference_steps; bb.set_timesteps(v.num_inference_steps)
         g = torch.Generator().manual_seed(v.seed)
-        with acc.autocast(): runs = dict(tuned=torch.cat([bb.sample(p, unet=unet, guidance_scale=v.guidance_scale, generator=g) for p in chunks]))
+        with acc.autocast(): runs = dict(tuned=torch.cat([bb.sample(p, unet=unet, guidance_scale=v.fine_tuned_guidance_scale, generator=g) for p in chunks]))
         if self.combined_val:
             base = pipe_like(bb.pipe, unet=self.original_unet if not self.lora else unet, scheduler=copy.deepcopy(bb.scheduler))
             pipe = combined_pipeline(base, None if self.lora else unet)
             g = torch.Generator().manual_seed(v.seed)
             with acc.autocast():
                 runs["combined"] = torch.cat([pipe(p, num_inference_steps=v.num_inference_steps, original_unet_steps=v.original_unet_steps,
-                                                   guidance_scale=v.base_guidance_scale, fine_tuned_guidance_scale=v.guidance_scale,
+                                                   guidance_scale=v.base_guidance_scale, fine_tuned_guidance_scale=v.fine_tuned_guidance_scale,
                                                    height=bb.resolution, width=bb.resolution, generator=g, output_type="pt").images.float().cpu()
                                                for p in chunks])
             if self.lora: unet.enable_adapters()
@@ -288,7 +287,6 @@ def validate(self:Trainer)->dict:
             logs[f"val/reward_{name}"] = r.mean().item()
             if self.diversity is not None: logs[f"val/diversity_{name}"] = float(self.diversity(images, ids))
         if acc.is_main_process:
-            pass
             (self.out/"samples").mkdir(parents=True, exist_ok=True)
             with atomic_path(self.out/"samples"/f"step-{self.step}.png") as tmp:
                 save_image(torch.cat([x.float().cpu() for x in runs.values()]), tmp, nrow=min(len(prompts), 8), format="png")
@@ -483,7 +481,9 @@ def train(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped confi
                  check_lock=os.environ.get("RANK", "0") == "0")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("mixed_precision=fp16 needs a CUDA GPU: on the CPU use --set mixed_precision=no (or bf16)")
-    oc = dict(cfg.objective); objective = make_objective(oc.pop("name"), oc)
+    oc = dict(cfg.objective); name = oc.pop("name")
+    extra = dict(consistency_features=load_features(oc["consistency_network"])) if oc.get("consistency_weight", 0) > 0 else {}
+    objective = make_objective(name, oc, **extra)
     source = model_source(cfg.model.source)
     backbone = Backbone.from_pretrained(source, scheduler=cfg.model.scheduler,
                                         num_inference_steps=objective.config.num_inference_steps, resolution=cfg.model.resolution)

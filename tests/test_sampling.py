@@ -7,8 +7,8 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from imagerefl.core import UserError
 from imagerefl.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 from imagerefl.sampling import (CombinedStableDiffusionPipeline, CombinedStableDiffusionXLPipeline,
-                                AIGStableDiffusionPipeline, AIGStableDiffusionXLPipeline, BaseStepsCache,
-                                switch_sweep_images)
+                                AIGStableDiffusionPipeline, AIGStableDiffusionXLPipeline, BaseStepsCache)
+from imagerefl.sweeps import switch_sweep_images
 
 PROMPT, N = ["a photo of a cat", "a red bicycle"], 4
 

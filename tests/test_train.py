@@ -3,6 +3,7 @@ import os, signal, subprocess, sys, textwrap, json
 from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest, torch
+import pandas as pd
 from torch import nn
 from safetensors.torch import load_file
 from imagerefl.core import UserError
@@ -222,3 +223,15 @@ def test_bf16_frozen_parts_and_fp32_adapter(tmp_path, own_precision):
     logs = tr.update()
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in logs.values() if isinstance(v, (int, float)))
     assert max((p.detach() - lora[n]).abs().max().item() for n, p in tr.unet.named_parameters() if p.requires_grad) > 0
+
+def test_consistency_term_from_a_config(tmp_path):
+    "objective.consistency_weight > 0 names its feature network in the config; without one it is refused in one line."
+    with pytest.raises(UserError, match="needs objective.consistency_network, the feature network of the consistency term: one of"):
+        load_config("mini_imagerefl", ["objective.consistency_weight=0.5"])
+    r = train("mini_imagerefl", [f"out_dir={tmp_path/'run'}", "objective.consistency_weight=0.5", "objective.consistency_network=mini",
+                                 "max_steps=2", "batch_size=4", "log_every=1", "validation.every=0", "export=false",
+                                 "objective.num_inference_steps=8", "objective.start_index=6", "objective.max_mid_index=8"])
+    assert r["status"] == "finished"
+    log = pd.read_csv(tmp_path/"run"/"train_log.csv")                  # long format: step, name, value
+    d = log[log.name == "consistency_distance"].value
+    assert len(d) == 2 and d.between(0, 2).all()

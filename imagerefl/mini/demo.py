@@ -11,14 +11,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from diffusers import UNet2DConditionModel
-from ..claims import _same, judge_claims
+from ..checkpoint import TRAINABLE_FILE
+from ..claims import NO_CFG_COMBINED, _same, judge_claims
 from ..core import UserError, atomic_write_text, quiet_loading, seed_everything
 from ..sampling import BaseStepsCache
 from ..sweeps import Setting, evaluate_setting, load_models, load_tuned_unet
 
 # %% auto #0
-__all__ = ['DEMO_PLANS', 'NO_CFG_COMBINED', 'SETTING_COLUMNS', 'DemoPlan', 'train_steps_of', 'checkpoint_steps', 'demo_settings',
-           'seed_summary', 'demo_report', 'DigitAccuracy', 'load_checkpoint_unet', 'demo']
+__all__ = ['DEMO_PLANS', 'SETTING_COLUMNS', 'DemoPlan', 'train_steps_of', 'checkpoint_steps', 'demo_settings', 'seed_summary',
+           'demo_report', 'DigitAccuracy', 'load_checkpoint_unet', 'demo']
 
 # %% ../../nbs/24_mini_demo.ipynb #4d1bd904
 @dataclass
@@ -32,10 +33,10 @@ class DemoPlan:
     images_per_prompt:int           # images per prompt (diversity is within a prompt)
     base_guidances:tuple            # the base model's CFG sweep (each is the control of a tuned model at that CFG)
     base_guidance:float             # CFG of the base UNet in combined generation (the paper: 7.5)
-    refl_switch:tuple               # combined generation after ReFL: `original_unet_steps` values
-    imagerefl_switch:tuple          # ... after ImageReFL
+    refl_original_unet_steps:tuple  # combined generation after ReFL: its switch points
+    imagerefl_original_unet_steps:tuple # ... after ImageReFL
     aig_powers:tuple                # AIG after ReFL
-    refl_switch_no_cfg:tuple=()     # combined generation after ReFL with the base UNet also without CFG (AIG's guidance)
+    refl_original_unet_steps_no_cfg:tuple=() # combined generation after ReFL with the base UNet also without CFG (AIG's guidance)
     tuned_guidances:tuple=(1,)      # CFGs at which each final tuned model is also sampled alone (1 = none, the paper's; each needs its base control)
     num_inference_steps:int=20      # N of the evaluation sampler and of training
     batch_size:int=60               # images per sampler call
@@ -50,11 +51,11 @@ _N8 = {k: tuple(s.replace("=20", "=8").replace("=15", "=6") for s in v) + ("batc
 
 DEMO_PLANS = dict(
     full=DemoPlan(train_steps=30, imagerefl_steps=60, train_seeds=(0, 1, 2), checkpoints=3, prompts=12, images_per_prompt=4,
-                  base_guidances=(1, 2, 3, 7.5), base_guidance=3, refl_switch=(5, 10, 15), imagerefl_switch=(5, 10, 15),
-                  aig_powers=(1, 4), refl_switch_no_cfg=(5, 10, 15), workers=2, train_overrides=_N20),
+                  base_guidances=(1, 2, 3, 7.5), base_guidance=3, refl_original_unet_steps=(5, 10, 15), imagerefl_original_unet_steps=(5, 10, 15),
+                  aig_powers=(1, 4), refl_original_unet_steps_no_cfg=(5, 10, 15), workers=2, train_overrides=_N20),
     quick=DemoPlan(train_steps=2, imagerefl_steps=4, train_seeds=(0,), checkpoints=2, prompts=4, images_per_prompt=4,
-                   base_guidances=(1, 3), base_guidance=3, refl_switch=(5,), imagerefl_switch=(5,), aig_powers=(2,),
-                   refl_switch_no_cfg=(5,),
+                   base_guidances=(1, 3), base_guidance=3, refl_original_unet_steps=(5,), imagerefl_original_unet_steps=(5,), aig_powers=(2,),
+                   refl_original_unet_steps_no_cfg=(5,),
                    num_inference_steps=8, train_overrides=_N8),
 )
 
@@ -66,8 +67,6 @@ def checkpoint_steps(plan:DemoPlan, model:str)->list[int]:
     "The training steps at which `model` is evaluated: `plan.checkpoints` evenly spaced, the last one the end."
     n = train_steps_of(plan, model)
     return sorted({max(1, round(n*(i + 1)/plan.checkpoints)) for i in range(plan.checkpoints)})
-
-NO_CFG_COMBINED = "refl+combined (no CFG)"  # combined generation at AIG's guidance: the guidance-matched comparison
 
 def demo_settings(plan:DemoPlan,
                   seed:int=0, # the demo's seed: training seeds are `seed + plan.train_seeds`
@@ -83,17 +82,17 @@ def demo_settings(plan:DemoPlan,
             final = dict(train_seed=s, train_step=steps[-1])
             out += [Setting(model, model, "tuned", fine_tuned_guidance_scale=float(g), **final) for g in plan.tuned_guidances]
             out += [Setting(f"{model}+combined", model, "combined", k, guidance_scale=gb, fine_tuned_guidance_scale=1.0, **final)
-                    for k in (plan.refl_switch if model == "refl" else plan.imagerefl_switch)]
+                    for k in (plan.refl_original_unet_steps if model == "refl" else plan.imagerefl_original_unet_steps)]
             if model == "refl":
                 out += [Setting(NO_CFG_COMBINED, "refl", "combined", k, guidance_scale=1.0, fine_tuned_guidance_scale=1.0, **final)
-                        for k in plan.refl_switch_no_cfg]
-                out += [Setting("refl+aig", "refl", "aig", aig_power=float(p), fine_tuned_guidance_scale=1.0, **final)
+                        for k in plan.refl_original_unet_steps_no_cfg]
+                out += [Setting("refl+aig", "refl", "aig", aig_power=float(p), aig_guidance_scale=1.0, **final)
                         for p in plan.aig_powers]
     return out
 
 # %% ../../nbs/24_mini_demo.ipynb #c9320b54
 SETTING_COLUMNS = ["method", "model", "sampler", "original_unet_steps", "aig_power", "base_guidance", "tuned_guidance",
-                   "num_inference_steps", "switch_step", "train_step"]
+                   "num_inference_steps", "train_step"]
 
 def seed_summary(results:pd.DataFrame)->pd.DataFrame:
     "One row per setting across training seeds: each metric's mean and 95 % t-interval over seeds (one seed: its prompt-level interval)."
@@ -136,7 +135,7 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
              "adherence); diversity: mean pairwise 1 - cos of an independent feature network within a prompt; FID/KID: "
              "that network against held-out digits. Every row of `results.csv` states its sampler settings "
              "(`base_guidance`, `tuned_guidance`: the CFG each UNet ran with, empty if it ran no step; "
-             "`num_inference_steps`, `switch_step`, `aig_power`, `train_seed`, `train_step`).", "",
+             "`num_inference_steps`, `aig_power`, `train_seed`, `train_step`).", "",
              *(["**This is a smoke run (`--quick`): a few training steps and images, so the numbers below test the "
                 "plumbing, not the paper's claims. Run `imagerefl demo` without `--quick` for those.**", ""] if smoke else []),
              "## The base model across guidance scales (the controls)", "",
@@ -180,7 +179,7 @@ def _cost_lines(plan, timings)->list[str]:
 def _label(r)->str:
     "A readable setting label with the guidance and training step that matter for it."
     m, parts = str(r["method"]), []
-    if not pd.isna(r.get("switch_step")) and r["sampler"] == "combined": parts.append(f"k={int(r['switch_step'])}")
+    if not pd.isna(r.get("original_unet_steps")) and r["sampler"] == "combined": parts.append(f"k={int(r['original_unet_steps'])}")
     if not pd.isna(r.get("aig_power")): parts.append(f"p={float(r['aig_power']):g}")
     if r["sampler"] == "base": parts.append(f"CFG {r['base_guidance']:g}")
     if r["sampler"] == "tuned" and not np.isclose(r["tuned_guidance"], 1.0): parts.append(f"CFG {r['tuned_guidance']:g}")
@@ -203,7 +202,7 @@ def load_checkpoint_unet(run:str|Path, # a training run folder
     "The UNet of a full-UNet training run at a saved checkpoint."
     import copy
     from safetensors.torch import load_file
-    p = Path(run)/"checkpoints"/f"checkpoint-{step}"/"trainable.safetensors"
+    p = Path(run)/"checkpoints"/f"checkpoint-{step}"/TRAINABLE_FILE
     if not p.is_file(): raise UserError(f"no checkpoint at step {step} in {run}: train with checkpoint_every dividing {step}")
     unet, sd = copy.deepcopy(base_pipe.unet), load_file(str(p))
     missing, unexpected = unet.load_state_dict(sd, strict=False)
@@ -333,17 +332,17 @@ def _demo(out, plan, quick, seed, progress, workers=1):
     save_figure(plot_training_curves(agg), out/"collapse.png")
     s0, gb = seeds[0], float(plan.base_guidance)
     fin = lambda m: dict(train_seed=s0, train_step=train_steps_of(plan, m))
-    mid = plan.refl_switch[len(plan.refl_switch) // 2]
+    mid = plan.refl_original_unet_steps[len(plan.refl_original_unet_steps) // 2]
     shown = [Setting("base", "base", "base", guidance_scale=1.0), Setting("base", "base", "base", guidance_scale=gb),
              Setting("refl", "refl", "tuned", fine_tuned_guidance_scale=1.0, **fin("refl")),
              Setting("refl+combined", "refl", "combined", mid, guidance_scale=gb, fine_tuned_guidance_scale=1.0, **fin("refl")),
-             Setting("refl+aig", "refl", "aig", aig_power=float(plan.aig_powers[0]), fine_tuned_guidance_scale=1.0, **fin("refl")),
+             Setting("refl+aig", "refl", "aig", aig_power=float(plan.aig_powers[0]), aig_guidance_scale=1.0, **fin("refl")),
              Setting("imagerefl", "imagerefl", "tuned", fine_tuned_guidance_scale=1.0, **fin("imagerefl"))]
     picks = {s.name: out/"eval"/s.name for s in shown}
     save_figure(comparison_grid(picks, prompts=2, n_samples=min(6, plan.images_per_prompt)), out/"grid.png")
     # where `paper_figures/make.py figures --demo` finds the grid's settings and a training run
-    rows_ = [dict(asdict(s), switch_step=s.original_unet_steps, base_guidance=s.guidance_scale, tuned_guidance=s.fine_tuned_guidance_scale)
-             for s in shown]
+    rows_ = [dict(asdict(s), base_guidance=s.aig_guidance_scale if s.sampler == "aig" else s.guidance_scale,
+                  tuned_guidance=s.aig_guidance_scale if s.sampler == "aig" else s.fine_tuned_guidance_scale) for s in shown]
     atomic_write_text(out/"figures.json", json.dumps(dict(evals={_label(r): f"eval/{s.name}" for s, r in zip(shown, rows_)},
                                                           fig1_run=f"train/refl-seed{s0}"), indent=1) + "\n")
     timings["total"] = time.time() - t0

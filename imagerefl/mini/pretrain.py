@@ -8,15 +8,15 @@ Docs: https://imagerefl.github.io/imagerefl/mini_pretrain.html.md"""
 # %% ../../nbs/23_mini_pretrain.ipynb #77de36df
 from __future__ import annotations
 import json, math, os, shutil, time, tempfile
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 from pathlib import Path
 import torch
-from torch import nn, Tensor
+from torch import Tensor
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from diffusers import AutoencoderKL, UNet2DConditionModel, StableDiffusionPipeline
 from transformers import CLIPTextConfig, CLIPTextModel
-from ..core import UserError, seed_everything, atomic_write_text
+from ..core import seed_everything, atomic_write_text
 from .components import clip_tokenizer, sd_scheduler
 from .data import mini_digits, digit_from_prompt, MINI_DIGIT_WORDS
 from ..data import collate

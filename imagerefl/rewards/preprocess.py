@@ -8,7 +8,7 @@ Docs: https://imagerefl.github.io/imagerefl/reward_preprocessing.html.md"""
 from __future__ import annotations
 import torch
 from torch import Tensor
-from ..data import resize_center_crop   # one definition, shared with the feature networks
+from ..data import resize_center_crop   # re-exported: one definition, shared with the feature networks
 
 # %% auto #0
 __all__ = ['OPENAI_CLIP_MEAN', 'OPENAI_CLIP_STD', 'normalize']
