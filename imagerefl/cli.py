@@ -156,7 +156,7 @@ def _sampling_args(p):
     p.add_argument("--model", required=True, help="pipeline folder: a run's final/combined, or any diffusers SD/SDXL folder")
     p.add_argument("--steps", type=_positive_int, default=40, help="num_inference_steps (default 40)")
     p.add_argument("--guidance-scale", type=_finite_float, default=7.5, help="CFG of the base UNet (plain pipelines: of the model)")
-    p.add_argument("--original-unet-steps", type=_count, default=None, help="combined: steps run by the base UNet (default 3/4)")
+    p.add_argument("--original-unet-steps", type=_count, default=None, help="combined: steps run by the base UNet (default: 3/4 of the steps for SD, 7/8 for SDXL)")
     p.add_argument("--fine-tuned-guidance-scale", type=_finite_float, default=1.0, help="combined: CFG of the tuned UNet (default 1 = none)")
     p.add_argument("--seed", type=_count, default=0, help="seed of the first image of each prompt (the next ones: +1, +2, ...)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA if present)")

@@ -241,11 +241,11 @@ def test_bad_options_and_inputs(tmp_path):
     assert "not a readable HPS checkpoint" in _one_line(e)
 
 def test_registry_is_extensible():
-    class Brightness(Reward):
+    class MeanPixel(Reward):                                            # a Reward subclass: the base does the preprocessing
         def __init__(self): super().__init__(size=8); self.w = nn.Parameter(torch.ones(1))
         def score(self, px, prompts): return self.w * px.mean((1, 2, 3))
     @register_reward("brightness")
-    def _load(path=None, arch=None): return Brightness()
+    def _load(path=None, arch=None): return MeanPixel()
     try:
         assert "brightness" in reward_names()
         r = load_reward("brightness")
