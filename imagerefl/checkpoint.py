@@ -164,6 +164,7 @@ def resume_point(cfg:TrainConfig,        # the run's config
         if p is None and (held := run_files(out)):
             raise UserError(f"{out} holds a run ({', '.join(held)}) but no intact checkpoint to resume from: "
                             f"choose another out_dir, or delete {out} to start over")
+        if p is None: say(f"resume=latest: {out} holds no checkpoint yet, so this is a new run")
         return p
     if cfg.resume:
         p = Path(cfg.resume).expanduser()

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse, csv, errno, io, json, math, os, re, sys
 from pathlib import Path
 from . import __version__
-from .core import UserError, read_text, quiet_loading
+from .core import UserError, as_os_error, read_text, quiet_loading
 
 # %% auto #0
 __all__ = ['cmd_train', 'config_description', 'cmd_configs', 'load_any_pipeline', 'cmd_sample', 'cmd_evaluate', 'cmd_demo',
-           'cmd_mini_pretrain', 'parser', 'os_error_line', 'main']
+           'cmd_mini_pretrain', 'parser', 'os_error_line', 'process_line', 'main']
 
 # %% ../nbs/26_cli.ipynb #93e16a83
 def cmd_train(a):
@@ -219,13 +219,23 @@ def os_error_line(e:OSError)->str:
     hint = _OS_HINTS.get(e.errno, "run with --debug (or IMAGEREFL_DEBUG=1) for the traceback")
     return f"{what}{where}: {hint}"
 
+def process_line(environ=os.environ)->str|None:
+    "The first line of a command that can share its work between processes: how many do (printed by the first one)."
+    n, rank = int(environ.get("WORLD_SIZE") or 1), int(environ.get("RANK") or 0)
+    if rank: return None
+    if n > 1: return f"imagerefl: {n} processes share the work"
+    return ("imagerefl: 1 process does the work (a launcher that starts N processes sets WORLD_SIZE=N; "
+            "on a CPU: torchrun --nproc_per_node N -m imagerefl.cli ...)")
+
 def main(argv:list[str]|None=None)->int:
     "Entry point of the `imagerefl` command: a user or file-system error prints one line and returns 2."
     a = parser().parse_args(argv)
     debug = a.debug or os.environ.get("IMAGEREFL_DEBUG", "0").lower() not in ("", "0", "false", "no")
+    if a.func in (cmd_train, cmd_evaluate, cmd_sample) and (line := process_line()): print(line, flush=True)
     try: return a.func(a)
-    except (UserError, OSError) as e:
-        if debug: raise
+    except Exception as e:
+        e = as_os_error(e)                 # e.g. safetensors' "I/O error: No space left on device (os error 28)"
+        if debug or not isinstance(e, (UserError, OSError)): raise
         print(f"imagerefl: error: {e if isinstance(e, UserError) else os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

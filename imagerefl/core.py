@@ -6,13 +6,13 @@ Docs: https://imagerefl.github.io/imagerefl/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #d2a864ad
 from __future__ import annotations
-import os, random, tempfile, contextlib, json, logging
+import os, random, re, tempfile, contextlib, json, logging
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['UserError', 'seed_everything', 'resolve_device', 'umask', 'atomic_path', 'atomic_write_text', 'save_safetensors',
-           'read_text', 'load_yaml', 'quiet_loading', 'looks_like_path', 'hub_offline', 'missing_components',
-           'check_source']
+           'as_os_error', 'read_text', 'load_yaml', 'quiet_loading', 'looks_like_path', 'hub_offline',
+           'missing_components', 'check_source']
 
 # %% ../nbs/00_core.ipynb #5a75a4d9
 class UserError(ValueError):
@@ -78,8 +78,18 @@ def save_safetensors(tensors:dict, # name -> tensor
     "Save tensors as safetensors, atomically (contiguous CPU copies, shared storage broken)."
     from safetensors.torch import save_file
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata=metadata)
+    with atomic_path(path) as tmp:
+        try: save_file(tensors, str(tmp), metadata=metadata)
+        except Exception as e: raise as_os_error(e, path) from None
     return Path(path)
+
+def as_os_error(e:Exception, # an error of a writer (safetensors reports a full disk as "... (os error 28)")
+                path=None,   # the file it was writing
+               )->Exception: # an `OSError` with its errno where `e` carries one, else `e` itself
+    "An I/O failure that a library reports in its own exception type, as the `OSError` it is."
+    if isinstance(e, OSError): return e
+    m = re.search(r"os error (\d+)", str(e))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1))), str(path) if path else None) if m else e
 
 # %% ../nbs/00_core.ipynb #0f74eaae
 def read_text(path:str|Path, # a text file

@@ -289,6 +289,9 @@ def evaluate(sampler:Callable,            # sampler(prompt=list, generator=list,
     prompts = load_prompts(prompts) if isinstance(prompts, (str, Path)) else [str(p) for p in prompts]
     if not prompts: raise UserError("the prompt list is empty: give at least one prompt")
     if images_per_prompt < 1 or batch_size < 1: raise UserError("images_per_prompt and batch_size must be at least 1")
+    if features and images_per_prompt < 2:
+        raise UserError(f"diversity is measured between the images of one prompt, so it needs images_per_prompt >= 2 (got "
+                        f"{images_per_prompt}): raise it (--images-per-prompt), or measure no diversity (no --features)")
     if not isinstance(seeds, int):
         seeds = [int(s) for s in seeds]
         if len(seeds) != images_per_prompt: raise UserError(f"seeds has {len(seeds)} entries; give one per sample ({images_per_prompt}) or one base seed")

@@ -87,7 +87,8 @@ class Trainer:
         self.accelerator = acc = Accelerator(
             mixed_precision=c.mixed_precision, log_with=None if c.log_with == "none" else c.log_with,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out/"logs")),
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+            cpu=not torch.cuda.is_available())     # torchrun on a machine without CUDA: the processes share the work over gloo
         if acc.distributed_type.value == "DEEPSPEED":
             raise UserError("training under DeepSpeed is not supported: untested (deepspeed is not installed where this was built), and its "
                             "checkpoints would hold one process's partitions only; use FSDP (configs/accelerate/fsdp_4gpu.yaml) or DDP (configs/accelerate/ddp_4gpu.yaml)")

@@ -79,3 +79,23 @@ def test_every_option_has_help():
                 seen.append((name, a.option_strings[-1]))
                 assert a.help, f"imagerefl {name} {a.option_strings[-1]} has no help"
     assert ("demo", "--quick") in seen and ("demo", "--seed") in seen and ("pretrain", "--quick") in seen
+
+def test_a_full_disk_is_one_line_and_keeps_the_checkpoint_before_it(tmp_path, monkeypatch, capsys):
+    "safetensors reports a full disk in its own exception type; the CLI says it in one line, status 2."
+    import safetensors.torch
+    from safetensors import SafetensorError
+    from imagerefl.runfolder import verify_checkpoint
+    real = safetensors.torch.save_file
+    def full_at_step_2(tensors, filename, *a, **k):
+        if "checkpoint-2" in str(filename): raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, *a, **k)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_at_step_2)
+    out = tmp_path/"run"
+    rc = main(["train", "--config", "mini_refl", "--set", f"out_dir={out}", "--set", "max_steps=2", "--set", "checkpoint_every=1",
+               "--set", "batch_size=2", "--set", "validation.every=0", "--set", "export=false",
+               "--set", "objective.num_inference_steps=8", "--set", "objective.min_mid_index=6", "--set", "objective.max_mid_index=8"])
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]                                   # after the progress bar
+    assert rc == 2 and "Traceback" not in err and line.startswith("imagerefl: error: No space left on device"), err[-500:]
+    assert "checkpoint-2" in line and line.endswith("the disk is full: free some space or choose another output folder")
+    assert verify_checkpoint(out/"checkpoints"/"checkpoint-1") is None      # the checkpoint before it is intact

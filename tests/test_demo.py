@@ -110,3 +110,11 @@ def test_results_equal_those_before_the_module_split(quick_run):
     settings = [c for c in now.columns if c not in measured]
     pd.testing.assert_frame_equal(now[settings], before[settings])
     np.testing.assert_allclose(now[measured].to_numpy(float), before[measured].to_numpy(float), rtol=1e-3, atol=1e-3)
+
+def test_demo_refuses_a_folder_that_holds_something_else(tmp_path):
+    from imagerefl.core import UserError
+    for name in ("config.yaml", "run.json"):                     # a training run's file, an evaluation's
+        (tmp_path/name).write_text("x: 1\n")
+        with pytest.raises(UserError, match=f"holds {name}: a training run or an evaluation, not a demo"): demo(tmp_path, quick=True)
+        (tmp_path/name).unlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []      # nothing written

@@ -66,3 +66,25 @@ def test_two_gloo_processes_equal_one(tmp_path):
     assert one == two and len(one) == 9 + 4, (one, two)
     for f in one:                  # the same PNG bytes, the same tables to the last digit (FID/KID included), the same run.json
         assert (tmp_path/"one"/f).read_bytes() == (tmp_path/"two"/f).read_bytes(), f
+
+
+def test_the_documented_cpu_rehearsal_starts_two_processes(tmp_path):
+    "The README's rehearsal of a multi-process evaluation: torchrun on 2 CPU processes; the first line says how many share it."
+    from imagerefl.testing import tiny_sd_pipeline
+    tiny_sd_pipeline(resolution=32).save_pretrained(tmp_path/"pipe")
+    (tmp_path/"p.txt").write_text("a cat\na dog\na red house\na tree\n")
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    args = ["-m", "imagerefl.cli", "evaluate", "--model", str(tmp_path/"pipe"), "--prompts", str(tmp_path/"p.txt"),
+            "--images-per-prompt", "2", "--batch-size", "2", "--steps", "2", "--device", "cpu", "--out"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    two = subprocess.run(torchrun + args + [str(tmp_path/"two")], env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run([sys.executable] + args + [str(tmp_path/"one")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0 and one.returncode == 0, two.stderr[-2000:] + one.stderr[-2000:]
+    assert two.stdout.splitlines()[0] == "imagerefl: 2 processes share the work" and two.stdout.count("share the work") == 1
+    assert one.stdout.splitlines()[0].startswith("imagerefl: 1 process does the work")
+    files = sorted(p.relative_to(tmp_path/"one") for p in (tmp_path/"one").rglob("*.png"))
+    # 8 images in 4 batches of 2: the first process made every other batch, half the images (its bar counts its own)
+    assert "images: 100%" in two.stderr and "| 4/4 [" in two.stderr and "| 8/8 [" in one.stderr and "| 8/8 [" not in two.stderr
+    assert len(files) == 8 and files == sorted(p.relative_to(tmp_path/"two") for p in (tmp_path/"two").rglob("*.png"))
+    for f in files: assert (tmp_path/"one"/f).read_bytes() == (tmp_path/"two"/f).read_bytes(), f

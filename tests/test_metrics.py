@@ -253,3 +253,11 @@ def test_damaged_images_csv_and_run_json(tmp_path, pipe):
         (tmp_path/"run.json").write_text(bad)
         one_line_user_error(lambda: evaluate(smp, PROMPTS, tmp_path, **kw), "run.json is empty or damaged")
     assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path/"images").glob(".*.tmp"))   # no temporary file left
+
+
+def test_diversity_with_one_image_per_prompt_is_refused_before_sampling(tmp_path):
+    calls = []
+    def smp(**kw): calls.append(kw); raise AssertionError("no image may be made")
+    one_line_user_error(lambda: evaluate(smp, PROMPTS, tmp_path/"e", images_per_prompt=1, features=dict(pool=nn.Flatten())),
+                        "so it needs images_per_prompt >= 2 (got 1)")
+    assert not calls and not (tmp_path/"e").exists()

@@ -148,3 +148,8 @@ def test_cli_prints_a_divergence_once(tmp_path, capsys):
     assert "from before step 1) is none" in err                           # checkpoint-1's weights (~1e30) are not named good
     w = load_file(tmp_path/"checkpoints"/"checkpoint-1"/"trainable.safetensors")
     assert max(t.abs().max().item() for t in w.values()) > 1e20             # there, finite, exploded
+
+def test_resume_latest_without_a_run_says_it_starts_a_new_one(tmp_path, capsys):
+    r = trainer(tmp_path/"new", "resume=latest", "max_steps=1").fit()
+    assert r["status"] == "finished" and r["step"] == 1
+    assert f"resume=latest: {tmp_path/'new'} holds no checkpoint yet, so this is a new run" in capsys.readouterr().out

@@ -240,6 +240,9 @@ def demo(out_dir:str|Path="demo",  # output folder
         raise UserError(f"the plan's tuned_guidances {plan.tuned_guidances} must include 1 (the training curves) and be in base_guidances {plan.base_guidances} (their controls)")
     workers = plan.workers if workers is None else workers
     if not isinstance(workers, int) or workers < 1: raise UserError(f"workers must be a whole number >= 1, not {workers!r}")
+    out = Path(out_dir)
+    if found := [n for n in ("checkpoints", "config.yaml", "train_log.csv", "final", "run.json", "images.csv") if (out/n).exists()]:
+        raise UserError(f"{out} holds {', '.join(found)}: a training run or an evaluation, not a demo; choose another output folder")
     threads = torch.get_num_threads(); torch.set_num_threads(plan.threads)
     try: return _demo(Path(out_dir), plan, quick, seed, progress, workers)
     finally: torch.set_num_threads(threads)

@@ -93,10 +93,14 @@ def _import_reward(name:str):
     try: m = importlib.import_module(mod)
     except ImportError as e:
         raise UserError(f"reward '{name}': cannot import module '{mod}' ({e}): put it in the working directory or on PYTHONPATH") from None
+    except Exception as e:           # the module itself fails: one line that names it and its error
+        raise UserError(f"reward '{name}': importing module '{mod}' failed ({_first_line(e)}): fix that module") from None
     finally:
         if added: sys.path.remove(os.getcwd())
     if not attr or not hasattr(m, attr): raise UserError(f"reward '{name}': module '{mod}' has no attribute '{attr}'")
     return getattr(m, attr)
+
+def _first_line(e:Exception)->str: return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
 
 def check_reward_name(name:str, key:str="reward") -> None:
     "A one-line `UserError` unless `name` is a registered reward or an importable `module:attribute`."
@@ -138,7 +142,11 @@ def load_reward(name:str,          # one of `reward_names()`, or `module:attribu
     else: raise UserError(f"unknown reward '{name}'; known rewards: {', '.join(reward_names())}, or module:attribute for your own")
     try: inspect.signature(f).bind(**kw)
     except TypeError as e: raise UserError(f"reward '{name}' does not take these options ({e}); it takes {inspect.signature(f)}") from None
-    r = f(**kw)
+    if name in REWARDS: r = f(**kw)
+    else:                            # a reward of your own that fails to build: one line that names it
+        try: r = f(**kw)
+        except UserError: raise
+        except Exception as e: raise UserError(f"reward '{name}' failed to build ({_first_line(e)}): fix its constructor or loader") from None
     if not isinstance(r, nn.Module): raise UserError(f"reward '{name}' gave a {type(r).__name__}: a reward must be a torch nn.Module")
     if not isinstance(r, Reward): r.register_forward_pre_hook(_pipeline_images_hook)
     if gradient_checkpointing:
