@@ -124,7 +124,7 @@ class Trainer:
         if c.ema_decay > 0:
             self.ema = EMAModel(self.params, decay=c.ema_decay)
         self.step = self.epoch = self.batch_in_epoch = self.skipped = self.bad_in_row = 0
-        self._batches, self._signal = None, None
+        self._batches, self._signal, self._old_handlers, self._saving, self._saved_step = None, None, {}, False, None
         seed_everything(c.seed + acc.process_index)             # each process its own noise
 
     @property
@@ -419,7 +419,7 @@ def fit(self:Trainer, report:bool=True, # print the closing message
                     if c.validation.every and self.step % c.validation.every == 0: self.validate()
                     if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.max_steps: self.save_checkpoint()
                 if self._signalled(): status = "interrupted"; break
-            if status != "diverged" and getattr(self, "_saved_step", None) != self.step: self.save_checkpoint()
+            if status != "diverged" and self._saved_step != self.step: self.save_checkpoint()
             if status == "finished" and c.export: self.export()
             if status == "finished" and c.push_to_hub and acc.is_main_process: self.push_to_hub()
         finally:
