@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse, csv, errno, io, json, math, os, re, sys
 from pathlib import Path
 from . import __version__
-from .core import UserError, as_os_error, read_text, quiet_loading
+from .core import UserError, as_os_error, error_line, read_text, quiet_loading
 
 # %% auto #0
 __all__ = ['cmd_train', 'config_description', 'cmd_configs', 'load_any_pipeline', 'cmd_sample', 'cmd_evaluate', 'cmd_demo',
@@ -55,8 +55,7 @@ def load_any_pipeline(path:str):
         try: pipe = combined_class(index).from_pretrained(str(p))
         except UserError: raise
         except (OSError, ValueError, KeyError, RuntimeError) as e:   # truncated or mismatched weights, bad configs
-            raise UserError(f"could not load the combined pipeline in '{path}' ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}): copy the folder again") from None
+            raise UserError(f"could not load the combined pipeline in '{path}' ({error_line(e)}): copy the folder again") from None
     else:
         from imagerefl.diffusion import load_pipeline
         pipe = load_pipeline(str(p))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['UserError', 'seed_everything', 'resolve_device', 'umask', 'atomic_path', 'atomic_write_text', 'save_safetensors',
-           'as_os_error', 'read_text', 'load_yaml', 'quiet_loading', 'looks_like_path', 'hub_offline',
+           'as_os_error', 'error_line', 'read_text', 'load_yaml', 'quiet_loading', 'looks_like_path', 'hub_offline',
            'missing_components', 'check_source']
 
 # %% ../nbs/00_core.ipynb #5a75a4d9
@@ -90,6 +90,10 @@ def as_os_error(e:Exception, # an error of a writer (safetensors reports a full 
     if isinstance(e, OSError): return e
     m = re.search(r"os error (\d+)", str(e))
     return OSError(int(m.group(1)), os.strerror(int(m.group(1))), str(path) if path else None) if m else e
+
+def error_line(e:Exception)->str:
+    "`TypeName: first line of the message`, for one-line messages that quote an error."
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 # %% ../nbs/00_core.ipynb #0f74eaae
 def read_text(path:str|Path, # a text file

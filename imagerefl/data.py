@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from PIL import Image, ImageOps
 from fastcore.basics import patch
-from .core import UserError, hub_offline, looks_like_path, read_text
+from .core import UserError, error_line, hub_offline, looks_like_path, read_text
 
 # %% auto #0
 __all__ = ['TEXT_COLUMNS', 'HUB_PROMPT_SETS', 'HUB_IMAGE_SETS', 'to_rgb', 'fit_image', 'pil_to_tensor', 'resize_center_crop',
@@ -109,7 +109,7 @@ class ImageCaptionDataset(Dataset):
             try: image = self.load_image(j)
             except Exception as e:
                 self._bad.add(j)
-                warnings.warn(f"skipping unreadable image {j} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+                warnings.warn(f"skipping unreadable image {j} ({error_line(e)})")
                 continue
             return dict(image=image, caption=self.captions[j], index=j)
         raise UserError("no image of this image-caption set can be read: check the files")

@@ -14,7 +14,7 @@ from huggingface_hub import HfApi
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 from .config import TrainConfig, config_yaml
-from .core import UserError, atomic_write_text
+from .core import UserError, atomic_write_text, error_line
 from .diffusion import load_pipeline
 from .runfolder import atomic_dir
 from .sampling import (CombinedStableDiffusionPipeline, CombinedStableDiffusionXLPipeline,
@@ -112,7 +112,7 @@ def upload_to_hub(out:Path,          # the run folder (its `final/combined` is u
         api.create_repo(cfg.hub_model_id, private=cfg.hub_private, exist_ok=True)
         api.upload_folder(repo_id=cfg.hub_model_id, folder_path=str(folder), commit_message=f"imagerefl {cfg.objective['name']} on {cfg.reward.name}, step {step}")
     except Exception as e:
-        raise UserError(f"could not upload to the Hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the model is "
+        raise UserError(f"could not upload to the Hub ({error_line(e)}); the model is "
                         f"saved in {folder}: upload it later with `hf upload {cfg.hub_model_id} {folder}`") from None
     print(f"uploaded {folder} to https://huggingface.co/{cfg.hub_model_id}")
     return folder

@@ -483,7 +483,7 @@ def train(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped confi
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("mixed_precision=fp16 needs a CUDA GPU: on the CPU use --set mixed_precision=no (or bf16)")
     oc = dict(cfg.objective); name = oc.pop("name")
-    extra = dict(consistency_features=load_features(oc["consistency_network"])) if oc.get("consistency_weight", 0) > 0 else {}
+    extra = dict(consistency_features=load_features(oc["consistency_network"], device="cpu")) if oc.get("consistency_weight", 0) > 0 else {}
     objective = make_objective(name, oc, **extra)
     source = model_source(cfg.model.source)
     backbone = Backbone.from_pretrained(source, scheduler=cfg.model.scheduler,

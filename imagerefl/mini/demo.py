@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch
 from diffusers import UNet2DConditionModel
 from ..checkpoint import TRAINABLE_FILE
+from ..runfolder import run_files
 from ..claims import NO_CFG_COMBINED, _same, judge_claims
 from ..core import UserError, atomic_write_text, quiet_loading, seed_everything
 from ..sampling import BaseStepsCache
@@ -241,7 +242,7 @@ def demo(out_dir:str|Path="demo",  # output folder
     workers = plan.workers if workers is None else workers
     if not isinstance(workers, int) or workers < 1: raise UserError(f"workers must be a whole number >= 1, not {workers!r}")
     out = Path(out_dir)
-    if found := [n for n in ("checkpoints", "config.yaml", "train_log.csv", "final", "run.json", "images.csv") if (out/n).exists()]:
+    if found := run_files(out) + [n for n in ("run.json", "images.csv") if (out/n).exists()]:   # a training run's, an evaluation's
         raise UserError(f"{out} holds {', '.join(found)}: a training run or an evaluation, not a demo; choose another output folder")
     threads = torch.get_num_threads(); torch.set_num_threads(plan.threads)
     try: return _demo(Path(out_dir), plan, quick, seed, progress, workers)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 import torch
 from torch import Tensor, nn
-from ..core import UserError, hub_offline, looks_like_path, resolve_device
+from ..core import UserError, error_line, hub_offline, looks_like_path, resolve_device
 from ..data import resize_center_crop
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize
 
@@ -94,13 +94,11 @@ def _import_reward(name:str):
     except ImportError as e:
         raise UserError(f"reward '{name}': cannot import module '{mod}' ({e}): put it in the working directory or on PYTHONPATH") from None
     except Exception as e:           # the module itself fails: one line that names it and its error
-        raise UserError(f"reward '{name}': importing module '{mod}' failed ({_first_line(e)}): fix that module") from None
+        raise UserError(f"reward '{name}': importing module '{mod}' failed ({error_line(e)}): fix that module") from None
     finally:
         if added: sys.path.remove(os.getcwd())
     if not attr or not hasattr(m, attr): raise UserError(f"reward '{name}': module '{mod}' has no attribute '{attr}'")
     return getattr(m, attr)
-
-def _first_line(e:Exception)->str: return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
 
 def check_reward_name(name:str, key:str="reward") -> None:
     "A one-line `UserError` unless `name` is a registered reward or an importable `module:attribute`."
@@ -146,7 +144,7 @@ def load_reward(name:str,          # one of `reward_names()`, or `module:attribu
     else:                            # a reward of your own that fails to build: one line that names it
         try: r = f(**kw)
         except UserError: raise
-        except Exception as e: raise UserError(f"reward '{name}' failed to build ({_first_line(e)}): fix its constructor or loader") from None
+        except Exception as e: raise UserError(f"reward '{name}' failed to build ({error_line(e)}): fix its constructor or loader") from None
     if not isinstance(r, nn.Module): raise UserError(f"reward '{name}' gave a {type(r).__name__}: a reward must be a torch nn.Module")
     if not isinstance(r, Reward): r.register_forward_pre_hook(_pipeline_images_hook)
     if gradient_checkpointing:
