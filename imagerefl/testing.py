@@ -17,7 +17,7 @@ from .mini.components import clip_tokenizer, sd_scheduler
 
 # %% auto #0
 __all__ = ['tiny_vae', 'tiny_sd_pipeline', 'tiny_sdxl_pipeline', 'tiny_clip_folder', 'Recorder', 'FixedNoiseObjective',
-           'Brightness']
+           'Brightness', 'official_hps_pixels', 'official_crop_pixels']
 
 # %% ../nbs/25_testing.ipynb #291de5c2
 def _text_config(tok, **kw):
@@ -132,3 +132,32 @@ class Brightness(nn.Module):
         self.scored += len(images)
         chars = torch.tensor([len(p) for p in prompts], dtype=torch.float32, device=images.device)
         return self.gain * images.float().mean((1, 2, 3)) + self.per_char * chars
+
+# %% ../nbs/25_testing.ipynb #7b3cffbf
+_CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+def _normalised(a, mean, std)->torch.Tensor:
+    import numpy as np
+    return torch.from_numpy((a - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]).float()
+
+def official_hps_pixels(im, size:int=224, mean=_CLIP_MEAN, std=_CLIP_STD)->torch.Tensor:
+    "`hpsv2.score`'s input for PIL image `im`: ToTensor, ResizeMaxSize (longer side to `size`, bicubic, antialiased, black pad), normalise."
+    import numpy as np, torch.nn.functional as F
+    a = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    h, w = a.shape[-2:]; s = size / float(max(h, w)); nh, nw = round(h * s), round(w * s)
+    if (nh, nw) != (h, w): a = F.interpolate(a, (nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    canvas = torch.zeros(1, 3, size, size); top, left = (size - nh) // 2, (size - nw) // 2
+    canvas[..., top:top + nh, left:left + nw] = a
+    return _normalised(canvas[0].double().numpy(), mean, std)
+
+def official_crop_pixels(im, size:int=224, crop:int|None=None, rounding:str="round", mean=_CLIP_MEAN, std=_CLIP_STD)->torch.Tensor:
+    "Pillow bicubic resize of the shorter side (long side `int(size*long/short)`), centre crop (`round`: torchvision, ImageReward; `floor`: transformers), /255, normalise."
+    import numpy as np
+    from PIL import Image
+    crop, (w, h) = crop or size, im.size
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    a = np.asarray(im.convert("RGB").resize((nw, nh), Image.BICUBIC), dtype=np.float64) / 255
+    off = (lambda v: int(round(v))) if rounding == "round" else (lambda v: int(np.floor(v)))
+    top, left = off((nh - crop) / 2), off((nw - crop) / 2)
+    return _normalised(a[top:top + crop, left:left + crop].transpose(2, 0, 1), mean, std)
+

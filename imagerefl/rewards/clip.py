@@ -10,12 +10,14 @@ from pathlib import Path
 import torch, torch.nn.functional as F
 from torch import nn
 from ..core import UserError, check_source
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from .preprocess import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_image_processor, clip_processor_pixels,
+                                          hps_eval_pixels)
 from .registry import Reward, register_reward, resolve_file
 
 # %% auto #0
 __all__ = ['OpenCLIPReward', 'open_clip_model', 'load_hps_state_dict', 'state_dict_mismatch', 'load_hps_v21', 'load_hps_v2',
-           'processor_folder', 'hf_clip_parts', 'HFCLIPReward', 'load_pickscore', 'load_clip_score']
+           'processor_folder', 'hf_clip_parts', 'CLIPProcessorEvaluation', 'HFCLIPReward', 'load_pickscore',
+           'load_clip_score']
 
 # %% ../../nbs/06_rewards_clip.ipynb #4fc988fd
 class OpenCLIPReward(Reward):
@@ -23,6 +25,11 @@ class OpenCLIPReward(Reward):
     def __init__(self, model:nn.Module, tokenizer, **pre):
         super().__init__(**pre)
         self.model, self.tokenizer = model, tokenizer
+    @property
+    def evaluation_path(self):
+        return (f"hpsv2.score's: RGB, float, longer side to {self.size} (bicubic, antialiased), black pad to a square, "
+                "normalise (HPS's open_clip fork, ResizeMaxSize)")
+    def evaluation_pixels(self, images): return hps_eval_pixels(images, self.size, self.mean, self.std)
     def vision_blocks(self): return self.model.visual.transformer.resblocks
     def score(self, pixel_values, prompts):
         img = self.model.encode_image(pixel_values, normalize=True)
@@ -41,7 +48,7 @@ def open_clip_model(arch:str|dict):
     return model, tok
 
 def load_hps_state_dict(file:Path)->dict:
-    "The tensors of an HPS checkpoint (`{'state_dict': {'module.*': ...}}`), `module.` stripped."
+    "The tensors of an HPS checkpoint (`{'state_dict': {key: tensor}}`), any `module.` prefix stripped."
     try: sd = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e: raise UserError(f"'{file}' is not a readable HPS checkpoint ({type(e).__name__}: {str(e)[:100]})") from None
     sd = sd.get("state_dict", sd)
@@ -92,23 +99,34 @@ def processor_folder(source)->str:
 
 def hf_clip_parts(path, processor_path, default_processor:str, what:str):
     "A transformers `CLIPModel`, its tokenizer and preprocessing constants from local folders (or cached hub ids)."
-    from transformers import CLIPModel, AutoTokenizer, CLIPImageProcessor
+    from transformers import CLIPModel, AutoTokenizer
     folder = check_source(path, f"a {what} folder (transformers CLIPModel)", "config.json")
     if processor_path is None: processor_path = folder if _has_processor(folder) else default_processor
     proc = processor_folder(processor_path)
     model = CLIPModel.from_pretrained(folder, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(proc)
     if len(tok) < 1000: raise UserError(f"the tokenizer in '{proc}' has only {len(tok)} tokens: pass processor_path=<a folder with the CLIP tokenizer files>")
-    ip = CLIPImageProcessor.from_pretrained(proc)
+    ip = clip_image_processor(proc)
     size = ip.size["shortest_edge"] if ip.size.get("shortest_edge") else ip.size["height"]
     crop = ip.crop_size["height"] if ip.do_center_crop else size
-    return model, tok, dict(size=size, crop=crop, mean=ip.image_mean, std=ip.image_std, rounding="floor")
+    return model, tok, dict(size=size, crop=crop, mean=ip.image_mean, std=ip.image_std, rounding="floor", processor=ip)
 
-class HFCLIPReward(Reward):
+class CLIPProcessorEvaluation:
+    "The evaluation path of the transformers CLIP rewards: their processor (PIL backend), as the official code calls it."
+    @property
+    def evaluation_path(self):
+        return (f"transformers' CLIPImageProcessor, PIL backend, as the official code: PIL resize of the shorter side to "
+                f"{self.size} (bicubic, uint8), centre crop {self.crop} (floored offsets), rescale, normalise")
+    def evaluation_pixels(self, images):
+        if self.processor is None: self.processor = clip_image_processor(size=self.size, crop=self.crop, mean=self.mean, std=self.std)
+        return clip_processor_pixels(images, self.processor)
+
+class HFCLIPReward(CLIPProcessorEvaluation, Reward):
     "A transformers CLIP scored by `variant`: logit_scale.exp()*cos (PickScore), cos, clip-s or torchmetrics."
     variants = ("pickscore", "cosine", "clip-s", "torchmetrics")
-    def __init__(self, model, tokenizer, variant="cosine", **pre):
+    def __init__(self, model, tokenizer, variant="cosine", processor=None, **pre):
         super().__init__(**pre)
+        self.processor = processor   # the evaluation path's image processor; None: built from size, crop, mean, std
         if variant not in self.variants: raise UserError(f"unknown score variant '{variant}': use one of {', '.join(self.variants)}")
         self.model, self.tokenizer, self.variant = model, tokenizer, variant
     def vision_blocks(self): return self.model.vision_model.encoder.layers

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from ..core import UserError, hub_offline
+from .preprocess import imagereward_eval_pixels
 from .registry import Reward, register_reward, resolve_file
 
 # %% auto #0
@@ -55,6 +56,11 @@ class ImageRewardReward(Reward):
         self.mlp = nn.Module(); self.mlp.layers = imagereward_mlp(tcfg.hidden_size)
         self.tokenizer, self.max_length = tokenizer, 35
     def vision_blocks(self): return self.vision.encoder.layers
+    @property
+    def evaluation_path(self):
+        return (f"ImageReward.score's (CLIP's _transform): PIL resize of the shorter side to {self.size} (bicubic, uint8), "
+                f"centre crop (rounded offsets), RGB, ToTensor, normalise")
+    def evaluation_pixels(self, images): return imagereward_eval_pixels(images, self.size, self.mean, self.std)
     def raw(self, pixel_values, prompts):
         "The MLP output before standardisation (what the reference code logs)."
         t = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")

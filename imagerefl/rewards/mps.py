@@ -11,7 +11,8 @@ from pathlib import Path
 import torch, torch.nn.functional as F
 from torch import nn
 from ..core import UserError, save_safetensors
-from .clip import processor_folder
+from .clip import CLIPProcessorEvaluation, processor_folder
+from .preprocess import clip_image_processor
 from .registry import Reward, register_reward
 
 # %% auto #0
@@ -105,10 +106,11 @@ def mps_cross_model_dims(sd:dict)->dict:
 MPS_CONDITION = ("light, color, clarity, tone, style, ambiance, artistry, shape, face, hair, hands, limbs, structure, "
                  "instance, texture, quantity, attributes, position, number, location, word, things.")
 
-class MPSReward(Reward):
+class MPSReward(CLIPProcessorEvaluation, Reward):
     "MPS (overall preference): CLIP + condition-masked cross model, `logit_scale.exp() * cos`."
-    def __init__(self, model, cross_model, tokenizer, condition=MPS_CONDITION, condition_threshold=0.01, **pre):
+    def __init__(self, model, cross_model, tokenizer, condition=MPS_CONDITION, condition_threshold=0.01, processor=None, **pre):
         super().__init__(**pre)
+        self.processor = processor   # the evaluation path's image processor; None: built from size, crop, mean, std
         self.model, self.cross_model, self.tokenizer = model, cross_model, tokenizer
         self.condition, self.condition_threshold = condition, condition_threshold
     def vision_blocks(self): return self.model.vision_model.encoder.layers
@@ -205,7 +207,7 @@ def load_mps(path=None, # MPS_overall_checkpoint.pth (needs allow_pickle) or its
              condition_threshold:float=0.01, # prompt tokens kept for cross-attention (0.01 as in training; MPS eval: 0.3)
             ):
     "MPS overall preference (Zhang et al. 2024)."
-    from transformers import CLIPConfig, CLIPModel, AutoTokenizer, CLIPImageProcessor
+    from transformers import CLIPConfig, CLIPModel, AutoTokenizer
     if arch is not None: raise UserError("mps takes no arch: the checkpoint carries its CLIP config")
     if path is None: raise UserError("MPS has no hub copy: download MPS_overall_checkpoint.pth (link in the Kwai-Kolors/MPS README) and pass path=<file>")
     p = Path(str(path)).expanduser()
@@ -223,10 +225,10 @@ def load_mps(path=None, # MPS_overall_checkpoint.pth (needs allow_pickle) or its
     model = CLIPModel(CLIPConfig(**cfg))
     cross = MPSCrossModel(**mps_cross_model_dims(sd))
     proc = processor_folder(processor_path or "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
-    tok, ip = AutoTokenizer.from_pretrained(proc), CLIPImageProcessor.from_pretrained(proc)
+    tok, ip = AutoTokenizer.from_pretrained(proc), clip_image_processor(proc)
     if len(tok) < 1000: raise UserError(f"the tokenizer in '{proc}' has only {len(tok)} tokens: pass processor_path=<a folder with the CLIP tokenizer files>")
     r = MPSReward(model, cross, tok, condition, condition_threshold, size=ip.size["shortest_edge"],
-                  crop=ip.crop_size["height"], mean=ip.image_mean, std=ip.image_std, rounding="floor")
+                  crop=ip.crop_size["height"], mean=ip.image_mean, std=ip.image_std, rounding="floor", processor=ip)
     missing, unexpected = r.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected: raise UserError(f"'{path}' does not match the MPS architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -7,11 +7,14 @@ Docs: https://imagerefl.github.io/imagerefl/reward_preprocessing.html.md"""
 # %% ../../nbs/04_reward_preprocessing.ipynb #f1d51c59
 from __future__ import annotations
 import torch
+from PIL import Image
 from torch import Tensor
 from ..data import resize_center_crop   # re-exported: one definition, shared with the feature networks
 
+
 # %% auto #0
-__all__ = ['OPENAI_CLIP_MEAN', 'OPENAI_CLIP_STD', 'normalize']
+__all__ = ['OPENAI_CLIP_MEAN', 'OPENAI_CLIP_STD', 'PREPROCESSING', 'normalize', 'check_preprocessing', 'to_uint8_pil',
+           'hps_eval_pixels', 'imagereward_eval_pixels', 'clip_image_processor', 'clip_processor_pixels']
 
 # %% ../../nbs/04_reward_preprocessing.ipynb #a58c616d
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -24,3 +27,65 @@ def normalize(x:Tensor, mean, std)->Tensor:
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     return (x - m) / s
+
+# %% ../../nbs/04_reward_preprocessing.ipynb #b0a0dcfb
+PREPROCESSING = ("training", "evaluation")
+
+def check_preprocessing(preprocessing:str)->str:
+    "`preprocessing` if it names a path, else a one-line `UserError` listing them."
+    if preprocessing not in PREPROCESSING:
+        from imagerefl.core import UserError
+        raise UserError(f"preprocessing={preprocessing!r} is not a preprocessing path: use one of {', '.join(PREPROCESSING)}")
+    return preprocessing
+
+def to_uint8_pil(images:Tensor # (B,3,H,W) float in [0,1]
+                )->list:       # B RGB PIL images
+    "The 8-bit RGB images a saved PNG holds: clamped to [0, 1], `round(255 x)` (as `imagerefl.evaluate` writes them)."
+    a = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(x) for x in a]
+
+def hps_eval_pixels(images:list, # PIL images, any size
+                    size:int=224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+                   )->Tensor:    # (B,3,size,size) float32, normalised
+    "`hpsv2.score`'s preprocessing: RGB, to float, the longer side to `size` (bicubic, antialiased), black pad to a square, normalise."
+    from torchvision.transforms import functional as TF, InterpolationMode
+    out = []
+    for im in images:
+        x = TF.to_tensor(im.convert("RGB"))
+        h, w = x.shape[1:]
+        scale = size / float(max(h, w))
+        nh, nw = round(h * scale), round(w * scale)          # Python's round, as ResizeMaxSize
+        if (nh, nw) != (h, w): x = TF.resize(x, [nh, nw], InterpolationMode.BICUBIC, antialias=True)
+        ph, pw = size - nh, size - nw
+        x = TF.pad(x, [pw // 2, ph // 2, pw - pw // 2, ph - ph // 2], fill=0)
+        out.append(TF.normalize(x, mean, std))
+    return torch.stack(out)
+
+def imagereward_eval_pixels(images:list, # PIL images, any size
+                            size:int=224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+                           )->Tensor:    # (B,3,size,size) float32, normalised
+    "`ImageReward.score`'s preprocessing (CLIP's `_transform`): PIL `Resize(size, BICUBIC)`, `CenterCrop(size)`, RGB, `ToTensor`, normalise."
+    from torchvision import transforms as T
+    t = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                   T.Lambda(lambda im: im.convert("RGB")), T.ToTensor(), T.Normalize(mean, std)])
+    return torch.stack([t(im) for im in images])
+
+def _pil_clip_processor_class():
+    import transformers
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor   # transformers 5 / 4
+
+def clip_image_processor(folder=None,     # a processor folder (preprocessor_config.json); None: build from the numbers below
+                         size:int=224, crop:int|None=None, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+    "transformers' CLIP image processor with its PIL backend, the one the official PickScore, CLIP score and MPS code ran."
+    cls = _pil_clip_processor_class()
+    if folder is not None: return cls.from_pretrained(str(folder))
+    crop = crop or size
+    return cls(size={"shortest_edge": size}, crop_size={"height": crop, "width": crop}, do_center_crop=True,
+               resample=Image.BICUBIC, image_mean=list(mean), image_std=list(std))
+
+def clip_processor_pixels(images:list, # PIL images, any size
+                          processor,   # from `clip_image_processor`
+                         )->Tensor:    # (B,3,crop,crop) float32, normalised
+    "`processor(images=...)`'s pixels, as the official PickScore / CLIP score / MPS scorers compute them."
+    return processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values.float()
+

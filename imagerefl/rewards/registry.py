@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from ..core import UserError, error_line, hub_offline, looks_like_path, resolve_device
 from ..data import resize_center_crop
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_preprocessing, normalize, to_uint8_pil
 
 # %% auto #0
 __all__ = ['REWARDS', 'Reward', 'as_image_batch', 'check_reward_inputs', 'register_reward', 'reward_names', 'check_reward_name',
@@ -23,27 +23,53 @@ __all__ = ['REWARDS', 'Reward', 'as_image_batch', 'check_reward_inputs', 'regist
 # %% ../../nbs/05_rewards.ipynb #2c53cdde
 class Reward(nn.Module):
     "Base of all rewards: `reward(images in [0,1] (B,3,H,W), prompts) -> (B,)`, differentiable w.r.t. the images."
+    evaluation_path: str|None = None   # what `evaluation_pixels` does, in words; None: no official scorer to follow
     def __init__(self, size:int=224, crop:int|None=None, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, rounding:str="round"):
         super().__init__()
         self.size, self.crop, self.mean, self.std, self.rounding = size, crop or size, tuple(mean), tuple(std), rounding
+        self.preprocessing = "training"
 
     @property
     def dtype(self): return next(self.parameters()).dtype
     @property
     def device(self): return next(self.parameters()).device
 
-    def pixel_values(self, images:Tensor)->Tensor:
-        "The model's input: resized, cropped, normalised, in the model's dtype."
+    @property
+    def training_path(self)->str:
+        "What the training path does, in words."
+        return (f"float, shorter side to {self.size} (bicubic, antialiased), centre crop {self.crop} "
+                f"({self.rounding}ed offsets), normalise; differentiable")
+
+    def preprocessing_record(self, preprocessing:str|None=None)->str:
+        "Which path `preprocessing` runs for this reward and what it does (what an evaluation's `run.json` records)."
+        p = check_preprocessing(preprocessing or self.preprocessing)
+        if p == "evaluation" and self.evaluation_path is None:
+            return f"evaluation = training (no official scorer to follow): {self.training_path}"
+        return f"{p}: {self.evaluation_path if p == 'evaluation' else self.training_path}"
+
+    def evaluation_pixels(self, images:list)->Tensor:
+        "The official scorer's input for PIL `images` (subclasses with an `evaluation_path`)."
+        raise NotImplementedError
+
+    def pixel_values(self, images:Tensor, preprocessing:str|None=None)->Tensor:
+        "The model's input: resized, cropped, normalised, in the model's dtype, by the path `preprocessing` names."
+        p = check_preprocessing(preprocessing or self.preprocessing)
+        if p == "evaluation" and self.evaluation_path is not None:
+            if images.requires_grad:
+                raise UserError("the evaluation path scores 8-bit images, so it has no gradient: use preprocessing='training' to train")
+            return self.evaluation_pixels(to_uint8_pil(images)).to(self.device, self.dtype)
         x = resize_center_crop(images.to(self.device, torch.float32), self.size, self.crop, self.rounding)
         return normalize(x, self.mean, self.std).to(self.dtype)
 
     def vision_blocks(self)->nn.ModuleList: raise NotImplementedError
     def score(self, pixel_values:Tensor, prompts:list[str])->Tensor: raise NotImplementedError
 
-    def forward(self, images:Tensor, prompts:list[str])->Tensor:
+    def forward(self, images:Tensor, prompts:list[str],
+                preprocessing:str|None=None, # "training" or "evaluation"; None: the `preprocessing` attribute
+               )->Tensor:
         images = as_image_batch(images)
         check_reward_inputs(images, prompts)
-        return self.score(self.pixel_values(images), list(prompts)).float()
+        return self.score(self.pixel_values(images, preprocessing), list(prompts)).float()
 
 def as_image_batch(images, # a (B,3,H,W) tensor, a PIL image or a list of them, or numpy (B,H,W,C) / (H,W,C)
                   )->Tensor:    # float (B,3,H,W) in [0,1]; tensors pass through untouched (gradients kept)
@@ -131,8 +157,10 @@ def load_reward(name:str,          # one of `reward_names()`, or `module:attribu
                 device=None,       # where to put it
                 dtype:torch.dtype|None=None, # cast the frozen weights, e.g. torch.bfloat16
                 gradient_checkpointing:bool=False, # recompute the vision tower in backward (saves memory)
+                preprocessing:str="training", # default path of an imagerefl `Reward`: "training" or "evaluation" (the official scorer's)
                 **kw)->nn.Module:
     "Load reward `name`, frozen (`requires_grad=False`, eval mode)."
+    check_preprocessing(preprocessing)
     if name in REWARDS: f, kw = REWARDS[name], dict(path=path, arch=arch, **kw)
     elif ":" in str(name):         # a reward of your own: a class or loader taking the options given, or a module
         f, kw = _import_reward(name), {k: v for k, v in dict(path=path, arch=arch, **kw).items() if v is not None}
@@ -147,6 +175,7 @@ def load_reward(name:str,          # one of `reward_names()`, or `module:attribu
         except Exception as e: raise UserError(f"reward '{name}' failed to build ({error_line(e)}): fix its constructor or loader") from None
     if not isinstance(r, nn.Module): raise UserError(f"reward '{name}' gave a {type(r).__name__}: a reward must be a torch nn.Module")
     if not isinstance(r, Reward): r.register_forward_pre_hook(_pipeline_images_hook)
+    else: r.preprocessing = preprocessing
     if gradient_checkpointing:
         if not hasattr(r, "vision_blocks"): raise UserError(f"reward '{name}' does not support gradient_checkpointing")
         checkpoint_blocks(r.vision_blocks())
