@@ -114,7 +114,7 @@ def cmd_evaluate(a):
     rewards = {r: load_reward(r, device=dev) for r in a.reward or []}
     ev = evaluate(pipe, a.prompts, a.out, images_per_prompt=a.images_per_prompt, seeds=a.seed, batch_size=a.batch_size,
                   rewards=rewards, features=list(a.features or []) and {f: f for f in a.features},
-                  sampler_kwargs=_call_kwargs(pipe, a))
+                  sampler_kwargs=_call_kwargs(pipe, a), preprocessing=a.preprocessing)
     if int(os.environ.get("RANK", "0")) == 0: print(getattr(ev, "summary", ev))   # once, not once per process
     return 0
 
@@ -186,6 +186,9 @@ def parser()->argparse.ArgumentParser:
     p.add_argument("--features", action="append", help="feature network for diversity (repeatable): dino, clip, mini")
     p.add_argument("--images-per-prompt", type=_positive_int, default=5, help="images per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per pipeline call")
+    p.add_argument("--preprocessing", choices=("evaluation", "training"), default="evaluation",
+                   help="rewards' preprocessing: each official scorer's (evaluation, the default, comparable with published "
+                        "numbers) or the differentiable one training uses; run.json records it")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("demo", help="the mini world's end-to-end demo on the CPU")
     p.add_argument("--out", default="imagerefl-demo", help="output folder; a rerun into it reuses finished training and evaluation")

@@ -16,11 +16,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from .core import UserError, atomic_path, atomic_write_text, resolve_device
 from .data import _verify_file, load_prompts, pil_to_tensor
+from .rewards.preprocess import check_preprocessing
+from .rewards.registry import Reward
 from .metrics import (InceptionFeatures, fid_kid, _module_device, _tensor_batches, load_features, pairwise_diversity,
                                summarize)
 
 # %% auto #0
-__all__ = ['image_seed', 'model_id', 'Processes', 'process_device', 'Evaluation', 'evaluate']
+__all__ = ['image_seed', 'model_id', 'reward_preprocessing', 'Processes', 'process_device', 'Evaluation', 'evaluate']
 
 # %% ../nbs/12_evaluate.ipynb #cf642843
 def image_seed(base_seed:int, # the run's seed
@@ -83,12 +85,21 @@ def _read_json(f:Path)->dict:
         raise UserError(f"{f} is empty or damaged ({type(e).__name__}): it records which model, seeds and prompts made "
                         f"the images beside it, so they cannot be reused; delete that folder or use a new out_dir") from None
 
-def _check_run(out:Path, prompts:list, seeds, sampler_kwargs:dict, model:str|None):
+def reward_preprocessing(reward:nn.Module, # a reward module
+                         preprocessing:str,  # "evaluation" or "training"
+                        )->str:
+    "The preprocessing `reward` gets in an evaluation with `preprocessing`, in words (what `run.json` records)."
+    if isinstance(reward, Reward): return reward.preprocessing_record(preprocessing)
+    return f"its own: {type(reward).__name__} is not an imagerefl Reward and preprocesses the images itself"
+
+def _check_run(out:Path, prompts:list, seeds, sampler_kwargs:dict, model:str|None, rewards:dict|None=None)->set:
     "Refuse to mix images of different models, seeds, sampler arguments or prompts in one folder; record this run's."
     cfg = dict(model=model, seeds=seeds, sampler_kwargs={k: repr(v) for k, v in sorted(sampler_kwargs.items())}, prompts=prompts)
+    rewards, before = dict(rewards or {}), {}
     f = out/"run.json"
     if f.exists():
         old = _read_json(f)
+        before = old.get("rewards") or {}
         if old.get("model") != model:
             raise UserError(f"{out} holds images of another model ({old.get('model') or 'not recorded'}; this one is "
                             f"{model or 'not identified'}): use a new out_dir or delete that one")
@@ -99,7 +110,16 @@ def _check_run(out:Path, prompts:list, seeds, sampler_kwargs:dict, model:str|Non
         if clash is not None:
             raise UserError(f"{out} holds images of another prompt list (prompt {clash}: {old['prompts'][clash]!r}): use a new out_dir")
         if len(old["prompts"]) > len(prompts): cfg["prompts"] = old["prompts"]
+    stale = {n for n, rec in rewards.items() if before.get(n) != rec}      # scored another way, or not recorded
+    # the new records are written once the values are (`_record_rewards`): a run stopped before that scores them again
+    cfg["rewards"] = {n: rec for n, rec in rewards.items() if n not in stale}
     atomic_write_text(f, json.dumps(cfg, indent=1))
+    return stale
+
+def _record_rewards(out:Path, rewards:dict):
+    "Record in `run.json` the preprocessing each reward's values in `images.csv` were scored with."
+    d = _read_json(out/"run.json"); d["rewards"] = dict(rewards)
+    atomic_write_text(out/"run.json", json.dumps(d, indent=1))
 
 def _read_table(f:Path, table:pd.DataFrame, rewards:list)->tuple[pd.DataFrame, set, int]:
     "Whole rows of an earlier `images.csv` that match `table`; the paths of damaged rows; how many rows were damaged."
@@ -213,7 +233,7 @@ def _generate(sampler, table:pd.DataFrame, out:Path, batch_size:int, sampler_kwa
 
 # %% ../nbs/12_evaluate.ipynb #3f84dceb
 def _score(table:pd.DataFrame, out:Path, batch_size:int, rewards:dict, features:dict, fid_features, progress:bool,
-           procs:Processes)->list:
+           procs:Processes, preprocessing:str="evaluation")->list:
     "Rewards where missing, diversity features and FID features of the saved images; batches shared between processes."
     starts = procs.mine(list(range(0, len(table), batch_size)))
     bar = tqdm(total=len(starts), desc="metrics", unit="batch", disable=not (progress and procs.main))
@@ -227,7 +247,8 @@ def _score(table:pd.DataFrame, out:Path, batch_size:int, rewards:dict, features:
                 for name, reward in rewards.items():
                     miss = np.flatnonzero(rows[name].isna().to_numpy())
                     if len(miss):
-                        vals = reward(ims[torch.from_numpy(miss)].to(_module_device(reward)), [rows.prompt.iloc[int(i)] for i in miss])
+                        path = dict(preprocessing=preprocessing) if isinstance(reward, Reward) else {}
+                        vals = reward(ims[torch.from_numpy(miss)].to(_module_device(reward)), [rows.prompt.iloc[int(i)] for i in miss], **path)
                         r["rewards"][name] = (rows.index[miss].to_numpy(), vals.detach().float().cpu().numpy().reshape(-1))
                 for name, f in features.items(): r["features"][name] = f(ims.to(_module_device(f))).float().cpu()
                 if fid_features is not None: r["fid"] = fid_features(ims.to(_module_device(fid_features))).float().cpu()
@@ -284,10 +305,12 @@ def evaluate(sampler:Callable,            # sampler(prompt=list, generator=list,
              kid_seed:int=0,               # seed of KID's random subsets
              progress:bool=True,           # show tqdm bars
              model:str|None=None,          # what identifies the model in run.json; None: `model_id(sampler)`
+             preprocessing:str="evaluation", # rewards' path: "evaluation" (each official scorer's) or "training"
             )->Evaluation:
     "Sample, save PNGs, score rewards, diversity and FID/KID; write per-image, per-prompt and summary tables."
     prompts = load_prompts(prompts) if isinstance(prompts, (str, Path)) else [str(p) for p in prompts]
     if not prompts: raise UserError("the prompt list is empty: give at least one prompt")
+    check_preprocessing(preprocessing)
     if images_per_prompt < 1 or batch_size < 1: raise UserError("images_per_prompt and batch_size must be at least 1")
     if features and images_per_prompt < 2:
         raise UserError(f"diversity is measured between the images of one prompt, so it needs images_per_prompt >= 2 (got "
@@ -309,19 +332,26 @@ def evaluate(sampler:Callable,            # sampler(prompt=list, generator=list,
         mid = model if model is not None else model_id(sampler)
         if mid is None: warnings.warn("the sampler's model cannot be identified (no pipeline or module in it): pass model= "
                                       "so that run.json can tell this model's images from another's")
-        _check_run(out, prompts, seeds, sampler_kwargs, mid)
+        stale = _check_run(out, prompts, seeds, sampler_kwargs, mid, records)
         prev, bad, n_bad = _read_table(out/"images.csv", table, list(rewards))
         if n_bad: warnings.warn(f"{out/'images.csv'}: {n_bad} damaged row(s) (cut or garbled) dropped: their images "
                                 f"are scored again, and the {len(bad)} image(s) they still name made again")
-        return prev, bad
-    prev, bad = procs.on_main(start)
+        again = sorted(n for n in stale if prev[n].notna().any())
+        if again: warnings.warn(f"{out/'images.csv'}: {', '.join(again)} scored with another preprocessing (or one run.json "
+                                f"does not record): scored again, {preprocessing} path")
+        return prev, bad, stale
+    records = {n: reward_preprocessing(r, preprocessing) for n, r in rewards.items()}
+    prev, bad, stale = procs.on_main(start)
     made = _generate(sampler, table, out, batch_size, sampler_kwargs, progress, procs, redo=bad)
     # reward values of images already scored by an earlier run are kept, unless the image was just (re)made
     prev = prev.set_index("path")
     for name in rewards:
-        table[name] = [np.nan if p in made or p not in prev.index else prev.at[p, name] for p in table.path]
+        table[name] = [np.nan if p in made or p not in prev.index or name in stale else prev.at[p, name] for p in table.path]
     ff = None
     if reference_images is not None: ff = fid_features if fid_features is not None else InceptionFeatures()
-    parts = _score(table, out, batch_size, rewards, features, ff, progress, procs)
-    return procs.on_main(lambda: _finish(table, parts, out, list(rewards), list(features), ff, reference_images,
-                                         batch_size, kid_subset_size, kid_seed))
+    parts = _score(table, out, batch_size, rewards, features, ff, progress, procs, preprocessing)
+    def finish():
+        ev = _finish(table, parts, out, list(rewards), list(features), ff, reference_images, batch_size, kid_subset_size, kid_seed)
+        _record_rewards(out, records)
+        return ev
+    return procs.on_main(finish)

@@ -114,13 +114,16 @@ def evaluate_setting(base_pipe, tuned_unet, setting:Setting, prompts:list[str], 
                      reference_images=None,      # real images for FID/KID
                      fid_features=None,          # feature module for FID/KID
                      images_per_prompt:int=5, batch_size:int=16, seed:int=0,
-                     progress:bool=True, **sampler_args)->dict:
+                     progress:bool=True,
+                     preprocessing:str="evaluation", # rewards' path: each official scorer's, or "training"
+                     **sampler_args)->dict:
     "Generate and measure one setting; returns its results-table row, with the sampler settings it ran with."
     pipe, kw = make_sampler(base_pipe, tuned_unet, setting, **sampler_args)
     pipe.set_progress_bar_config(disable=True)
     ev = evaluate(pipe, prompts, Path(out_dir)/setting.name, images_per_prompt=images_per_prompt, seeds=seed,
                   batch_size=batch_size, rewards=rewards, features=features, reference_images=reference_images,
-                  fid_features=fid_features, sampler_kwargs=kw, progress=progress)
+                  fid_features=fid_features, sampler_kwargs=kw, progress=progress,
+                  preprocessing=preprocessing)
     return summary_row(setting, ev.summary, list(rewards or {}), list(features or {}), len(ev.images),
                        dict(sampler_settings(setting, kw), eval_seed=seed))
 
