@@ -25,3 +25,14 @@ def test_gpu_bench_fails_loudly(tmp_path, monkeypatch):
     assert gpu.main(["--cpu-rehearsal", "--objectives", "", "--pairs", "1", "--out", str(tmp_path/"gpu.md")]) == 1
     assert "| check | SDPA attention | FAILED: RuntimeError: no kernel image is available |" in (tmp_path/"gpu.md").read_text()
     assert gpu.main([]) == 2 or gpu.torch.cuda.is_available()                    # no GPU and no --cpu-rehearsal: refused
+
+
+def test_reward_preprocessing_bench_pixels():
+    "bench/reward_preprocessing.py's pixel table: HPS's paths agree on square images and not on non-square ones."
+    import reward_preprocessing as rp
+    t = rp.pixel_table()
+    hps = t[t.reward.str.startswith("HPS")].groupby("shape").mean_abs.max()
+    assert hps["square"] < 1e-6 and t[t.reward.str.startswith("HPS") & (t["shape"] == "non-square")].mean_abs.min() > 0.1
+    at224 = t[t["size"] == "224x224"]
+    assert len(at224) == 6 and at224.max_abs.max() < 1e-6                    # at the model's size every path agrees
+    assert 0 < t[t.reward.str.startswith("ImageReward") & (t["size"] == "512x512")].mean_abs.min() < 0.01
