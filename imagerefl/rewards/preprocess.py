@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 from torch import Tensor
+from ..core import UserError
 from ..data import resize_center_crop   # re-exported: one definition, shared with the feature networks
 
 
@@ -34,7 +35,6 @@ PREPROCESSING = ("training", "evaluation")
 def check_preprocessing(preprocessing:str)->str:
     "`preprocessing` if it names a path, else a one-line `UserError` listing them."
     if preprocessing not in PREPROCESSING:
-        from imagerefl.core import UserError
         raise UserError(f"preprocessing={preprocessing!r} is not a preprocessing path: use one of {', '.join(PREPROCESSING)}")
     return preprocessing
 
