@@ -14,10 +14,12 @@ from torch import nn
 from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTextModel,
                           CLIPTextModelWithProjection)
 from .mini.components import clip_tokenizer, sd_scheduler
+from .rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from .rewards.registry import Reward
 
 # %% auto #0
 __all__ = ['tiny_vae', 'tiny_sd_pipeline', 'tiny_sdxl_pipeline', 'tiny_clip_folder', 'Recorder', 'FixedNoiseObjective',
-           'Brightness', 'official_hps_pixels', 'official_crop_pixels']
+           'Brightness', 'PadBrightness', 'official_hps_pixels', 'official_crop_pixels']
 
 # %% ../nbs/25_testing.ipynb #291de5c2
 def _text_config(tok, **kw):
@@ -133,14 +135,21 @@ class Brightness(nn.Module):
         chars = torch.tensor([len(p) for p in prompts], dtype=torch.float32, device=images.device)
         return self.gain * images.float().mean((1, 2, 3)) + self.per_char * chars
 
-# %% ../nbs/25_testing.ipynb #7b3cffbf
-_CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+class PadBrightness(Reward):
+    "A toy `Reward` with two paths: training = mean of the normalised training-path pixels; evaluation = mean of the 8-bit image padded with black to twice its width."
+    evaluation_path = "8-bit, padded with black to twice the width"
+    def __init__(self): super().__init__(size=8); self.w = nn.Parameter(torch.ones(()))
+    def evaluation_pixels(self, images):
+        from imagerefl.data import pil_to_tensor
+        return torch.stack([torch.cat([t, torch.zeros_like(t)], -1) for t in map(pil_to_tensor, images)])
+    def score(self, pixel_values, prompts): return self.w * pixel_values.mean((1, 2, 3))
 
+# %% ../nbs/25_testing.ipynb #7b3cffbf
 def _normalised(a, mean, std)->torch.Tensor:
     import numpy as np
     return torch.from_numpy((a - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]).float()
 
-def official_hps_pixels(im, size:int=224, mean=_CLIP_MEAN, std=_CLIP_STD)->torch.Tensor:
+def official_hps_pixels(im, size:int=224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)->torch.Tensor:
     "`hpsv2.score`'s input for PIL image `im`: ToTensor, ResizeMaxSize (longer side to `size`, bicubic, antialiased, black pad), normalise."
     import numpy as np, torch.nn.functional as F
     a = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
@@ -150,7 +159,7 @@ def official_hps_pixels(im, size:int=224, mean=_CLIP_MEAN, std=_CLIP_STD)->torch
     canvas[..., top:top + nh, left:left + nw] = a
     return _normalised(canvas[0].double().numpy(), mean, std)
 
-def official_crop_pixels(im, size:int=224, crop:int|None=None, rounding:str="round", mean=_CLIP_MEAN, std=_CLIP_STD)->torch.Tensor:
+def official_crop_pixels(im, size:int=224, crop:int|None=None, rounding:str="round", mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)->torch.Tensor:
     "Pillow bicubic resize of the shorter side (long side `int(size*long/short)`), centre crop (`round`: torchvision, ImageReward; `floor`: transformers), /255, normalise."
     import numpy as np
     from PIL import Image

@@ -100,43 +100,28 @@ def test_a_full_disk_is_one_line_and_keeps_the_checkpoint_before_it(tmp_path, mo
     assert "checkpoint-2" in line and line.endswith("the disk is full: free some space or choose another output folder")
     assert verify_checkpoint(out/"checkpoints"/"checkpoint-1") is None      # the checkpoint before it is intact
 
-TOY_REWARD = '''
-import torch
-from torch import nn
-from imagerefl.data import pil_to_tensor
-from imagerefl.rewards import Reward
-class Pad(Reward):
-    "A toy reward whose official scorer pads the 8-bit image with black to twice its width."
-    evaluation_path = "8-bit, padded with black to twice the width"
-    def __init__(self, path=None, arch=None): super().__init__(size=8); self.w = nn.Parameter(torch.ones(()))
-    def evaluation_pixels(self, images):
-        return torch.stack([torch.cat([t, torch.zeros_like(t)], -1) for t in map(pil_to_tensor, images)])
-    def score(self, pixel_values, prompts): return self.w * pixel_values.mean((1, 2, 3))
-'''
-
 def test_evaluate_scores_with_the_evaluation_path_and_run_json_names_it(tmp_path, monkeypatch, capsys):
     "`imagerefl evaluate` scores rewards with their official scorer's preprocessing by default, and run.json says which."
     import json, numpy as np, pandas as pd, torch
     from imagerefl.testing import tiny_sd_pipeline
-    (tmp_path/"toy_rewards.py").write_text(TOY_REWARD)
     monkeypatch.chdir(tmp_path)
     tiny_sd_pipeline(resolution=32).save_pretrained(tmp_path/"pipe")
     (tmp_path/"p.txt").write_text("a cat\na dog\n")
-    args = ["evaluate", "--model", "pipe", "--prompts", "p.txt", "--reward", "toy_rewards:Pad", "--steps", "2",
+    args = ["evaluate", "--model", "pipe", "--prompts", "p.txt", "--reward", "imagerefl.testing:PadBrightness", "--steps", "2",
             "--images-per-prompt", "1", "--device", "cpu", "--out"]
     assert main(args + ["ev"]) == 0
     assert json.loads((tmp_path/"ev"/"run.json").read_text())["rewards"] == {
-        "toy_rewards:Pad": "evaluation: 8-bit, padded with black to twice the width"}
+        "imagerefl.testing:PadBrightness": "evaluation: 8-bit, padded with black to twice the width"}
     assert main(args + ["tr", "--preprocessing", "training"]) == 0
-    assert json.loads((tmp_path/"tr"/"run.json").read_text())["rewards"]["toy_rewards:Pad"].startswith("training: float, shorter side to 8")
+    assert json.loads((tmp_path/"tr"/"run.json").read_text())["rewards"]["imagerefl.testing:PadBrightness"].startswith("training: float, shorter side to 8")
     from imagerefl.data import pil_to_tensor
     from imagerefl.rewards import normalize, resize_center_crop, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     from PIL import Image
     ev, tr = (pd.read_csv(tmp_path/d/"images.csv") for d in ("ev", "tr"))
     pngs = torch.stack([pil_to_tensor(Image.open(tmp_path/"ev"/f)) for f in ev.path])
     assert all((tmp_path/"ev"/f).read_bytes() == (tmp_path/"tr"/f).read_bytes() for f in ev.path)   # the same images
-    np.testing.assert_allclose(ev["toy_rewards:Pad"], pngs.mean((1, 2, 3)) / 2, rtol=1e-6)           # the official scorer's
-    np.testing.assert_allclose(tr["toy_rewards:Pad"], normalize(resize_center_crop(pngs, 8), OPENAI_CLIP_MEAN,
+    np.testing.assert_allclose(ev["imagerefl.testing:PadBrightness"], pngs.mean((1, 2, 3)) / 2, rtol=1e-6)           # the official scorer's
+    np.testing.assert_allclose(tr["imagerefl.testing:PadBrightness"], normalize(resize_center_crop(pngs, 8), OPENAI_CLIP_MEAN,
                                                                 OPENAI_CLIP_STD).mean((1, 2, 3)), rtol=1e-5)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e: main(args + ["x", "--preprocessing", "pil"])
