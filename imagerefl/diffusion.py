@@ -7,39 +7,55 @@ Docs: https://imagerefl.github.io/imagerefl/diffusion.html.md"""
 # %% ../nbs/03_diffusion.ipynb #f24e2b0a
 from __future__ import annotations
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 import torch, diffusers
 from torch import Tensor
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (DiffusionPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline)
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from fastcore.basics import patch
 from .core import UserError, check_source
 
+
 # %% auto #0
-__all__ = ['SCHEDULER_CLASSES', 'make_scheduler', 'Conditioning', 'Backbone', 'load_pipeline', 'combine_cfg']
+__all__ = ['SCHEDULER_CLASSES', 'FLOW_SCHEDULERS', 'is_flow_scheduler', 'make_scheduler', 'Conditioning', 'Backbone',
+           'load_pipeline', 'combine_cfg', 'PixArtBackbone', 'SD3Backbone']
 
 # %% ../nbs/03_diffusion.ipynb #5faf83ff
 SCHEDULER_CLASSES = dict(ddpm="DDPMScheduler", ddim="DDIMScheduler", euler="EulerDiscreteScheduler",
-                         dpm="DPMSolverMultistepScheduler")
+                         dpm="DPMSolverMultistepScheduler", flow_euler="FlowMatchEulerDiscreteScheduler")
+FLOW_SCHEDULERS = ("flow_euler",)
 
-def make_scheduler(kind:str,  # one of ddpm, ddim, euler, dpm
+def is_flow_scheduler(scheduler)->bool:
+    "Whether `scheduler` samples a flow-matching model (x_t = (1-σ) x_0 + σ ε, the model predicts ε - x_0)."
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+def make_scheduler(kind:str,  # one of ddpm, ddim, euler, dpm (diffusion models) or flow_euler (flow matching)
                    config,    # a scheduler config, e.g. `pipe.scheduler.config`
+                   flow:bool=False, # whether the model is a flow-matching one (SD3)
                   ):
     "A diffusers scheduler of kind `kind` with the training schedule in `config`."
     if kind not in SCHEDULER_CLASSES:
         raise UserError(f"unknown scheduler '{kind}': use one of {', '.join(SCHEDULER_CLASSES)}")
+    if (kind in FLOW_SCHEDULERS) != flow:
+        ok = FLOW_SCHEDULERS if flow else [k for k in SCHEDULER_CLASSES if k not in FLOW_SCHEDULERS]
+        raise UserError(f"scheduler '{kind}' cannot sample a {'flow-matching' if flow else 'diffusion'} model: "
+                        f"use {', '.join(ok)}")
     return getattr(diffusers, SCHEDULER_CLASSES[kind]).from_config(config)
+
 
 # %% ../nbs/03_diffusion.ipynb #2b5bbbf2
 @dataclass
 class Conditioning:
-    "Text conditioning of a batch: embeddings, optional CFG negatives, SDXL pooled embeddings and time ids."
+    "Text conditioning of a batch: embeddings, optional CFG negatives, pooled embeddings, time ids, attention masks."
     embeds: Tensor                       # (B, L, D) prompt embeddings
     negative: Tensor|None = None         # (B, L, D) negative (unconditional) embeddings, present iff CFG is possible
-    pooled: Tensor|None = None           # SDXL: (B, P) pooled embeddings of the second encoder
-    negative_pooled: Tensor|None = None  # SDXL: pooled negatives
+    pooled: Tensor|None = None           # SDXL, SD3: (B, P) pooled embeddings
+    negative_pooled: Tensor|None = None  # SDXL, SD3: pooled negatives
     time_ids: Tensor|None = None         # SDXL: (B, 6) added time ids
+    mask: Tensor|None = None             # PixArt-α: (B, L) T5 attention mask of the prompts
+    negative_mask: Tensor|None = None    # PixArt-α: attention mask of the negatives
 
     def unet_kwargs(self, cfg:bool=False)->dict:
         "Keyword arguments for the UNet; with `cfg` the batch is `[negative, cond]` as in diffusers."
@@ -50,42 +66,86 @@ class Conditioning:
                                            time_ids=cat(self.time_ids, self.time_ids))
         return kw
 
+    def pair(self, name:str, cfg:bool)->Tensor|None:
+        "Field `name` alone, or `[negative, cond]` stacked for CFG (the diffusers batch order)."
+        x = getattr(self, name)
+        if not cfg or x is None: return x
+        neg = dict(embeds="negative", pooled="negative_pooled", mask="negative_mask").get(name)
+        return torch.cat([getattr(self, neg), x]) if neg else torch.cat([x, x])
+
+    def conditional(self)->Conditioning:
+        "The same conditioning without its negatives (no CFG possible)."
+        return replace(self, negative=None, negative_pooled=None, negative_mask=None)
+
+    def rows(self, index:Tensor)->Conditioning:
+        "The conditioning of the rows `index` of the batch."
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self) if torch.is_tensor(getattr(self, f.name))})
+
     def __len__(self): return len(self.embeds)
+
 
 # %% ../nbs/03_diffusion.ipynb #fccb9609
 class Backbone:
-    "Differentiable primitives over the diffusers components of SD 1.x/2.x (epsilon or v-prediction) and SDXL."
-    def __init__(self, pipe:DiffusionPipeline,     # a StableDiffusionPipeline or StableDiffusionXLPipeline
-                 scheduler:str|None=None,          # ddpm, ddim, euler, dpm, or None to keep the pipeline's
+    "Differentiable primitives over a diffusers pipeline's denoiser and schedule (SD 1.x/2.x, SDXL, PixArt-α, SD3)."
+    pipeline_classes = (StableDiffusionPipeline, StableDiffusionXLPipeline)
+    denoiser_name = "unet"      # the pipeline component that denoises: "unet" or "transformer"
+    families = []               # the subclasses, one per pipeline family
+
+    def __init_subclass__(cls, **kw): super().__init_subclass__(**kw); Backbone.families.append(cls)
+
+    def __new__(cls, pipe=None, *args, **kwargs):
+        if cls is Backbone:
+            cls = next((f for f in Backbone.families if isinstance(pipe, f.pipeline_classes)), Backbone)
+        return super().__new__(cls)
+
+    def __init__(self, pipe:DiffusionPipeline,     # a Stable Diffusion (1.x/2.x/XL), PixArt-α or SD3 pipeline
+                 scheduler:str|None=None,          # a `SCHEDULER_CLASSES` kind, or None to keep the pipeline's
                  num_inference_steps:int=40,       # N: length of the sampling schedule
-                 resolution:int|None=None,         # image size; default: the UNet's native size
+                 resolution:int|None=None,         # image size; default: the denoiser's native size
                 ):
-        if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
-            raise UserError(f"expected a Stable Diffusion 1.x/2.x or SDXL pipeline, got {type(pipe).__name__}")
+        if not isinstance(pipe, self.pipeline_classes):
+            raise UserError(f"expected a Stable Diffusion 1.x/2.x, SDXL, PixArt-α or Stable Diffusion 3 pipeline, "
+                            f"got {type(pipe).__name__}")
         self.pipe, self.is_sdxl = pipe, isinstance(pipe, StableDiffusionXLPipeline)
-        self.unet, self.vae = pipe.unet, pipe.vae
-        self.scheduler = make_scheduler(scheduler, pipe.scheduler.config) if scheduler else pipe.scheduler
+        self.denoiser, self.vae = getattr(pipe, self.denoiser_name), pipe.vae
+        self.scheduler = (make_scheduler(scheduler, pipe.scheduler.config, is_flow_scheduler(pipe.scheduler))
+                          if scheduler else pipe.scheduler)
         pipe.scheduler = self.scheduler
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.resolution = resolution or self.unet.config.sample_size * self.vae_scale_factor
+        self.resolution = resolution or self.denoiser.config.sample_size * self.vae_scale_factor
         self.set_timesteps(num_inference_steps)
 
     @property
-    def device(self): return self.unet.device
+    def unet(self):
+        "The denoiser under its SD name (on PixArt-α and SD3 it is a transformer)."
+        return self.denoiser
     @property
-    def prediction_type(self): return self.scheduler.config.prediction_type
+    def transformer(self):
+        "The denoiser under its PixArt-α / SD3 name."
+        return self.denoiser
+    @property
+    def device(self): return self.denoiser.device
+    @property
+    def is_flow(self)->bool: return is_flow_scheduler(self.scheduler)
+    @property
+    def prediction_type(self)->str:
+        "What the denoiser predicts: epsilon, v_prediction or flow (the velocity ε - x_0)."
+        return "flow" if self.is_flow else self.scheduler.config.prediction_type
     @property
     def frozen_modules(self):
         "The modules that are never trained: VAE and text encoder(s)."
-        return [m for m in (self.vae, self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if m is not None]
+        names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+        return [m for m in (getattr(self.pipe, n, None) for n in names) if m is not None]
 
     def set_timesteps(self, num_inference_steps:int):
         "Set the sampling schedule to `num_inference_steps` steps."
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device, **self._schedule_kwargs())
         self.timesteps, self.num_inference_steps = self.scheduler.timesteps, num_inference_steps
         params = inspect.signature(self.scheduler.step).parameters
         self._step_kwargs = dict(eta=0.0) if "eta" in params else {}
         self._step_takes_generator = "generator" in params
+
+    def _schedule_kwargs(self)->dict: return {}
 
     def begin(self, index:int=0):
         "Reset the scheduler's state for a chain that starts at schedule position `index`."
@@ -96,13 +156,14 @@ class Backbone:
         "The scheduler timestep at schedule position `index` (0 = noisiest)."
         return self.timesteps[index]
 
+
 # %% ../nbs/03_diffusion.ipynb #8d673ebc
 def load_pipeline(source:str|DiffusionPipeline, # pipeline object, local folder or hub id
                   torch_dtype=None,              # dtype to load weights in
                  )->DiffusionPipeline:
-    "A Stable Diffusion (1.x/2.x/XL) pipeline from an object, a local folder or a hub id."
+    "A diffusers pipeline (SD 1.x/2.x/XL, PixArt-α, SD3) from an object, a local folder or a hub id."
     if isinstance(source, DiffusionPipeline): return source
-    path = check_source(source, "a diffusers Stable Diffusion pipeline folder (with model_index.json)", "model_index.json")
+    path = check_source(source, "a diffusers pipeline folder (with model_index.json)", "model_index.json")
     try: pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, safety_checker=None)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"could not load a diffusers pipeline from '{source}': {str(e).splitlines()[0]}") from None
@@ -115,7 +176,13 @@ def _from_pretrained(cls, source, torch_dtype=None, **kwargs):
     return cls(load_pipeline(source, torch_dtype), **kwargs)
 Backbone.from_pretrained = _from_pretrained
 
+
 # %% ../nbs/03_diffusion.ipynb #ee3b9409
+def _check_prompts(prompts)->list[str]:
+    if isinstance(prompts, str): prompts = [prompts]
+    if not len(prompts): raise UserError("the prompt list is empty: pass at least one prompt")
+    return list(prompts)
+
 @patch
 @torch.no_grad()
 def encode_prompt(self:Backbone, prompts:list[str], # B prompts
@@ -123,8 +190,7 @@ def encode_prompt(self:Backbone, prompts:list[str], # B prompts
                   negative_prompts:list[str]|None=None, # negatives; None = empty prompt (zeros for SDXL)
                  )->Conditioning:
     "Encode prompts (and negatives when `cfg`) with the pipeline's own `encode_prompt`."
-    if isinstance(prompts, str): prompts = [prompts]
-    if not len(prompts): raise UserError("the prompt list is empty: pass at least one prompt")
+    prompts = _check_prompts(prompts)
     if not self.is_sdxl:
         e, n = self.pipe.encode_prompt(prompts, self.device, 1, cfg, negative_prompt=negative_prompts)
         return Conditioning(e, n if cfg else None)
@@ -136,7 +202,10 @@ def encode_prompt(self:Backbone, prompts:list[str], # B prompts
     ids = ids.to(self.device).repeat(len(prompts), 1)
     return Conditioning(e, n if cfg else None, p, np_ if cfg else None, ids)
 
+
 # %% ../nbs/03_diffusion.ipynb #91c3f9e1
+def _vae_shift(vae)->float: return vae.config.get("shift_factor") or 0.0
+
 @patch
 @torch.no_grad()
 def encode_images(self:Backbone, images:Tensor,  # (B,3,H,W) in [0,1]
@@ -147,15 +216,18 @@ def encode_images(self:Backbone, images:Tensor,  # (B,3,H,W) in [0,1]
     x = (images.to(self.vae.device, self.vae.dtype) * 2 - 1)
     dist = self.vae.encode(x).latent_dist
     z = dist.sample(generator) if sample else dist.mode()
-    return (z * self.vae.config.scaling_factor).to(self.unet.dtype)
+    return ((z - _vae_shift(self.vae)) * self.vae.config.scaling_factor).to(self.denoiser.dtype)
+
 
 # %% ../nbs/03_diffusion.ipynb #4dcd96f7
 @patch
-def decode(self:Backbone, latents:Tensor, # scaled latents (B,4,h,w)
+def decode(self:Backbone, latents:Tensor, # scaled latents (B,C,h,w)
           )->Tensor:                      # images (B,3,H,W) in [0,1], float32
     "Decode latents to images in [0,1]; differentiable w.r.t. `latents` (the VAE's weights stay frozen)."
-    x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+    z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + _vae_shift(self.vae)
+    x = self.vae.decode(z).sample
     return (x.float() / 2 + 0.5).clamp(0, 1)
+
 
 # %% ../nbs/03_diffusion.ipynb #0c934b13
 @patch
@@ -169,7 +241,7 @@ def add_noise(self:Backbone, latents:Tensor, # clean latents (B,C,h,w)
 
 @patch
 def diffusion_target(self:Backbone, latents:Tensor, noise:Tensor, index:int)->Tensor:
-    "What the UNet should predict for `add_noise(latents, noise, index)`: the noise, or the velocity for v-prediction."
+    "What the denoiser should predict for `add_noise(latents, noise, index)`: the noise, or the velocity for v-prediction."
     if self.prediction_type == "epsilon": return noise
     if self.prediction_type == "v_prediction":
         t = self.timestep(index)
@@ -180,26 +252,32 @@ def diffusion_target(self:Backbone, latents:Tensor, noise:Tensor, index:int)->Te
 def initial_latents(self:Backbone, batch_size:int, generator=None, dtype=None)->Tensor:
     "Pure-noise latents for a batch, drawn as the diffusers pipelines draw them."
     h = self.resolution // self.vae_scale_factor
-    shape = (batch_size, self.unet.config.in_channels, h, h)
-    x = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype or self.unet.dtype)
-    return x * self.scheduler.init_noise_sigma
+    shape = (batch_size, self.denoiser.config.in_channels, h, h)
+    x = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype or self.denoiser.dtype)
+    return x * getattr(self.scheduler, "init_noise_sigma", 1.0)
+
 
 # %% ../nbs/03_diffusion.ipynb #b7aa39a8
 @patch
-def predict(self:Backbone, unet, latents:Tensor, # (B,4,h,w) latents at position `index`
+def _call(self:Backbone, denoiser, x:Tensor, t:Tensor, cond:Conditioning, cfg:bool)->Tensor:
+    "The UNet's output on `x` at timestep `t`."
+    return denoiser(x, t, **cond.unet_kwargs(cfg), return_dict=False)[0]
+
+@patch
+def predict(self:Backbone, denoiser, latents:Tensor, # (B,C,h,w) latents at position `index`
             index:int, cond:Conditioning,
             guidance_scale:float=1.0,   # CFG scale; <= 1 runs the conditional branch only
             guidance_rescale:float=0.0, # CFG rescale (Lin et al. 2023), 0 = off
            )->Tensor:
-    "One UNet call at schedule position `index` (the model output: noise, or velocity for v-prediction)."
+    "One denoiser call at schedule position `index` (the model output: noise, velocity or flow)."
     t, cfg = self.timestep(index), guidance_scale > 1
     assert not cfg or cond.negative is not None, "CFG needs negatives: encode_prompt(..., cfg=True)"
     x = torch.cat([latents] * 2) if cfg else latents
-    x = self.scheduler.scale_model_input(x, t)
-    out = unet(x, t, **cond.unet_kwargs(cfg), return_dict=False)[0]
+    if hasattr(self.scheduler, "scale_model_input"): x = self.scheduler.scale_model_input(x, t)
+    out = self._call(denoiser, x, t, cond, cfg)
     return combine_cfg(out, guidance_scale, guidance_rescale) if cfg else out
 
-def combine_cfg(out:Tensor,                 # a UNet output on `[uncond, cond]` inputs, stacked on the batch
+def combine_cfg(out:Tensor,                 # a denoiser output on `[uncond, cond]` inputs, stacked on the batch
                 guidance_scale:float,       # CFG scale g
                 guidance_rescale:float=0.0, # CFG rescale (Lin et al. 2023), 0 = off
                )->Tensor:
@@ -219,37 +297,40 @@ def step(self:Backbone, model_output:Tensor, index:int, latents:Tensor,
     if x0 is None: x0 = self.scheduler.model_outputs[-1]   # DPM-Solver++: the converted output is x̂0
     return out.prev_sample.to(latents.dtype), x0.to(latents.dtype)
 
+
 # %% ../nbs/03_diffusion.ipynb #86223b78
 @patch
-def denoise(self:Backbone, unet, latents:Tensor, cond:Conditioning,
+def denoise(self:Backbone, denoiser, latents:Tensor, cond:Conditioning,
             start:int, end:int,             # run the steps [start, end) of the schedule
             guidance_scale:float=1.0, guidance_rescale:float=0.0,
             generator:torch.Generator|None=None,
             grad:bool=False,                # build a graph through these steps
             fresh:bool=True,                # reset the scheduler state first (False continues a chain)
            )->tuple[Tensor, Tensor|None]:   # (latents at `end`, x̂0 of the last step or None if no step ran)
-    "Run the schedule positions `[start, end)` with `unet`; zero steps when `start == end`."
+    "Run the schedule positions `[start, end)` with `denoiser`; zero steps when `start == end`."
     if not 0 <= start <= end <= self.num_inference_steps:
         raise UserError(f"steps [{start}, {end}) are outside the {self.num_inference_steps}-step schedule: use 0 <= start <= end <= {self.num_inference_steps}")
     if fresh: self.begin(start)
     x0 = None
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         for i in range(start, end):
-            out = self.predict(unet, latents, i, cond, guidance_scale, guidance_rescale)
+            out = self.predict(denoiser, latents, i, cond, guidance_scale, guidance_rescale)
             latents, x0 = self.step(out, i, latents, generator)
     return latents, x0
+
 
 # %% ../nbs/03_diffusion.ipynb #6f77bbc5
 @patch
 @torch.no_grad()
-def sample(self:Backbone, prompts:list[str], unet=None, guidance_scale:float=7.5, generator=None,
+def sample(self:Backbone, prompts:list[str], denoiser=None, guidance_scale:float=7.5, generator=None,
            guidance_rescale:float=0.0)->Tensor:
     "Generate images in [0,1] by running the whole schedule (a reference loop for tests and validation)."
-    unet = unet or self.unet
+    denoiser = denoiser or self.denoiser
     cond = self.encode_prompt(prompts, cfg=guidance_scale > 1)
     x = self.initial_latents(len(prompts), generator)
-    x, _ = self.denoise(unet, x, cond, 0, self.num_inference_steps, guidance_scale, guidance_rescale, generator)
+    x, _ = self.denoise(denoiser, x, cond, 0, self.num_inference_steps, guidance_scale, guidance_rescale, generator)
     return self.decode(x)
+
 
 # %% ../nbs/03_diffusion.ipynb #639b212d
 @patch
@@ -262,13 +343,98 @@ def freeze(self:Backbone, dtype:torch.dtype|None=None, # e.g. torch.bfloat16 to 
     return self
 
 @patch
-def enable_memory_savings(self:Backbone, unet_checkpointing:bool=True, # gradient checkpointing in the UNet
+def enable_memory_savings(self:Backbone, unet_checkpointing:bool=True, # gradient checkpointing in the denoiser
                           vae_checkpointing:bool=True,                 # ... and in the VAE decoder
-                          sdpa:bool=True,                              # PyTorch scaled-dot-product attention
+                          sdpa:bool=True,                              # PyTorch scaled-dot-product attention (UNets; the transformers use it already)
                          )->Backbone:
-    "Turn on the memory switches of this level: gradient checkpointing (UNet, VAE decoder) and SDPA attention."
+    "Turn on the memory switches of this level: gradient checkpointing (denoiser, VAE decoder) and SDPA attention."
     from diffusers.models.attention_processor import AttnProcessor2_0
-    if unet_checkpointing: self.unet.enable_gradient_checkpointing()
+    if unet_checkpointing: self.denoiser.enable_gradient_checkpointing()
     if vae_checkpointing: self.vae.enable_gradient_checkpointing()
-    if sdpa: self.unet.set_attn_processor(AttnProcessor2_0())
+    if sdpa and self.denoiser_name == "unet": self.denoiser.set_attn_processor(AttnProcessor2_0())
     return self
+
+
+# %% ../nbs/03_diffusion.ipynb #fbe17a65
+class PixArtBackbone(Backbone):
+    "PixArt-α: a transformer predicting noise and a learned variance, conditioned on T5 embeddings and their mask."
+    pipeline_classes, denoiser_name = (PixArtAlphaPipeline,), "transformer"
+    max_sequence_length = 120   # T5 tokens, as `PixArtAlphaPipeline`
+
+@patch
+@torch.no_grad()
+def encode_prompt(self:PixArtBackbone, prompts:list[str], cfg:bool=False, negative_prompts:list[str]|None=None)->Conditioning:
+    "Encode prompts (and negatives when `cfg`; None = the empty prompt) to T5 embeddings and attention masks."
+    prompts = _check_prompts(prompts)
+    e, m, n, nm = self.pipe.encode_prompt(prompts, cfg, negative_prompt="" if negative_prompts is None else negative_prompts,
+                                         num_images_per_prompt=1, device=self.device, clean_caption=False,
+                                         max_sequence_length=self.max_sequence_length)
+    return Conditioning(e, n if cfg else None, mask=m, negative_mask=nm if cfg else None)
+
+@patch
+def _call(self:PixArtBackbone, denoiser, x:Tensor, t:Tensor, cond:Conditioning, cfg:bool)->Tensor:
+    "The transformer's noise prediction (the learned-variance half dropped)."
+    B, e = len(x), cond.embeds
+    added = dict(resolution=None, aspect_ratio=None)
+    if denoiser.config.sample_size == 128:   # the 1024-px model's micro-conditions
+        added = dict(resolution=torch.tensor([[self.resolution] * 2], dtype=e.dtype, device=x.device).repeat(B, 1),
+                     aspect_ratio=torch.ones(B, 1, dtype=e.dtype, device=x.device))
+    t = (t[None] if t.ndim == 0 else t).to(x.device).expand(B)
+    out = denoiser(x, encoder_hidden_states=cond.pair("embeds", cfg), encoder_attention_mask=cond.pair("mask", cfg),
+                   timestep=t, added_cond_kwargs=added, return_dict=False)[0]
+    return out.chunk(2, dim=1)[0] if out.shape[1] == 2 * x.shape[1] else out
+
+
+class SD3Backbone(Backbone):
+    "Stable Diffusion 3: a flow-matching transformer conditioned on two CLIP encoders and T5."
+    pipeline_classes, denoiser_name = (StableDiffusion3Pipeline,), "transformer"
+    max_sequence_length = 256   # T5 tokens, as `StableDiffusion3Pipeline`
+
+    def _schedule_kwargs(self)->dict:
+        "The resolution-dependent shift `mu` when the scheduler shifts dynamically (as the SD3 pipeline computes it)."
+        c = self.scheduler.config
+        if not c.get("use_dynamic_shifting"): return {}
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+        n = (self.resolution // self.vae_scale_factor // self.denoiser.config.patch_size) ** 2
+        return dict(mu=calculate_shift(n, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                       c.get("base_shift", 0.5), c.get("max_shift", 1.16)))
+
+    def sigma(self, index:int)->Tensor:
+        "The noise level σ at schedule position `index` (1 = pure noise)."
+        return self.scheduler.sigmas[index]
+
+@patch
+@torch.no_grad()
+def encode_prompt(self:SD3Backbone, prompts:list[str], cfg:bool=False, negative_prompts:list[str]|None=None)->Conditioning:
+    "Encode prompts (and negatives when `cfg`; None = the empty prompt) with both CLIP encoders and T5."
+    prompts = _check_prompts(prompts)
+    e, n, p, np_ = self.pipe.encode_prompt(prompts, None, None, device=self.device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=cfg, negative_prompt=negative_prompts,
+                                          max_sequence_length=self.max_sequence_length)
+    return Conditioning(e, n if cfg else None, p, np_ if cfg else None)
+
+@patch
+def _call(self:SD3Backbone, denoiser, x:Tensor, t:Tensor, cond:Conditioning, cfg:bool)->Tensor:
+    "The transformer's velocity prediction."
+    t = (t[None] if t.ndim == 0 else t).to(x.device).expand(len(x))
+    return denoiser(hidden_states=x, timestep=t, encoder_hidden_states=cond.pair("embeds", cfg),
+                    pooled_projections=cond.pair("pooled", cfg), return_dict=False)[0]
+
+@patch
+def add_noise(self:SD3Backbone, latents:Tensor, noise:Tensor, index:int)->Tensor:
+    "x_t = (1 - σ) x_0 + σ ε at schedule position `index` (the scheduler's `scale_noise`)."
+    s = self.sigma(index).to(latents.device, latents.dtype)
+    return s * noise + (1 - s) * latents
+
+@patch
+def diffusion_target(self:SD3Backbone, latents:Tensor, noise:Tensor, index:int)->Tensor:
+    "The flow-matching target, the velocity ε - x_0 (the same at every position)."
+    return noise - latents
+
+@patch
+def step(self:SD3Backbone, model_output:Tensor, index:int, latents:Tensor, generator=None)->tuple[Tensor, Tensor]:
+    "One Euler step from position `index`; returns the previous latents and x̂0 = x_t - σ_t v."
+    prev = self.scheduler.step(model_output, self.timestep(index), latents, generator=generator, return_dict=False)[0]
+    x0 = latents.float() - self.sigma(index).to(latents.device) * model_output.float()
+    return prev.to(latents.dtype), x0.to(latents.dtype)
+

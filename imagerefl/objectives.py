@@ -7,7 +7,7 @@ Docs: https://imagerefl.github.io/imagerefl/objectives.html.md"""
 # %% ../nbs/09_objectives.ipynb #7beb3ce5
 from __future__ import annotations
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -92,12 +92,12 @@ class Objective:
     def load_state_dict(self, d): self.calls = int(d["calls"])
     def __repr__(self): return f"{type(self).__name__}({self.config})"
 
-    def _prepare(self, backbone, batch, unet):
+    def _prepare(self, backbone, batch, denoiser):
         _check_batch(batch, self.needs_images)
         if backbone.num_inference_steps != self.config.num_inference_steps:
             backbone.set_timesteps(self.config.num_inference_steps)
         self.calls += 1
-        return unet if unet is not None else backbone.unet
+        return denoiser if denoiser is not None else backbone.denoiser
 
     def draw_mid(self, low:int, high:int, n:int=1)->Tensor:
         "`draw_mid_index` from torch's global RNG, or with `shared_seed` set from one seeded by it and the micro-batch count."
@@ -105,22 +105,22 @@ class Objective:
         return draw_mid_index(low, high, n, g)
 
 # %% ../nbs/09_objectives.ipynb #3874ddef
-def diffusion_loss(backbone:Backbone, unet, noisy:Tensor, # `latents` noised with `noise` at `index`
+def diffusion_loss(backbone:Backbone, denoiser, noisy:Tensor, # `latents` noised with `noise` at `index`
                    latents:Tensor, noise:Tensor, index:int, cond)->Tensor:
-    "Noise-prediction MSE (velocity for v-prediction) of `unet` at schedule position `index`, without CFG."
-    pred = backbone.predict(unet, noisy, index, replace(cond, negative=None, negative_pooled=None))
+    "Noise-prediction MSE (velocity for v-prediction and flow matching) of `denoiser` at schedule position `index`, without CFG."
+    pred = backbone.predict(denoiser, noisy, index, cond.conditional())
     return F.mse_loss(pred.float(), backbone.diffusion_target(latents, noise, index).float())
 
 class ReFL(Objective):
     "ReFL: no-grad steps from pure noise to a random `mid`, one step with gradient, reward on x̂0."
     config_class = ReFLConfig
-    def __call__(self, backbone:Backbone, batch:dict, reward:nn.Module, unet=None)->tuple[Tensor, dict]:
-        c = self.config; unet = self._prepare(backbone, batch, unet)
+    def __call__(self, backbone:Backbone, batch:dict, reward:nn.Module, denoiser=None)->tuple[Tensor, dict]:
+        c = self.config; denoiser = self._prepare(backbone, batch, denoiser)
         prompts = list(batch["caption"]); mid = int(self.draw_mid(c.min_mid_index, c.max_mid_index))
         cond = backbone.encode_prompt(prompts, cfg=c.guidance_scale > 1)
         x = backbone.initial_latents(len(prompts))
-        x, _ = backbone.denoise(unet, x, cond, 0, mid, c.guidance_scale)
-        _, x0 = backbone.denoise(unet, x, cond, mid, mid + 1, c.guidance_scale, grad=True, fresh=False)
+        x, _ = backbone.denoise(denoiser, x, cond, 0, mid, c.guidance_scale)
+        _, x0 = backbone.denoise(denoiser, x, cond, mid, mid + 1, c.guidance_scale, grad=True, fresh=False)
         images, r = _score(backbone, x0, prompts, reward)
         reward_loss = c.reward_loss(r)
         logs = dict(reward=r.mean().item(), reward_loss=reward_loss.item(), mid_index=mid)
@@ -129,7 +129,7 @@ class ReFL(Objective):
             if batch.get("image") is None: raise UserError("diffusion_weight > 0 needs real images in the batch")
             z = backbone.encode_images(batch["image"]); noise = torch.randn_like(z)
             backbone.begin(mid)
-            mse = diffusion_loss(backbone, unet, backbone.add_noise(z, noise, mid), z, noise, mid, cond)
+            mse = diffusion_loss(backbone, denoiser, backbone.add_noise(z, noise, mid), z, noise, mid, cond)
             loss = loss + c.diffusion_weight * mse; logs["diffusion_loss"] = mse.item()
         loss = c.loss_scale * loss
         logs["loss"] = loss.item()
@@ -189,11 +189,11 @@ class ImageReFL(Objective):
         return k is not None and self.calls % k == 0
 
 # %% ../nbs/09_objectives.ipynb #937454cb
-def _imagerefl_call(self:ImageReFL, backbone:Backbone, batch:dict, reward:nn.Module, unet=None)->tuple[Tensor, dict]:
-    c = self.config; unet = self._prepare(backbone, batch, unet)
+def _imagerefl_call(self:ImageReFL, backbone:Backbone, batch:dict, reward:nn.Module, denoiser=None)->tuple[Tensor, dict]:
+    c = self.config; denoiser = self._prepare(backbone, batch, denoiser)
     if self.is_refl_step():
         self.refl.shared_seed = self.shared_seed
-        loss, logs = self.refl(backbone, batch, reward, unet)
+        loss, logs = self.refl(backbone, batch, reward, denoiser)
         return loss, dict(logs, refl_step=1)
     prompts, real = list(batch["caption"]), batch["image"]
     cond = backbone.encode_prompt(prompts)
@@ -202,14 +202,14 @@ def _imagerefl_call(self:ImageReFL, backbone:Backbone, batch:dict, reward:nn.Mod
     backbone.begin(c.start_index)
     x_s = backbone.add_noise(z, noise, c.start_index)
     # diffusion loss first, while the scheduler is at `start_index` (stateful schedulers scale inputs by position)
-    mse = diffusion_loss(backbone, unet, x_s, z, noise, c.start_index, cond)
+    mse = diffusion_loss(backbone, denoiser, x_s, z, noise, c.start_index, cond)
     mids = self.draw_mid(c.mid_low, c.max_mid_index, len(prompts) if c.mid_per_sample else 1)
     if not c.mid_per_sample:
         mid = int(mids)
-        x, _ = backbone.denoise(unet, x_s, cond, c.start_index, mid, fresh=False)
-        _, x0 = backbone.denoise(unet, x, cond, mid, mid + 1, grad=True, fresh=False)
+        x, _ = backbone.denoise(denoiser, x_s, cond, c.start_index, mid, fresh=False)
+        _, x0 = backbone.denoise(denoiser, x, cond, mid, mid + 1, grad=True, fresh=False)
     else:
-        x0 = self._per_sample_x0(backbone, unet, x_s, cond, mids)
+        x0 = self._per_sample_x0(backbone, denoiser, x_s, cond, mids)
     images, r = _score(backbone, x0, prompts, reward)
     reward_loss = c.reward_loss(r)
     loss = c.diffusion_weight * mse + reward_loss
@@ -226,17 +226,17 @@ def _imagerefl_call(self:ImageReFL, backbone:Backbone, batch:dict, reward:nn.Mod
 ImageReFL.__call__ = _imagerefl_call
 
 # %% ../nbs/09_objectives.ipynb #27e998ad
-def _per_sample_x0(self:ImageReFL, backbone, unet, x_s, cond, mids):
+def _per_sample_x0(self:ImageReFL, backbone, denoiser, x_s, cond, mids):
     "x̂0 with a gradient step at each sample's own `mid`: one shared no-grad chain, one grad call per distinct `mid`."
     c, x, snaps = self.config, x_s, {}
     for i in range(c.start_index, int(mids.max()) + 1):
         if (mids == i).any(): snaps[i] = x
-        if i < int(mids.max()): x, _ = backbone.denoise(unet, x, cond, i, i + 1, fresh=False)
+        if i < int(mids.max()): x, _ = backbone.denoise(denoiser, x, cond, i, i + 1, fresh=False)
     x0 = torch.empty_like(x_s)
     for m, xm in snaps.items():
         rows = (mids == m).nonzero().flatten()
-        sub = replace(cond, **{k: v[rows] for k, v in vars(cond).items() if torch.is_tensor(v)})
-        _, x0_m = backbone.denoise(unet, xm[rows], sub, m, m + 1, grad=True, fresh=True)
+        sub = cond.rows(rows)
+        _, x0_m = backbone.denoise(denoiser, xm[rows], sub, m, m + 1, grad=True, fresh=True)
         x0 = x0.index_put((rows,), x0_m)
     return x0
 ImageReFL._per_sample_x0 = _per_sample_x0
@@ -259,12 +259,12 @@ class DRaFTKConfig(RewardLoss):
 class DRaFTK(Objective):
     "DRaFT-K: full chain from noise, gradient through the last K steps, reward on the final x̂0."
     config_class = DRaFTKConfig
-    def __call__(self, backbone:Backbone, batch:dict, reward:nn.Module, unet=None)->tuple[Tensor, dict]:
-        c = self.config; unet = self._prepare(backbone, batch, unet)
+    def __call__(self, backbone:Backbone, batch:dict, reward:nn.Module, denoiser=None)->tuple[Tensor, dict]:
+        c = self.config; denoiser = self._prepare(backbone, batch, denoiser)
         prompts, N = list(batch["caption"]), c.num_inference_steps
         cond = backbone.encode_prompt(prompts, cfg=c.guidance_scale > 1)
-        x, _ = backbone.denoise(unet, backbone.initial_latents(len(prompts)), cond, 0, N - c.k, c.guidance_scale)
-        _, x0 = backbone.denoise(unet, x, cond, N - c.k, N, c.guidance_scale, grad=True, fresh=False)
+        x, _ = backbone.denoise(denoiser, backbone.initial_latents(len(prompts)), cond, 0, N - c.k, c.guidance_scale)
+        _, x0 = backbone.denoise(denoiser, x, cond, N - c.k, N, c.guidance_scale, grad=True, fresh=False)
         images, r = _score(backbone, x0, prompts, reward)
         loss = c.loss_scale * c.reward_loss(r)
         self.last_images = images.detach()

@@ -1,4 +1,4 @@
-"""Tiny SD and SDXL pipelines with random weights, a tiny CLIP folder, an instrumented UNet, a deterministic objective and a toy reward: everything the tests need, built offline in seconds.
+"""Tiny SD, SDXL, PixArt-α and SD3 pipelines with random weights, a tiny CLIP folder, an instrumented UNet, a deterministic objective and a toy reward: everything the tests need, built offline in seconds.
 
 Docs: https://imagerefl.github.io/imagerefl/testing.html.md"""
 
@@ -9,17 +9,22 @@ from __future__ import annotations
 import math
 from pathlib import Path
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       FlowMatchEulerDiscreteScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel,
+                       SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
 from torch import nn
 from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTextModel,
-                          CLIPTextModelWithProjection)
+                          CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer)
 from .mini.components import clip_tokenizer, sd_scheduler
 from .rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .rewards.registry import Reward
 
+
 # %% auto #0
-__all__ = ['tiny_vae', 'tiny_sd_pipeline', 'tiny_sdxl_pipeline', 'tiny_clip_folder', 'Recorder', 'FixedNoiseObjective',
-           'Brightness', 'PadBrightness', 'official_hps_pixels', 'official_crop_pixels']
+__all__ = ['tiny_vae', 'tiny_sd_pipeline', 'tiny_sdxl_pipeline', 'tiny_t5_tokenizer', 'tiny_pixart_pipeline', 'tiny_sd3_pipeline',
+           'tiny_clip_folder', 'Recorder', 'FixedNoiseObjective', 'Brightness', 'PadBrightness', 'official_hps_pixels',
+           'official_crop_pixels']
 
 # %% ../nbs/25_testing.ipynb #291de5c2
 def _text_config(tok, **kw):
@@ -77,6 +82,72 @@ def tiny_sdxl_pipeline(seed:int=0,           # weights seed
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
+# %% ../nbs/25_testing.ipynb #c38f2688
+_T5_WORDS = ("a an the of and with in on at photo painting picture drawing digit zero one two three four five six seven "
+             "eight nine handwritten thin bold slanted upright red blue green black white cat dog car house tree").split()
+
+def tiny_t5_tokenizer(model_max_length:int=120, # PixArt-α uses 120 tokens, SD3 256
+                     )->T5Tokenizer:
+    "A small T5-layout Unigram tokenizer (pad 0, eos 1, unk 2) built offline with `tokenizers`."
+    import string
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in chars] + [("▁" + c, -3.5) for c in chars] + [("▁" + w, -1.0) for w in _T5_WORDS]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5Tokenizer(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
+                       model_max_length=model_max_length)
+
+def _tiny_t5(tok)->T5EncoderModel:
+    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+
+def tiny_pixart_pipeline(seed:int=0,        # weights seed
+                         scheduler:str="dpm", # dpm (the released pipelines'), ddpm (the authors' training) or ddim
+                         resolution:int=64, # default image size in pixels (latents are half of it)
+                        )->PixArtAlphaPipeline:
+    "A `PixArtAlphaPipeline` from tiny random components (learned-sigma transformer, T5), fully offline."
+    tok = tiny_t5_tokenizer(120)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tr = PixArtTransformer2DModel(sample_size=resolution//2, num_layers=2, patch_size=2, attention_head_dim=8,
+                                      num_attention_heads=3, caption_channels=32, in_channels=4, out_channels=8,
+                                      cross_attention_dim=24, attention_bias=True, activation_fn="gelu-approximate",
+                                      num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
+                                      norm_eps=1e-6)
+        vae, te = tiny_vae(resolution), _tiny_t5(tok).eval()   # T5 has dropout: eval, as from_pretrained leaves it
+    kw = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000, prediction_type="epsilon")
+    sched = dict(dpm=DPMSolverMultistepScheduler, ddpm=DDPMScheduler, ddim=DDIMScheduler)[scheduler](**kw)
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=tr, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+def tiny_sd3_pipeline(seed:int=0,      # weights seed
+                      resolution:int=64, # default image size in pixels
+                      shift:float=3.0, # the flow schedule's shift (SD3's value)
+                     )->StableDiffusion3Pipeline:
+    "A `StableDiffusion3Pipeline` (two CLIP encoders, T5, pooled projections, flow matching) from tiny components."
+    tok, tok2, tok3 = clip_tokenizer(), clip_tokenizer(pad_token="!"), tiny_t5_tokenizer(256)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tr = SD3Transformer2DModel(sample_size=resolution//2, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                   attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                   joint_attention_dim=32, pooled_projection_dim=64)
+        vae = tiny_vae(resolution)
+        te = CLIPTextModelWithProjection(_text_config(tok, hidden_act="gelu"))
+        te2 = CLIPTextModelWithProjection(_text_config(tok2, hidden_act="gelu"))
+        te3 = _tiny_t5(tok3).eval()
+    vae.register_to_config(scaling_factor=1.5305, shift_factor=0.0609)   # SD3's VAE values
+    pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
+                                    text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2,
+                                    text_encoder_3=te3, tokenizer_3=tok3)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # %% ../nbs/25_testing.ipynb #7dbd4231
 def tiny_clip_folder(folder:Path, seed:int=0, pad_token:str="<|endoftext|>")->Path:
     "Save a tiny random transformers CLIP (32 px, real CLIP tokenizer) with its processor to `folder`."
@@ -115,14 +186,14 @@ class FixedNoiseObjective:
     def __init__(self, indices=(1, 3)): self.indices, self.calls = indices, 0
     def state_dict(self): return dict(calls=self.calls)
     def load_state_dict(self, d): self.calls = int(d["calls"])
-    def __call__(self, backbone, batch, reward, unet=None):
-        unet = unet if unet is not None else backbone.unet; self.calls += 1
-        h, c = backbone.resolution // backbone.vae_scale_factor, backbone.unet.config.in_channels
+    def __call__(self, backbone, batch, reward, denoiser=None):
+        denoiser = denoiser if denoiser is not None else backbone.denoiser; self.calls += 1
+        h, c = backbone.resolution // backbone.vae_scale_factor, backbone.denoiser.config.in_channels
         g = [torch.Generator().manual_seed(int(i)) for i in batch["index"]]
         z = torch.stack([torch.randn(c, h, h, generator=x) for x in g]).to(backbone.device)
         eps = torch.stack([torch.randn(c, h, h, generator=x) for x in g]).to(backbone.device)
         cond = backbone.encode_prompt(list(batch["caption"]))
-        loss = sum(nn.functional.mse_loss(backbone.predict(unet, backbone.add_noise(z, eps, i), i, cond).float(), eps) for i in self.indices)
+        loss = sum(nn.functional.mse_loss(backbone.predict(denoiser, backbone.add_noise(z, eps, i), i, cond).float(), eps) for i in self.indices)
         return loss, dict(loss=loss.item())
 
 # %% ../nbs/25_testing.ipynb #b8da3a89

@@ -42,7 +42,7 @@ __all__ = ['prepare_trainable', 'make_optimizer', 'make_lr_schedule', 'Trainer',
 # %% ../nbs/16_train.ipynb #c5c3dbce
 def prepare_trainable(backbone, model:ModelConfig)->list[nn.Parameter]:
     "Make the UNet, or a LoRA adapter on it, the only trainable part; return the trainable parameters."
-    unet = backbone.unet
+    unet = backbone.denoiser
     if model.lora_rank > 0:
         unet.requires_grad_(False)
         try: unet.add_adapter(LoraConfig(r=model.lora_rank, lora_alpha=model.lora_alpha or model.lora_rank,
@@ -113,11 +113,11 @@ class Trainer:
         v = c.validation
         self.combined_val = bool(v.every and v.original_unet_steps is not None and val_prompts)
         self.lora = c.model.lora_rank > 0
-        self.original_unet = (copy.deepcopy(backbone.unet).requires_grad_(False).eval().to(acc.device, self.frozen_dtype)
+        self.original_unet = (copy.deepcopy(backbone.denoiser).requires_grad_(False).eval().to(acc.device, self.frozen_dtype)
                               if self.combined_val and not self.lora else None)
         self.params = prepare_trainable(backbone, c.model)
         optimizer = make_optimizer(self.params, c.optimizer)
-        self.model, self.optimizer = acc.prepare(backbone.unet, optimizer)
+        self.model, self.optimizer = acc.prepare(backbone.denoiser, optimizer)
         self.params = [p for p in self.model.parameters() if p.requires_grad]    # FSDP2 replaces them with sharded ones
         self.lr_schedule = make_lr_schedule(self.optimizer.optimizer, c.optimizer, c.max_steps)  # stepped once per update
         self.ema = None
@@ -158,7 +158,7 @@ def update(self:Trainer)->dict|None:
         batch = self._next_batch()
         with contextlib.nullcontext() if i == A - 1 else acc.no_sync(self.model):
             with acc.autocast():
-                loss, out = self.objective(self.backbone, batch, self.reward, unet=self.model)
+                loss, out = self.objective(self.backbone, batch, self.reward, denoiser=self.model)
             bad |= not bool(torch.isfinite(loss.detach()).all())
             acc.backward(loss / A)
         for k, v in out.items(): logs[k] = logs.get(k, 0.0) + float(v) / A
@@ -269,7 +269,7 @@ def validate(self:Trainer)->dict:
         chunks = [prompts[i:i + v.batch_size] for i in range(0, len(prompts), v.batch_size)]
         n0 = bb.num_inference_steps; bb.set_timesteps(v.num_inference_steps)
         g = torch.Generator().manual_seed(v.seed)
-        with acc.autocast(): runs = dict(tuned=torch.cat([bb.sample(p, unet=unet, guidance_scale=v.fine_tuned_guidance_scale, generator=g) for p in chunks]))
+        with acc.autocast(): runs = dict(tuned=torch.cat([bb.sample(p, denoiser=unet, guidance_scale=v.fine_tuned_guidance_scale, generator=g) for p in chunks]))
         if self.combined_val:
             base = pipe_like(bb.pipe, unet=self.original_unet if not self.lora else unet, scheduler=copy.deepcopy(bb.scheduler))
             pipe = combined_pipeline(base, None if self.lora else unet)
