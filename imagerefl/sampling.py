@@ -60,7 +60,7 @@ class CombinedPlan:
         if trail is not None: latents, first = cache.resume(trail, pipe, latents, self.k)  # base steps an earlier call ran
         for start, end, tuned, g in ((first, self.k, False, self.g), (self.k, n, True, self.g_ft)):
             if start == end: continue     # k = 0 runs no base step (the authors' loop ran one at start == end)
-            unet = pipe._unet_for(tuned)
+            unet = pipe._denoiser_for(tuned)
             embeds, added = inputs[g > 1]
             for i in range(start, end):
                 t = timesteps[i]
@@ -85,9 +85,9 @@ class AIGPlan:
     def denoise(self, pipe, latents, timesteps, inputs):
         embeds, added = inputs[self.g > 1]
         for i, (t, w) in enumerate(zip(timesteps, aig_weights(len(timesteps), self.p))):
-            eps = None if w == 1 else pipe._eps(pipe._unet_for(False), latents, t, embeds, added, self.g)
+            eps = None if w == 1 else pipe._eps(pipe._denoiser_for(False), latents, t, embeds, added, self.g)
             if w > 0:
-                eps_ft = pipe._eps(pipe._unet_for(True), latents, t, embeds, added, self.g)
+                eps_ft = pipe._eps(pipe._denoiser_for(True), latents, t, embeds, added, self.g)
                 eps = eps_ft if eps is None else (1 - w) * eps + w * eps_ft
             latents = pipe._advance(eps, t, latents, i)
         return latents
@@ -111,6 +111,10 @@ class _TwoUNets:
 
     @property
     def unet(self): return self.original_unet
+    @property
+    def base_denoiser(self): return self.original_unet        # the names the plans and the cache use for any denoiser
+    @property
+    def fine_tuned_denoiser(self): return self.fine_tuned_unet
 
     @classmethod
     def from_pipelines(cls, base_pipe:DiffusionPipeline, # the base model's diffusers pipeline
@@ -170,7 +174,7 @@ def _advance(self:_TwoUNets, eps, t, latents, i:int):
     return latents
 
 @patch
-def _unet_for(self:_TwoUNets, tuned:bool):
+def _denoiser_for(self:_TwoUNets, tuned:bool):
     "The UNet of a phase; in the LoRA form, the base UNet with its adapter switched on (tuned) or off (base)."
     if self.fine_tuned_unet is not None: return self.fine_tuned_unet if tuned else self.original_unet
     if tuned != self._lora_on:
@@ -450,10 +454,10 @@ class BaseStepsCache:
         "Everything the base phase depends on, hashed; None when the call must not be cached."
         kw = pipe._extra_step_kwargs
         if pipe._callback is not None or pipe._cross_attention_kwargs or ("generator" in kw and kw["generator"] is None): return None
-        unet, h = pipe.original_unet, hashlib.blake2b(digest_size=20)
+        unet, h = pipe.base_denoiser, hashlib.blake2b(digest_size=20)
         sched = {k: v for k, v in vars(pipe.scheduler).items() if k != "is_scale_input_called"}   # Euler's warning flag
         weights = [(p.data_ptr(), p._version) for p in (*unet.parameters(), *unet.buffers())]
-        ok = all(_fingerprint(h, x) for x in (id(unet), weights, pipe.fine_tuned_unet is None, latents, timesteps, inputs,
+        ok = all(_fingerprint(h, x) for x in (id(unet), weights, pipe.fine_tuned_denoiser is None, latents, timesteps, inputs,
                                               float(g), float(pipe._guidance_rescale), kw, type(pipe.scheduler).__name__,
                                               sched, torch.get_num_threads(),
                                               torch.is_autocast_enabled(latents.device.type)))
@@ -464,7 +468,7 @@ class BaseStepsCache:
         key = self.key(pipe, latents, timesteps, inputs, g)
         if key is None: return None
         t = self.trails.get(key)
-        if t is None or t.unet is not pipe.original_unet: t = self.trails[key] = _Trail(pipe.original_unet)
+        if t is None or t.unet is not pipe.base_denoiser: t = self.trails[key] = _Trail(pipe.base_denoiser)
         self.trails.move_to_end(key)
         return t
 
