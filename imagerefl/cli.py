@@ -50,7 +50,7 @@ def load_any_pipeline(path:str):
     p = Path(check_source(path, "a diffusers pipeline folder (with model_index.json)", "model_index.json"))
     quiet_loading()
     index = json.loads(read_text(p/"model_index.json")) if (p/"model_index.json").exists() else {}
-    if "original_unet" in index:
+    if "original_unet" in index or "original_transformer" in index:
         from imagerefl.sampling import combined_class
         try: pipe = combined_class(index).from_pretrained(str(p))
         except UserError: raise
@@ -64,7 +64,7 @@ def load_any_pipeline(path:str):
 
 def _call_kwargs(pipe, a)->dict:
     kw = dict(num_inference_steps=a.steps, guidance_scale=a.guidance_scale)
-    if "original_unet" in pipe.components:
+    if "original_unet" in pipe.components or "original_transformer" in pipe.components:
         kw.update(original_unet_steps=a.original_unet_steps, fine_tuned_guidance_scale=a.fine_tuned_guidance_scale)
     elif a.original_unet_steps is not None:
         raise UserError("--original-unet-steps needs a combined pipeline folder (a run's final/combined)")
@@ -152,7 +152,7 @@ def _finite_float(s:str)->float:
     return v
 
 def _sampling_args(p):
-    p.add_argument("--model", required=True, help="pipeline folder: a run's final/combined, or any diffusers SD/SDXL folder")
+    p.add_argument("--model", required=True, help="pipeline folder: a run's final/combined, or any diffusers SD, SDXL, PixArt-α or SD3 folder")
     p.add_argument("--steps", type=_positive_int, default=40, help="num_inference_steps (default 40)")
     p.add_argument("--guidance-scale", type=_finite_float, default=7.5, help="CFG of the base UNet (plain pipelines: of the model)")
     p.add_argument("--original-unet-steps", type=_count, default=None, help="combined: steps run by the base UNet (default: 3/4 of the steps for SD, 7/8 for SDXL)")

@@ -23,7 +23,7 @@ __all__ = ['CHOICES', 'MINIMA', 'RANGES', 'RENAMED', 'ModelConfig', 'RewardConfi
 class ModelConfig:
     "The text-to-image model and what of it is trained."
     source:str="stable-diffusion-v1-5/stable-diffusion-v1-5" # diffusers folder, hub id, or "mini" (the embedded mini world)
-    scheduler:str|None="ddpm"       # sampler for training and validation: ddpm, ddim, euler, dpm; None = the pipeline's
+    scheduler:str|None="ddpm"       # sampler for training and validation: ddpm, ddim, euler, dpm (flow_euler for SD3); None = the pipeline's
     resolution:int|None=None        # image side; None = the UNet's native size (512 for SD1.5)
     lora_rank:int=0                 # 0 = train the full UNet; > 0 = a LoRA adapter of this rank
     lora_alpha:float|None=None      # LoRA alpha; None = the rank (the authors' choice)
@@ -170,7 +170,7 @@ def build_section(cls, raw:dict|None, prefix:str=""):
 CHOICES = {"mixed_precision": ("bf16", "fp16", "no"), "log_with": ("tensorboard", "wandb", "none"),
            "optimizer.name": ("adam", "adamw", "adam8bit", "adamw8bit", "sgd"),
            "optimizer.lr_scheduler": ("constant", "linear", "cosine"),
-           "model.scheduler": (None, "ddpm", "ddim", "euler", "dpm"), "model.frozen_dtype": ("auto", "fp32")}
+           "model.scheduler": (None, "ddpm", "ddim", "euler", "dpm", "flow_euler"), "model.frozen_dtype": ("auto", "fp32")}
 MINIMA = {"max_steps": 1, "batch_size": 1, "gradient_accumulation_steps": 1, "checkpoint_every": 0,
           "keep_checkpoints": 1, "max_bad_steps": 1, "log_every": 1, "model.lora_rank": 0, "optimizer.warmup_steps": 0,
           "validation.every": 0, "validation.num_prompts": 1, "validation.images_per_prompt": 1,

@@ -8,6 +8,7 @@ Docs: https://imagerefl.github.io/imagerefl/diffusion.html.md"""
 from __future__ import annotations
 import inspect
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 import torch, diffusers
 from torch import Tensor
 from diffusers import (DiffusionPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
@@ -20,7 +21,7 @@ from .core import UserError, check_source
 
 # %% auto #0
 __all__ = ['SCHEDULER_CLASSES', 'FLOW_SCHEDULERS', 'is_flow_scheduler', 'make_scheduler', 'Conditioning', 'Backbone',
-           'load_pipeline', 'combine_cfg', 'PixArtBackbone', 'SD3Backbone']
+           'load_pipeline', 'combine_cfg', 'denoiser_name', 'PixArtBackbone', 'SD3Backbone']
 
 # %% ../nbs/03_diffusion.ipynb #5faf83ff
 SCHEDULER_CLASSES = dict(ddpm="DDPMScheduler", ddim="DDIMScheduler", euler="EulerDiscreteScheduler",
@@ -164,7 +165,9 @@ def load_pipeline(source:str|DiffusionPipeline, # pipeline object, local folder 
     "A diffusers pipeline (SD 1.x/2.x/XL, PixArt-α, SD3) from an object, a local folder or a hub id."
     if isinstance(source, DiffusionPipeline): return source
     path = check_source(source, "a diffusers pipeline folder (with model_index.json)", "model_index.json")
-    try: pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, safety_checker=None)
+    index = Path(path)/"model_index.json"       # no safety checker: passed only to pipelines that have one
+    extra = dict(safety_checker=None) if not index.exists() or "safety_checker" in index.read_text() else {}
+    try: pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, **extra)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"could not load a diffusers pipeline from '{source}': {str(e).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
@@ -352,6 +355,27 @@ def enable_memory_savings(self:Backbone, unet_checkpointing:bool=True, # gradien
     if unet_checkpointing: self.denoiser.enable_gradient_checkpointing()
     if vae_checkpointing: self.vae.enable_gradient_checkpointing()
     if sdpa and self.denoiser_name == "unet": self.denoiser.set_attn_processor(AttnProcessor2_0())
+    return self
+
+
+# %% ../nbs/03_diffusion.ipynb #bdca476f
+def denoiser_name(pipe)->str:
+    "The name of a pipeline's denoiser component: `unet` (SD, SDXL) or `transformer` (PixArt-α, SD3)."
+    comps = pipe if isinstance(pipe, dict) else pipe.components
+    return "transformer" if "transformer" in comps or "original_transformer" in comps else "unet"
+
+@patch
+def add_lora(self:Backbone, config, # a `peft.LoraConfig`
+            )->Backbone:
+    "Add a LoRA adapter to the denoiser: diffusers' `add_adapter` where the model has it, else peft's injection (PixArt-α)."
+    try:
+        if hasattr(self.denoiser, "add_adapter"): self.denoiser.add_adapter(config)
+        else:
+            from peft import inject_adapter_in_model
+            inject_adapter_in_model(config, self.denoiser)
+    except ValueError as e:
+        raise UserError(f"LoRA targets {sorted(config.target_modules)} do not fit this {type(self.denoiser).__name__} "
+                        f"({str(e).splitlines()[0]}): set model.lora_targets") from None
     return self
 
 

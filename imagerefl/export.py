@@ -15,48 +15,73 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 from .config import TrainConfig, config_yaml
 from .core import UserError, atomic_write_text, error_line
-from .diffusion import load_pipeline
+from .diffusion import denoiser_name, load_pipeline
 from .runfolder import atomic_dir
 from .sampling import (CombinedStableDiffusionPipeline, CombinedStableDiffusionXLPipeline,
                                 combined_pipeline, pipe_like)
+from .sampling_transformers import CombinedPixArtAlphaPipeline, CombinedStableDiffusion3Pipeline
+
 
 # %% auto #0
-__all__ = ['PIPELINES', 'save_tuned', 'export_base', 'save_combined', 'card_original_unet_steps', 'model_card', 'upload_to_hub']
+__all__ = ['PIPELINES', 'strip_lora', 'save_tuned', 'export_base', 'save_combined', 'card_original_unet_steps', 'model_card',
+           'upload_to_hub']
 
 # %% ../nbs/15_export.ipynb #8778159d
-def save_tuned(unet:nn.Module,      # the trained UNet (with its LoRA adapter, if any)
+def strip_lora(model:nn.Module,  # a denoiser with LoRA layers
+               merge:bool=True,  # merge the adapter into the weights (the tuned model) or drop it (the base model)
+              )->nn.Module:
+    "A plain copy of `model`, of its own class and config, without LoRA layers."
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    m = copy.deepcopy(model)
+    if merge:
+        for layer in m.modules():
+            if isinstance(layer, BaseTunerLayer): layer.merge()
+    weights = {k.replace(".base_layer.", "."): v for k, v in m.state_dict().items() if "lora_" not in k}
+    p = next(model.parameters())
+    plain = type(model).from_config(model.config); plain.load_state_dict(weights)
+    return plain.to(p.device, p.dtype)
+
+def save_tuned(unet:nn.Module,      # the trained denoiser (with its LoRA adapter, if any)
                pipe,                # the pipeline it was trained in (its class writes the LoRA file)
                final:Path,          # the run's `final` folder
-               lora:bool=False,     # write the adapter (`final/lora`) rather than the UNet (`final/unet`)
-              )->nn.Module:         # the tuned UNet, with a LoRA adapter fused into a copy
-    "Write `final/lora` or `final/unet`, atomically, in safetensors."
+               lora:bool=False,     # write the adapter (`final/lora`) rather than the denoiser (`final/unet`)
+              )->nn.Module:         # the tuned denoiser, with a LoRA adapter merged into a copy
+    "Write `final/lora` or `final/unet` (`final/transformer`), atomically, in safetensors."
+    name = denoiser_name(pipe)
     if lora:
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        with atomic_dir(final/"lora") as d: type(pipe).save_lora_weights(d, unet_lora_layers=layers, safe_serialization=True)
-        tuned = copy.deepcopy(unet); tuned.fuse_lora(); tuned.unload_lora()
-        return tuned
-    with atomic_dir(final/"unet") as d: unet.save_pretrained(d, safe_serialization=True)
+        with atomic_dir(final/"lora") as d:
+            if hasattr(type(pipe), "save_lora_weights"):
+                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+                type(pipe).save_lora_weights(d, **{f"{name}_lora_layers": layers}, safe_serialization=True)
+            else:                   # PixArt-α: peft's own adapter layout
+                from safetensors.torch import save_file
+                unet.peft_config["default"].save_pretrained(str(d))
+                save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}, str(Path(d)/"adapter_model.safetensors"))
+        return strip_lora(unet, merge=True)
+    with atomic_dir(final/name) as d: unet.save_pretrained(d, safe_serialization=True)
     return unet
 
 def export_base(pipe, unet:nn.Module, lora:bool, base_source:str|None=None, original_unet:nn.Module|None=None):
-    "The base pipeline of the combined folder: re-loaded from `base_source`, else `pipe` with the original UNet."
+    "The base pipeline of the combined folder: re-loaded from `base_source`, else `pipe` with the original denoiser."
     if base_source is not None: return load_pipeline(base_source)
     if original_unet is None:
-        if not lora: raise UserError("exporting a full-UNet run needs base_source (where the base model loads from)")
-        original_unet = copy.deepcopy(unet); original_unet.unload_lora()
-    return pipe_like(pipe, unet=original_unet)
+        if not lora: raise UserError("exporting a full fine-tuning run needs base_source (where the base model loads from)")
+        original_unet = strip_lora(unet, merge=False)
+    return pipe_like(pipe, **{denoiser_name(pipe): original_unet})
 
 def save_combined(base, tuned:nn.Module, final:Path)->Path:
-    "Write `final/combined`: the base pipeline with the tuned UNet, in the base UNet's exact config."
-    same = type(base.unet).from_config(base.unet.config)
+    "Write `final/combined`: the base pipeline with the tuned denoiser, in the base denoiser's exact config."
+    ref = base.components[denoiser_name(base)]
+    same = type(ref).from_config(ref.config)
     same.load_state_dict({k: v.to("cpu") for k, v in tuned.state_dict().items()})
     with atomic_dir(final/"combined") as d:
-        combined_pipeline(base, same.to(base.unet.device, base.unet.dtype)).save_pretrained(d, safe_serialization=True)
+        combined_pipeline(base, same.to(ref.device, ref.dtype)).save_pretrained(d, safe_serialization=True)
     return final/"combined"
 
+
 # %% ../nbs/15_export.ipynb #c9264fff
-PIPELINES = dict(CombinedStableDiffusionPipeline=CombinedStableDiffusionPipeline,
-                 CombinedStableDiffusionXLPipeline=CombinedStableDiffusionXLPipeline)
+PIPELINES = {c.__name__: c for c in (CombinedStableDiffusionPipeline, CombinedStableDiffusionXLPipeline,
+                                      CombinedPixArtAlphaPipeline, CombinedStableDiffusion3Pipeline)}
 
 def card_original_unet_steps(cfg:TrainConfig, pipeline_class:str)->int:
     "The card's `original_unet_steps`: the run's validation setting, else the pipeline's default fraction."
@@ -65,7 +90,7 @@ def card_original_unet_steps(cfg:TrainConfig, pipeline_class:str)->int:
     return round(PIPELINES[pipeline_class].default_original_unet_fraction * v.num_inference_steps)
 
 def model_card(cfg:TrainConfig,          # the run's config
-               pipeline_class:str,       # CombinedStableDiffusionPipeline or CombinedStableDiffusionXLPipeline
+               pipeline_class:str,       # a `PIPELINES` name, e.g. CombinedStableDiffusionPipeline
                grid:str|None=None,       # file name of the validation grid beside the card, if any
               )->str:
     "The model card (`README.md`) of an exported combined pipeline."
@@ -75,6 +100,9 @@ def model_card(cfg:TrainConfig,          # the run's config
              "tags: [text-to-image, diffusers, imagerefl, reward-fine-tuning, " + o["name"] + "]",
              *([f"base_model: {base}"] if base != "mini" and "/" in base and not base.startswith((".", "/", "~")) else []), "---"]
     steps = card_original_unet_steps(cfg, pipeline_class)
+    d, module = (("transformer", "sampling_transformers") if pipeline_class in (CombinedPixArtAlphaPipeline.__name__,
+                 CombinedStableDiffusion3Pipeline.__name__) else ("unet", "sampling"))
+    D = "UNet" if d == "unet" else "transformer"
     settings = ", ".join(f"{k}={val}" for k, val in o.items() if k != "name")
     return "\n".join([*front, "", f"# {cfg.hub_model_id or 'imagerefl model'}", "",
         f"Reward fine-tuning of `{base}` with **{o['name']}** on the reward **{cfg.reward.name}**, trained with "
@@ -83,13 +111,13 @@ def model_card(cfg:TrainConfig,          # the run's config
         f"{f', LoRA rank {cfg.model.lora_rank}' if cfg.model.lora_rank else ''}), an implementation of ImageReFL "
         "([arXiv 2505.22569](https://arxiv.org/abs/2505.22569); the authors' code: "
         "[ControlGenAI/ImageReFL](https://github.com/ControlGenAI/ImageReFL)).", "",
-        "The folder holds both UNets: `original_unet` (the base model) and `fine_tuned_unet` (the tuned one). Combined "
-        "generation runs the first `original_unet_steps` steps with the base UNet (keeping its diversity) and the rest "
+        f"The folder holds both {D}s: `original_{d}` (the base model) and `fine_tuned_{d}` (the tuned one). Combined "
+        f"generation runs the first `original_unet_steps` steps with the base {D} (keeping its diversity) and the rest "
         "with the tuned one (its reward).", "",
         f"- base model: `{base}`", f"- reward: `{cfg.reward.name}`" + (f" (`{cfg.reward.path}`)" if cfg.reward.path else ""),
         f"- objective: `{o['name']}` ({settings})", "",
         "## How to load", "", "```python", "import torch",
-        f"from imagerefl.sampling import {pipeline_class}",
+        f"from imagerefl.{module} import {pipeline_class}",
         f"pipe = {pipeline_class}.from_pretrained(\"{cfg.hub_model_id or 'path/to/final/combined'}\")",
         f"image = pipe(\"a photo of a cat\", num_inference_steps={v.num_inference_steps}, original_unet_steps={steps},",
         f"             guidance_scale={v.base_guidance_scale}, fine_tuned_guidance_scale={v.fine_tuned_guidance_scale}).images[0]", "```", "",

@@ -393,13 +393,17 @@ def pipe_like(pipe, **parts):
 def combined_class(pipe, # a pipeline, or its `model_index.json` as a dict
                    aig:bool=False, # the AIG class rather than combined generation's
                   )->type:
-    "The combined-generation (or AIG) pipeline class of `pipe`'s family: SDXL if it has a second text encoder, else SD."
-    xl = "text_encoder_2" in (pipe if isinstance(pipe, dict) else pipe.components)
+    "The combined-generation (or AIG) pipeline class of `pipe`'s family: SD, SDXL, PixArt-α or SD3 (by its components)."
+    comps = pipe if isinstance(pipe, dict) else pipe.components
+    if "transformer" in comps or "original_transformer" in comps:   # the transformer pipelines' module builds on this one
+        from imagerefl.sampling_transformers import transformer_combined_class
+        return transformer_combined_class(comps, aig)
+    xl = "text_encoder_2" in comps
     if aig: return AIGStableDiffusionXLPipeline if xl else AIGStableDiffusionPipeline
     return CombinedStableDiffusionXLPipeline if xl else CombinedStableDiffusionPipeline
 
 def combined_pipeline(base_pipe, fine_tuned_unet=None):
-    "Combined generation of `base_pipe`'s family; `fine_tuned_unet=None` is the LoRA form."
+    "Combined generation of `base_pipe`'s family; `fine_tuned_unet=None` (a UNet or transformer) is the LoRA form."
     out = combined_class(base_pipe).from_pipelines(base_pipe, fine_tuned_unet); out.set_progress_bar_config(disable=True)
     return out
 

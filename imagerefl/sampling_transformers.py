@@ -21,7 +21,7 @@ from .sampling import AIGPlan, CombinedPlan
 
 # %% auto #0
 __all__ = ['CombinedPixArtAlphaPipeline', 'AIGPixArtAlphaPipeline', 'CombinedStableDiffusion3Pipeline',
-           'AIGStableDiffusion3Pipeline']
+           'AIGStableDiffusion3Pipeline', 'transformer_combined_class']
 
 # %% ../nbs/10b_sampling_transformers.ipynb #0e53d6b3
 def _lora_layers(model)->list:
@@ -114,7 +114,7 @@ def _plan(self, original_transformer_steps, original_unet_steps, guidance_scale,
     if original_transformer_steps is not None and original_unet_steps is not None and original_transformer_steps != original_unet_steps:
         raise UserError("original_transformer_steps and original_unet_steps are the same setting: give one")
     k = original_transformer_steps if original_transformer_steps is not None else original_unet_steps
-    return CombinedPlan(k, guidance_scale, fine_tuned_guidance_scale, self.default_original_fraction)
+    return CombinedPlan(k, guidance_scale, fine_tuned_guidance_scale, self.default_original_unet_fraction)
 
 
 # %% ../nbs/10b_sampling_transformers.ipynb #95277d59
@@ -122,7 +122,7 @@ class CombinedPixArtAlphaPipeline(_TwoTransformers, PixArtAlphaPipeline):
     "Combined generation on PixArt-α: base transformer for the first `original_transformer_steps` steps, fine-tuned one after."
     _base_class, _transformer_class = PixArtAlphaPipeline, PixArtTransformer2DModel
     model_cpu_offload_seq = "text_encoder->original_transformer->fine_tuned_transformer->vae"
-    default_original_fraction = 0.75   # 30 of 40 steps, as for SD1.5
+    default_original_unet_fraction = 0.75   # 30 of 40 steps, as for SD1.5
 
     def __init__(self, tokenizer, text_encoder, vae, original_transformer, scheduler, fine_tuned_transformer=None):
         DiffusionPipeline.__init__(self)
@@ -211,7 +211,7 @@ class CombinedStableDiffusion3Pipeline(_TwoTransformers, StableDiffusion3Pipelin
     _base_class, _transformer_class = StableDiffusion3Pipeline, SD3Transformer2DModel
     _optional_components = ["fine_tuned_transformer", "image_encoder", "feature_extractor"]
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->original_transformer->fine_tuned_transformer->vae"
-    default_original_fraction = 0.75
+    default_original_unet_fraction = 0.75
 
     def __init__(self, original_transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
                  text_encoder_3, tokenizer_3, fine_tuned_transformer=None):
@@ -287,4 +287,14 @@ class AIGStableDiffusion3Pipeline(CombinedStableDiffusion3Pipeline):
     def __call__(self, prompt=None, aig_power:float=1.0, guidance_scale:float=1.0, **kwargs):
         "Generate with annealed interpolation of the base and fine-tuned velocity predictions."
         return self._generate(AIGPlan(aig_power, guidance_scale), prompt, **kwargs)
+
+
+# %% ../nbs/10b_sampling_transformers.ipynb #9565fd9c
+def transformer_combined_class(components:dict, # a pipeline's components, or its `model_index.json`
+                               aig:bool=False,  # the AIG class rather than combined generation's
+                              )->type:
+    "The combined-generation (or AIG) class of a transformer pipeline: SD3 if it has a third text encoder, else PixArt-α."
+    sd3 = "text_encoder_3" in components
+    if aig: return AIGStableDiffusion3Pipeline if sd3 else AIGPixArtAlphaPipeline
+    return CombinedStableDiffusion3Pipeline if sd3 else CombinedPixArtAlphaPipeline
 

@@ -6,21 +6,23 @@ Docs: https://imagerefl.github.io/imagerefl/sweeps.html.md"""
 
 # %% ../nbs/17_sweeps.ipynb #bb39ffd1
 from __future__ import annotations
-import math
+import json, math
 from dataclasses import dataclass
 import torch
 from pathlib import Path
 import pandas as pd
-from diffusers import UNet2DConditionModel
+from torch import nn
 from .core import UserError
-from .diffusion import load_pipeline
+from .diffusion import denoiser_name, load_pipeline
 from .evaluate import evaluate
 from .config import model_source
-from .sampling import BaseStepsCache, CombinedStableDiffusionPipeline, check_original_unet_steps, combined_class
+from .export import strip_lora
+from .sampling import BaseStepsCache, check_original_unet_steps, combined_class
+
 
 # %% auto #0
-__all__ = ['Setting', 'make_sampler', 'sampler_settings', 'summary_row', 'evaluate_setting', 'combined_sweep', 'aig_sweep',
-           'switch_sweep_images', 'load_tuned_unet', 'load_models']
+__all__ = ['DENOISER_CLASSES', 'Setting', 'make_sampler', 'sampler_settings', 'summary_row', 'evaluate_setting', 'combined_sweep',
+           'aig_sweep', 'switch_sweep_images', 'load_tuned_unet', 'load_models']
 
 # %% ../nbs/17_sweeps.ipynb #797426c0
 @dataclass
@@ -61,7 +63,7 @@ def make_sampler(base_pipe, tuned_unet, setting:Setting,
     if s.sampler not in ("base", "tuned", "combined", "aig"):
         raise UserError(f"setting '{s.name}': sampler must be base, tuned, combined or aig, not '{s.sampler}'")
     if s.sampler != "base" and tuned_unet is None: raise UserError(f"setting '{s.name}' needs a tuned UNet")
-    tuned = tuned_unet if tuned_unet is not None else base_pipe.unet
+    tuned = tuned_unet if tuned_unet is not None else base_pipe.components[denoiser_name(base_pipe)]
     g = s.guidance_scale if s.guidance_scale is not None else guidance_scale
     g_ft = s.fine_tuned_guidance_scale if s.fine_tuned_guidance_scale is not None else fine_tuned_guidance_scale
     if s.sampler == "aig":
@@ -160,27 +162,40 @@ def switch_sweep_images(pipe,                              # a combined pipeline
     finally: pipe.base_steps_cache = own
 
 # %% ../nbs/17_sweeps.ipynb #882cc2e4
-def load_tuned_unet(source:str|Path, # run folder, UNet folder, LoRA folder or combined pipeline folder
+DENOISER_CLASSES = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel")
+
+def load_tuned_unet(source:str|Path, # run folder, UNet/transformer folder, LoRA folder or combined pipeline folder
                     base_pipe=None,  # needed for a LoRA: the base its adapter was trained on
-                   )->UNet2DConditionModel:
-    "The fine-tuned UNet of a run or folder (a LoRA is fused into a copy of the base UNet)."
-    import copy
+                   )->nn.Module:
+    "The fine-tuned denoiser (UNet or transformer) of a run or folder (a LoRA is merged into a copy of the base one)."
+    import copy, diffusers
     p = Path(source).expanduser()
     if not p.exists(): raise UserError(f"'{source}' does not exist: expected a training run or a tuned UNet folder")
-    for cand in (p/"final"/"combined", p/"final"/"unet", p/"final"/"lora"):
+    for cand in (p/"final"/"combined", p/"final"/"unet", p/"final"/"transformer", p/"final"/"lora"):
         if cand.exists(): p = cand; break
     if (p/"model_index.json").exists():
-        return CombinedStableDiffusionPipeline.from_pretrained(str(p)).fine_tuned_unet
-    if (p/"config.json").exists(): return UNet2DConditionModel.from_pretrained(str(p), use_safetensors=True)
-    if (p/"pytorch_lora_weights.safetensors").exists():
+        return combined_class(json.loads((p/"model_index.json").read_text())).from_pretrained(str(p)).fine_tuned_denoiser
+    if (p/"config.json").exists():
+        name = json.loads((p/"config.json").read_text()).get("_class_name")
+        if name not in DENOISER_CLASSES: raise UserError(f"'{source}' holds a {name}, not a UNet or transformer folder")
+        return getattr(diffusers, name).from_pretrained(str(p), use_safetensors=True)
+    lora = (p/"pytorch_lora_weights.safetensors").exists()
+    if lora or (p/"adapter_config.json").exists():
         if base_pipe is None: raise UserError(f"'{source}' is a LoRA: pass the base pipeline it was trained on")
-        pipe = copy.deepcopy(base_pipe); pipe.load_lora_weights(str(p)); pipe.fuse_lora(); pipe.unload_lora_weights()
-        return pipe.unet
-    raise UserError(f"'{source}' is not a run folder, UNet folder, LoRA folder or combined pipeline folder")
+        if lora:
+            pipe = copy.deepcopy(base_pipe); pipe.load_lora_weights(str(p)); pipe.fuse_lora(); pipe.unload_lora_weights()
+            return pipe.components[denoiser_name(pipe)]
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict   # peft's layout (PixArt-α)
+        from safetensors.torch import load_file
+        model = inject_adapter_in_model(LoraConfig.from_pretrained(str(p)), copy.deepcopy(base_pipe.transformer))
+        set_peft_model_state_dict(model, load_file(str(p/"adapter_model.safetensors")))
+        return strip_lora(model, merge=True)
+    raise UserError(f"'{source}' is not a run folder, UNet or transformer folder, LoRA folder or combined pipeline folder")
 
 def load_models(base:str="mini",     # base pipeline: "mini", a folder or a hub id
                 tuned:str|None=None, # a tuned model (see `load_tuned_unet`), or None
-               )->tuple:             # (base pipeline, tuned UNet or None)
-    "The base pipeline and the tuned UNet to compare."
+               )->tuple:             # (base pipeline, tuned denoiser or None)
+    "The base pipeline and the tuned denoiser (UNet or transformer) to compare."
     base_pipe = load_pipeline(model_source(base)); base_pipe.set_progress_bar_config(disable=True)
     return base_pipe, (load_tuned_unet(tuned, base_pipe) if tuned is not None else None)
+

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from fastcore.basics import patch
@@ -41,14 +40,12 @@ __all__ = ['prepare_trainable', 'make_optimizer', 'make_lr_schedule', 'Trainer',
 
 # %% ../nbs/16_train.ipynb #c5c3dbce
 def prepare_trainable(backbone, model:ModelConfig)->list[nn.Parameter]:
-    "Make the UNet, or a LoRA adapter on it, the only trainable part; return the trainable parameters."
+    "Make the denoiser, or a LoRA adapter on it, the only trainable part; return the trainable parameters."
     unet = backbone.denoiser
     if model.lora_rank > 0:
         unet.requires_grad_(False)
-        try: unet.add_adapter(LoraConfig(r=model.lora_rank, lora_alpha=model.lora_alpha or model.lora_rank,
-                                         init_lora_weights="gaussian", target_modules=list(model.lora_targets)))
-        except ValueError as e:
-            raise UserError(f"model.lora_targets={model.lora_targets} do not fit this UNet ({str(e).splitlines()[0]})") from None
+        backbone.add_lora(LoraConfig(r=model.lora_rank, lora_alpha=model.lora_alpha or model.lora_rank,
+                                     init_lora_weights="gaussian", target_modules=list(model.lora_targets)))
     else: unet.requires_grad_(True)
     if model.gradient_checkpointing: backbone.enable_memory_savings(unet_checkpointing=True, vae_checkpointing=True, sdpa=True)
     unet.train()
@@ -271,7 +268,7 @@ def validate(self:Trainer)->dict:
         g = torch.Generator().manual_seed(v.seed)
         with acc.autocast(): runs = dict(tuned=torch.cat([bb.sample(p, denoiser=unet, guidance_scale=v.fine_tuned_guidance_scale, generator=g) for p in chunks]))
         if self.combined_val:
-            base = pipe_like(bb.pipe, unet=self.original_unet if not self.lora else unet, scheduler=copy.deepcopy(bb.scheduler))
+            base = pipe_like(bb.pipe, **{bb.denoiser_name: self.original_unet if not self.lora else unet}, scheduler=copy.deepcopy(bb.scheduler))
             pipe = combined_pipeline(base, None if self.lora else unet)
             g = torch.Generator().manual_seed(v.seed)
             with acc.autocast():
@@ -279,7 +276,7 @@ def validate(self:Trainer)->dict:
                                                    guidance_scale=v.base_guidance_scale, fine_tuned_guidance_scale=v.fine_tuned_guidance_scale,
                                                    height=bb.resolution, width=bb.resolution, generator=g, output_type="pt").images.float().cpu()
                                                for p in chunks])
-            if self.lora: unet.enable_adapters()
+            if self.lora and hasattr(unet, "enable_adapters"): unet.enable_adapters()
         bb.set_timesteps(n0)
         for name, images in runs.items():
             with acc.autocast():
@@ -439,15 +436,15 @@ def fit(self:Trainer, report:bool=True, # print the closing message
 # %% ../nbs/16_train.ipynb #d58df879
 @patch
 def export(self:Trainer)->Path:
-    "Write `final/unet` or `final/lora`, and `final/combined`."
+    "Write `final/unet` (`final/transformer`) or `final/lora`, and `final/combined`."
     acc, final = self.accelerator, self.out/"final"
     acc.wait_for_everyone()
     if self.fsdp:      # every process sends its shards to the main process's CPU memory
         weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if acc.is_main_process:
         unet = self.unet
-        if self.fsdp:  # a plain UNet holding them (SD and SDXL both use this class)
-            unet = UNet2DConditionModel.from_config(unet.config); unet.load_state_dict(weights)
+        if self.fsdp:  # a plain denoiser of the same class holding them
+            unet = type(unet).from_config(unet.config); unet.load_state_dict(weights)
         if self.ema is not None: self.ema.store(self.params); self.ema.copy_to(self.params)
         try:
             tuned = save_tuned(unet, self.backbone.pipe, final, lora=self.lora)

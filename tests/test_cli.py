@@ -126,3 +126,38 @@ def test_evaluate_scores_with_the_evaluation_path_and_run_json_names_it(tmp_path
     capsys.readouterr()
     with pytest.raises(SystemExit) as e: main(args + ["x", "--preprocessing", "pil"])
     assert e.value.code == 2 and "invalid choice: 'pil'" in capsys.readouterr().err
+
+@pytest.mark.parametrize("family,lora_rank", [("pixart", 8), ("sd3", 0)])
+def test_train_sample_evaluate_on_a_tiny_transformer_pipeline(tmp_path, monkeypatch, family, lora_rank):
+    "`imagerefl train` (ImageReFL, with a combined validation pass and the export), `sample` and `evaluate` run PixArt-α and SD3."
+    import json, pandas as pd
+    from imagerefl.testing import tiny_pixart_pipeline, tiny_sd3_pipeline
+    from imagerefl.sampling_transformers import CombinedPixArtAlphaPipeline, CombinedStableDiffusion3Pipeline
+    monkeypatch.chdir(tmp_path)
+    (tiny_pixart_pipeline if family == "pixart" else tiny_sd3_pipeline)().save_pretrained(tmp_path/"pipe")
+    sets = ["model.source=pipe", "model.resolution=null", "reward.name=imagerefl.testing:Brightness", "data.images=mini-digits",
+            "data.limit=4", "batch_size=2", "gradient_accumulation_steps=1", "max_steps=2", "objective.num_inference_steps=8",
+            "objective.start_index=6", "objective.max_mid_index=8", "validation.every=2", "validation.prompts=mini-digits",
+            "validation.num_prompts=2", "validation.images_per_prompt=1", "validation.num_inference_steps=4",
+            "validation.original_unet_steps=2", "validation.diversity_features=null", "validation.batch_size=2",
+            "mixed_precision=no", "log_with=none", "out_dir=run", "model.gradient_checkpointing=false", "checkpoint_every=0",
+            f"model.lora_rank={lora_rank}"]
+    assert main(["train", "--config", f"{family}_hps21_imagerefl"] + [a for s in sets for a in ("--set", s)]) == 0
+    final = tmp_path/"run"/"final"
+    assert sorted(p.name for p in final.iterdir()) == ["combined", "lora" if lora_rank else "transformer"]
+    assert json.loads((final/"combined"/"model_index.json").read_text())["_class_name"] == (
+        CombinedPixArtAlphaPipeline if family == "pixart" else CombinedStableDiffusion3Pipeline).__name__
+    assert (tmp_path/"run"/"samples"/"step-2.png").exists()                      # tuned + combined validation grid
+    (tmp_path/"p.txt").write_text("a cat\na dog\n")
+    common = ["--model", "run/final/combined", "--prompts", "p.txt", "--steps", "4", "--original-unet-steps", "2", "--device", "cpu"]
+    assert main(["sample", *common, "--out", "s"]) == 0
+    assert len(pd.read_csv(tmp_path/"s"/"manifest.csv")) == 2
+    assert main(["evaluate", *common, "--reward", "imagerefl.testing:Brightness", "--images-per-prompt", "1", "--out", "e"]) == 0
+    assert len(pd.read_csv(tmp_path/"e"/"images.csv")) == 2
+
+def test_a_diffusion_scheduler_on_sd3_is_one_line(tmp_path, monkeypatch, capsys):
+    from imagerefl.testing import tiny_sd3_pipeline
+    monkeypatch.chdir(tmp_path); tiny_sd3_pipeline().save_pretrained(tmp_path/"pipe")
+    assert main(["train", "--config", "sd3_hps21_imagerefl", "--set", "model.source=pipe", "--set", "model.scheduler=ddpm",
+                 "--set", "out_dir=run"]) == 2
+    assert "scheduler 'ddpm' cannot sample a flow-matching model: use flow_euler" in capsys.readouterr().err
