@@ -6,6 +6,9 @@
    reward: the reference-like setup of `bench/train_step.py` (fp32 frozen parts, no checkpointing, three validation
    rewards resident), ours with the full UNet, ours with LoRA; time per step and peak memory;
 3. combined generation's time against `StableDiffusionPipeline` at SD1.5 size (fp16, 512 px; ABBA pairs, median ratio);
+4. PixArt-α and SD3 at the real size of their transformers (PixArt-XL-2 0.6 B, SD3 medium 2 B; small text encoders
+   and VAE, bench/transformers_size.py): one LoRA ImageReFL step (bf16 autocast, gradient checkpointing, 512 px,
+   batch 2) and combined generation against `PixArtAlphaPipeline` / `StableDiffusion3Pipeline` (bf16);
 
 and writes one markdown table (`bench/results/gpu.md`) with the card's name beside every figure. A broken path fails
 the run (exit 1, the table says which); a configuration that does not fit in memory is reported as such.
@@ -186,6 +189,96 @@ def generation_ratio(run:Run, pipe, steps:int, pairs:int)->tuple[float, float, f
     return statistics.median(ta), statistics.median(tb), statistics.median(b / a for a, b in zip(ta, tb))
 
 
+# ---- 4. the diffusion transformers: PixArt-α and SD3 ---------------------------------------------------------------
+FAMILIES = ("pixart", "sd3")
+
+def transformer_pipeline(run:Run, family:str):
+    "Tiny components in a rehearsal; else the real-size transformer with small text encoders and VAE (bench/transformers_size.py)."
+    torch.manual_seed(0)
+    if run.rehearsal:
+        from imagerefl.testing import tiny_pixart_pipeline, tiny_sd3_pipeline
+        return dict(pixart=tiny_pixart_pipeline, sd3=tiny_sd3_pipeline)[family]()
+    import transformers_size as tsz
+    return tsz.BUILDERS[family]()
+
+def transformer_step(run:Run, pipe, family:str, steps:int)->tuple[float, float]:
+    "Seconds per LoRA ImageReFL optimizer step (bf16 autocast on a GPU, gradient checkpointing) and peak memory (GiB)."
+    from peft import LoraConfig
+    import transformers_size as tsz
+    from imagerefl.diffusion import Backbone
+    from imagerefl.objectives import ImageReFL
+    if run.device.type == "cuda": torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+    bb = Backbone(copy.deepcopy(pipe).to(run.device), num_inference_steps=40, resolution=run.res).freeze(
+        None if run.rehearsal else torch.bfloat16)
+    bb.transformer.requires_grad_(False)
+    r = 4 if run.rehearsal else 64
+    bb.add_lora(LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian", target_modules=tsz.LORA_TARGETS[family]))
+    bb.enable_memory_savings()
+    params = [p for p in bb.transformer.parameters() if p.requires_grad]
+    opt, obj = torch.optim.AdamW(params, lr=1e-4), ImageReFL()
+    b = 2
+    batch = dict(caption=[f"a photo of object {i}" for i in range(b)], image=torch.rand(b, 3, run.res, run.res))
+    reward = lambda images, prompts: images.mean((1, 2, 3))
+    def step():
+        opt.zero_grad()
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=not run.rehearsal):
+            loss, _ = obj(bb, batch, reward)
+        loss.backward(); opt.step()
+        if not torch.isfinite(loss): raise RuntimeError(f"non-finite loss {loss.item()}")
+    step(); run.sync()                                          # warm-up
+    t = time.perf_counter()
+    for _ in range(steps): step()
+    run.sync(); dt = (time.perf_counter() - t) / steps
+    peak = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else float("nan")
+    del bb, opt; gc.collect()
+    return dt, peak
+
+def transformer_generation_ratio(run:Run, pipe, family:str, steps:int, pairs:int)->tuple[float, float, float]:
+    "Combined generation (switch at the end) against the family's diffusers pipeline: median seconds and ratio (ABBA pairs)."
+    from imagerefl.sampling import combined_class
+    dtype = torch.float32 if run.rehearsal else torch.bfloat16
+    base = copy.deepcopy(pipe).to(run.device, dtype); base.set_progress_bar_config(disable=True)
+    comb = combined_class(base).from_pipelines(base, copy.deepcopy(base.transformer))
+    extra = dict(use_resolution_binning=False) if family == "pixart" else {}
+    def once(p, **kw):
+        run.sync(); t = time.perf_counter()
+        p(["a photo of a cat"], num_inference_steps=steps, height=run.res, width=run.res, output_type="latent",
+          generator=torch.Generator().manual_seed(0), **extra, **kw)
+        run.sync(); return time.perf_counter() - t
+    A, B = (lambda: once(base)), (lambda: once(comb, original_transformer_steps=steps))
+    for _ in range(2): A(); B()
+    ta, tb = [], []
+    for i in range(pairs):
+        if i % 2 == 0: ta.append(A()); tb.append(B())
+        else: tb.append(B()); ta.append(A())
+    del base, comb; gc.collect()
+    return statistics.median(ta), statistics.median(tb), statistics.median(b / a for a, b in zip(ta, tb))
+
+def run_transformers(run:Run, families, steps:int, pairs:int):
+    "Part 4: per family, one timed LoRA training step and the generation ratio; a failure is reported, not hidden."
+    for family in families:
+        try: pipe = transformer_pipeline(run, family)
+        except Exception as e:
+            traceback.print_exc(); run.add(family, "build", f"FAILED: {type(e).__name__}: {e}", ok=False); continue
+        n = sum(p.numel() for p in pipe.transformer.parameters())
+        what = f"ImageReFL step, LoRA, {run.res} px, batch 2, gradient checkpointing" + ("" if run.rehearsal else ", bf16 autocast")
+        try:
+            dt, peak = transformer_step(run, pipe, family, steps)
+            run.add(family, what, f"{dt:.3f} s/step" + (f", peak {peak:.1f} GiB" if peak == peak else "") + f" (transformer {n/1e6:.1f} M params)")
+        except torch.OutOfMemoryError:
+            gc.collect(); torch.cuda.empty_cache(); run.add(family, what, "out of memory on this card")
+        except Exception as e:
+            traceback.print_exc(); run.add(family, what, f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", ok=False)
+        k = 4 if run.rehearsal else 20
+        try:
+            ta, tb, r = transformer_generation_ratio(run, pipe, family, k, pairs)
+            run.add(family, f"combined (switch at the end) / diffusers pipeline, {k} steps, batch 1" + ("" if run.rehearsal else ", bf16"),
+                    f"median ratio {r:.3f} ({tb*1e3:.0f} ms vs {ta*1e3:.0f} ms)")
+        except Exception as e:
+            traceback.print_exc(); run.add(family, "combined vs diffusers pipeline", f"FAILED: {type(e).__name__}: {e}", ok=False)
+        del pipe; gc.collect()
+
+
 def table(run:Run)->str:
     size = ("tiny components, 32 px, batch 2, training in fp32" if run.rehearsal
             else "SD1.5-size random weights, 512 px, batch 8, training under bf16 autocast")
@@ -205,6 +298,7 @@ def main(argv=None)->int:
     ap.add_argument("--steps", type=int, default=None, help="timed training steps per configuration (default 2; rehearsal 1)")
     ap.add_argument("--pairs", type=int, default=None, help="ABBA pairs for the generation ratio (default 10; rehearsal 4)")
     ap.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated; empty: no training steps")
+    ap.add_argument("--families", default=",".join(FAMILIES), help="diffusion transformers to time (pixart, sd3), comma-separated; empty: none")
     a = ap.parse_args(argv)
     if not a.cpu_rehearsal and not torch.cuda.is_available():
         print("bench/gpu.py: error: no CUDA GPU is visible; run it on a GPU, or rehearse with --cpu-rehearsal", file=sys.stderr)
@@ -240,6 +334,7 @@ def main(argv=None)->int:
                 + ("" if run.rehearsal else ", fp16"), f"median ratio {r:.3f} ({tb*1e3:.0f} ms vs {ta*1e3:.0f} ms)")
     except Exception as e:
         traceback.print_exc(); run.add("generation", "combined vs StableDiffusionPipeline", f"FAILED: {type(e).__name__}: {e}", ok=False)
+    run_transformers(run, [f for f in a.families.split(",") if f], steps, pairs)
     text = table(run)
     print(text)
     if out:

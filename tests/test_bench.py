@@ -13,9 +13,11 @@ def test_gpu_bench_cpu_rehearsal(tmp_path, capsys):
     text = out.read_text()
     assert "A CPU rehearsal: these are not GPU figures" in text and "FAILED" not in text
     rows = [l.strip("| ").split(" | ") for l in text.splitlines() if l.startswith("| ") and not l.startswith(("| part", "| ---"))]
-    assert len(rows) == 10 and all(len(r) == 4 and r[3].startswith("CPU rehearsal") for r in rows)   # the device beside every figure
+    assert len(rows) == 14 and all(len(r) == 4 and r[3].startswith("CPU rehearsal") for r in rows)   # the device beside every figure
     for what in ("bf16 autocast | ok", "fp16 sampling | ok", "SDPA attention | ok", "gradient checkpointing | ok", "8-bit Adam |",
-                 "imagerefl, reference-like |", "imagerefl, ours-full |", "imagerefl, ours-lora |", "median ratio"):
+                 "imagerefl, reference-like |", "imagerefl, ours-full |", "imagerefl, ours-lora |", "median ratio",
+                 "| pixart | ImageReFL step, LoRA", "| pixart | combined (switch at the end)", "| sd3 | ImageReFL step, LoRA",
+                 "| sd3 | combined (switch at the end)"):
         assert what in text, what
 
 
