@@ -122,7 +122,7 @@ def cmd_demo(a):
     "imagerefl demo: the mini world's end-to-end demo (`imagerefl.sweeps.demo`)."
     from imagerefl.mini.demo import demo
     quiet_loading()
-    demo(a.out, quick=a.quick, seed=a.seed, workers=a.workers)
+    demo(a.out, quick=a.quick, seed=a.seed, workers=a.workers, reward=a.reward)
     print(f"wrote {a.out}/results.csv, claims.csv, report.md, tradeoff.png, collapse.png, grid.png"); return 0
 
 def cmd_mini_pretrain(a):
@@ -194,6 +194,8 @@ def parser()->argparse.ArgumentParser:
     p.add_argument("--out", default="imagerefl-demo", help="output folder; a rerun into it reuses finished training and evaluation")
     p.add_argument("--quick", action="store_true", help="the smoke plan (one training seed, a few steps, about a minute) instead of the full demo")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed; training seeds are SEED + the plan's seeds (0, 1, 2)")
+    p.add_argument("--reward", default="preference", help="the reward ReFL and ImageReFL train on and the claims are judged by: "
+                   "preference (the learned appearance preference, the default) or legibility (the prompted digit's log-probability)")
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="processes, each training and evaluating whole runs with one torch thread (default: 2 for the full plan, 1 with --quick); the results do not depend on it")
     p.set_defaults(func=cmd_demo)
