@@ -183,7 +183,7 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
              *[f"- {r.claim} ({r.control}): {r.detail}." for r in claims.itertuples()], "",
              f"### The same models judged by the {second} reward (not trained on)", "",
              _claims_table(claims_by(results, f"reward_{second}")), "",
-             *_regime_lines(agg, plan), *_width_lines(results), "",
+             *_regime_lines(agg, plan, reward), *_width_lines(results), "",
              "Pareto front (reward vs diversity, means over seeds): "
              f"{', '.join(dict.fromkeys(_label(r) for _, r in front.iterrows()))}.", "",
              "## Results (means over training seeds, 95 % interval across seeds)", "",
@@ -195,19 +195,19 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
              "Fig. 1), `grid.png` (same prompts and seeds, one row per method).", ""]
     return "\n".join(lines)
 
-def _regime_lines(agg, plan)->list[str]:
+def _regime_lines(agg, plan, reward="preference")->list[str]:
     "The preference reward's regime checks (headroom beyond guidance, the real digits' reward, the rule against the network)."
     base, refl = agg[agg.method == "base"], agg[(agg.method == "refl") & (agg.sampler == "tuned") & np.isclose(agg.tuned_guidance, 1.0)]
     if not len(base) or not len(refl) or "reward_rule_mean" not in agg: return []
     best = base.loc[base.reward_mean.idxmax()]
     r = refl.iloc[0]
-    return ["## Headroom and reward hacking", "",
+    rule = [f"- The annotator's rule (what the preference network was fitted to): base at CFG 1 {base[np.isclose(base.base_guidance, 1.0)].reward_rule_mean.iloc[0]:.3f}, "
+            f"best base {base.reward_rule_mean.max():.3f}, ReFL without CFG {r.reward_rule_mean:.3f}. Where the reward rises and the rule does not, "
+            "ReFL exploits the network's departures from the rule (reward hacking)."] if reward == "preference" else []
+    return ["## Headroom" + (" and reward hacking" if rule else ""), "",
             f"- ReFL without CFG: reward {r.reward_mean:.3f} [{r.reward_ci_low:.3f}, {r.reward_ci_high:.3f}]; the base's best over CFG "
             f"{', '.join(f'{g:g}' for g in plan.base_guidances)}: {best.reward_mean:.3f} at CFG {best.base_guidance:g} "
-            f"({'above' if r.reward_ci_low > best.reward_mean else 'not clearly above'} it).",
-            f"- The annotator's rule (what the preference network was fitted to): base at CFG 1 {base[np.isclose(base.base_guidance, 1.0)].reward_rule_mean.iloc[0]:.3f}, "
-            f"best base {base.reward_rule_mean.max():.3f}, ReFL without CFG {r.reward_rule_mean:.3f}. Where the reward rises and the rule does not, "
-            "ReFL exploits the network's departures from the rule (reward hacking).", ""]
+            f"({'above' if r.reward_ci_low > best.reward_mean else 'not clearly above'} it).", *rule, ""]
 
 def _width_lines(results)->list[str]:
     "What the sample size buys: the width of the diversity intervals at this plan's size."
