@@ -13,7 +13,7 @@ from .core import UserError, as_os_error, error_line, read_text, quiet_loading
 
 # %% auto #0
 __all__ = ['cmd_train', 'config_description', 'cmd_configs', 'load_any_pipeline', 'cmd_sample', 'cmd_evaluate', 'cmd_demo',
-           'cmd_mini_pretrain', 'parser', 'os_error_line', 'process_line', 'main']
+           'cmd_mini_pretrain', 'cmd_mini_preference', 'parser', 'os_error_line', 'process_line', 'main']
 
 # %% ../nbs/26_cli.ipynb #93e16a83
 def cmd_train(a):
@@ -130,6 +130,12 @@ def cmd_mini_pretrain(a):
     from imagerefl.mini.pretrain import pretrain
     pretrain(a.out, quick=a.quick); return 0
 
+def cmd_mini_preference(a):
+    "imagerefl mini preference: label pairs with the annotator rule and refit the preference reward (`imagerefl.mini.preference`)."
+    from imagerefl.mini.preference import pretrain_preference
+    quiet_loading()
+    pretrain_preference(a.out, seed=a.seed); return 0
+
 # %% ../nbs/26_cli.ipynb #8bdde70e
 def _positive_int(s:str)->int:
     "argparse type: an integer >= 1."
@@ -204,6 +210,10 @@ def parser()->argparse.ArgumentParser:
     q = msub.add_parser("pretrain", help="pretrain the mini world's base model, reward and feature network")
     q.add_argument("--out", default=None, help="output folder (default: the package's assets)"); q.add_argument("--quick", action="store_true", help="a few steps of everything (tests, smoke runs)")
     q.set_defaults(func=cmd_mini_pretrain)
+    q = msub.add_parser("preference", help="refit the mini world's preference reward on pairs labelled by its annotator rule (about 2 minutes)")
+    q.add_argument("--out", default=None, help="output .safetensors (default: the package's preference.safetensors)")
+    q.add_argument("--seed", type=int, default=0, help="seeds the pairs, the annotator's noise and the network")
+    q.set_defaults(func=cmd_mini_preference)
     return ap
 
 # %% ../nbs/26_cli.ipynb #32b685dc
