@@ -2,7 +2,7 @@
 (the first m prompts, the first n images of each prompt) and without some settings, next to the claims as run.
 
     python bench/demo_subsample.py demo                            # as run, then one image and a quarter of the prompts fewer
-    python bench/demo_subsample.py demo --prompts 12 9 --images 5 4 --drop-aig-power 2
+    python bench/demo_subsample.py demo --prompts 12 9 --images 4 3 --drop-aig-power 4
 
 An image's seed depends only on (evaluation seed, prompt, sample) (`metrics.image_seed`), so the first n images of a
 prompt are the images a plan with n images per prompt draws (up to float rounding of another batch size): each subset
@@ -90,6 +90,10 @@ def main(argv=None)->int:
     print(f"{a.folder}: {len(run.results)} settings, {n_prompts} prompts x {n_images} images as run; "
           "each cell: effect [95 % interval across training seeds (one seed: across prompts)], seeds where it held, verdict\n")
     print(markdown_table(wide))
+    verdict = lambda cell: next((v for v in ("did not hold", "inconclusive", "held") if cell.endswith(v)), cell)
+    changed = [(c, [verdict(v) for v in row]) for c, row in zip(wide.index, wide.itertuples(index=False)) if len({verdict(v) for v in row}) > 1]
+    print(f"verdicts that change between the plans: {len(changed)} of {len(wide)}")
+    for c, vs in changed: print(f"- {c}: " + "; ".join(f"{pl}: {v}" for pl, v in zip(wide.columns, vs)))
     return 0
 
 if __name__ == "__main__": sys.exit(main())

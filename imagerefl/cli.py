@@ -13,7 +13,7 @@ from .core import UserError, as_os_error, error_line, read_text, quiet_loading
 
 # %% auto #0
 __all__ = ['cmd_train', 'config_description', 'cmd_configs', 'load_any_pipeline', 'cmd_sample', 'cmd_evaluate', 'cmd_demo',
-           'cmd_mini_pretrain', 'parser', 'os_error_line', 'process_line', 'main']
+           'cmd_mini_pretrain', 'cmd_mini_preference', 'parser', 'os_error_line', 'process_line', 'main']
 
 # %% ../nbs/26_cli.ipynb #93e16a83
 def cmd_train(a):
@@ -122,13 +122,19 @@ def cmd_demo(a):
     "imagerefl demo: the mini world's end-to-end demo (`imagerefl.sweeps.demo`)."
     from imagerefl.mini.demo import demo
     quiet_loading()
-    demo(a.out, quick=a.quick, seed=a.seed, workers=a.workers)
+    demo(a.out, quick=a.quick, seed=a.seed, workers=a.workers, reward=a.reward)
     print(f"wrote {a.out}/results.csv, claims.csv, report.md, tradeoff.png, collapse.png, grid.png"); return 0
 
 def cmd_mini_pretrain(a):
     "imagerefl mini pretrain: train the mini world's base model, reward and features (`imagerefl.mini.pretrain`)."
     from imagerefl.mini.pretrain import pretrain
     pretrain(a.out, quick=a.quick); return 0
+
+def cmd_mini_preference(a):
+    "imagerefl mini preference: label pairs with the annotator rule and refit the preference reward (`imagerefl.mini.preference`)."
+    from imagerefl.mini.preference import pretrain_preference
+    quiet_loading()
+    pretrain_preference(a.out, seed=a.seed); return 0
 
 # %% ../nbs/26_cli.ipynb #8bdde70e
 def _positive_int(s:str)->int:
@@ -194,6 +200,8 @@ def parser()->argparse.ArgumentParser:
     p.add_argument("--out", default="imagerefl-demo", help="output folder; a rerun into it reuses finished training and evaluation")
     p.add_argument("--quick", action="store_true", help="the smoke plan (one training seed, a few steps, about a minute) instead of the full demo")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed; training seeds are SEED + the plan's seeds (0, 1, 2)")
+    p.add_argument("--reward", default="preference", help="the reward ReFL and ImageReFL train on and the claims are judged by: "
+                   "preference (the learned appearance preference, the default) or legibility (the prompted digit's log-probability)")
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="processes, each training and evaluating whole runs with one torch thread (default: 2 for the full plan, 1 with --quick); the results do not depend on it")
     p.set_defaults(func=cmd_demo)
@@ -202,6 +210,10 @@ def parser()->argparse.ArgumentParser:
     q = msub.add_parser("pretrain", help="pretrain the mini world's base model, reward and feature network")
     q.add_argument("--out", default=None, help="output folder (default: the package's assets)"); q.add_argument("--quick", action="store_true", help="a few steps of everything (tests, smoke runs)")
     q.set_defaults(func=cmd_mini_pretrain)
+    q = msub.add_parser("preference", help="refit the mini world's preference reward on pairs labelled by its annotator rule (about 2 minutes)")
+    q.add_argument("--out", default=None, help="output .safetensors (default: the package's preference.safetensors)")
+    q.add_argument("--seed", type=int, default=0, help="seeds the pairs, the annotator's noise and the network")
+    q.set_defaults(func=cmd_mini_preference)
     return ap
 
 # %% ../nbs/26_cli.ipynb #32b685dc

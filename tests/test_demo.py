@@ -13,17 +13,59 @@ SAMPLER_COLS = ["base_guidance", "tuned_guidance", "num_inference_steps", "origi
                 "train_step", "eval_seed"]
 FILES = ("results.csv", "claims.csv", "report.md", "tradeoff.png", "collapse.png", "grid.png")
 
-@pytest.fixture(scope="session")
-def quick_run(tmp_path_factory):
-    "One quick demo through the CLI, shared by every test here."
-    out = tmp_path_factory.mktemp("demo")/"quick"
+def _cli_demo(out, *extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "imagerefl.cli", "demo", "--quick", "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "imagerefl.cli", "demo", "--quick", "--out", str(out), *extra],
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stage 2/3: evaluate" in r.stdout + r.stderr           # the stages are in the progress output
     assert "Loading pipeline components" not in r.stderr           # diffusers' per-component loading bars are silenced
     return out
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    "One quick demo through the CLI on the default (preference) reward, shared by every test here."
+    return _cli_demo(tmp_path_factory.mktemp("demo")/"quick")
+
+@pytest.fixture(scope="session")
+def quick_legibility(tmp_path_factory):
+    "One quick demo through the CLI on the legibility reward."
+    return _cli_demo(tmp_path_factory.mktemp("demo")/"quick-legibility", "--reward", "legibility")
+
+def test_quick_reports_hold_both_tables(quick_run, quick_legibility):
+    "Each report judges the claims by the reward trained on and again by the other one; every setting carries both rewards and the rule."
+    for out, trained, other in ((quick_run, "preference", "legibility"), (quick_legibility, "legibility", "preference")):
+        report = (out/"report.md").read_text()
+        assert f"### Judged by the training reward ({trained})" in report
+        assert f"### The same models judged by the {other} reward (not trained on)" in report
+        assert report.count("| claim | control | measure | reward_level | effect | interval | seeds_held | verdict |") == 2
+        assert "diversity intervals (over prompts, 16 images per setting) are" in report
+        df = pd.read_csv(out/"results.csv")
+        assert df[[f"reward_{other}_mean", "reward_rule_mean"]].notna().all().all()
+        assert json.loads((out/"demo.json").read_text()) == {"reward": trained}
+    assert "Headroom and reward hacking" in (quick_run/"report.md").read_text()
+    a, b = (pd.read_csv(o/"results.csv") for o in (quick_run, quick_legibility))
+    assert np.allclose(a.reward_mean[a.method == "base"], b.reward_preference_mean[b.method == "base"])   # the same base images
+    assert not np.allclose(a.reward_mean[a.method == "refl"], b.reward_preference_mean[b.method == "refl"]) # trained on different rewards
+
+def test_unknown_reward_is_refused_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "imagerefl.cli", "demo", "--quick", "--reward", "hps", "--out", str(tmp_path/"x")],
+                       capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert r.returncode != 0 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == ["imagerefl: error: unknown demo reward 'hps': choose one of preference, legibility"]
+    assert not (tmp_path/"x").exists()
+
+def test_a_folder_holds_one_rewards_demo(quick_run):
+    from imagerefl.core import UserError
+    with pytest.raises(UserError, match="holds a demo on the preference reward, not legibility"):
+        demo(quick_run, quick=True, reward="legibility", progress=False)
+
+def test_an_older_demo_folder_counts_as_legibility(tmp_path):
+    "A demo folder written before the preference reward (evaluations, no demo.json) holds legibility results: not reused for preference."
+    from imagerefl.core import UserError
+    (tmp_path/"eval").mkdir()
+    with pytest.raises(UserError, match="holds a demo on the legibility reward, not preference"): demo(tmp_path, quick=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
 
 def test_quick_demo_writes_every_file(quick_run):
     for f in FILES: assert (quick_run/f).is_file(), f
@@ -60,10 +102,12 @@ def test_every_row_states_its_sampler_settings(quick_run):
     assert claims.verdict.tolist() == judge_claims(df).verdict.tolist()
     assert set(claims.verdict) <= {"held", "did not hold", "inconclusive"}
 
-def test_same_seed_same_results(quick_run, tmp_path):
-    "A run with the same seed on two worker processes gives the one-process CLI run's results.csv, bit for bit."
-    demo(tmp_path/"again", quick=True, seed=0, progress=False, workers=2)
-    assert (tmp_path/"again"/"results.csv").read_bytes() == (quick_run/"results.csv").read_bytes()
+@pytest.mark.parametrize("reward", ["preference", "legibility"])
+def test_same_seed_same_results(quick_run, quick_legibility, tmp_path, reward):
+    "For each reward, a run with the same seed on two worker processes gives the one-process CLI run's results.csv, bit for bit."
+    demo(tmp_path/"again", quick=True, seed=0, progress=False, workers=2, reward=reward)
+    cli = quick_run if reward == "preference" else quick_legibility
+    assert (tmp_path/"again"/"results.csv").read_bytes() == (cli/"results.csv").read_bytes()
 
 def test_a_failing_worker_stops_the_demo_with_its_error(tmp_path, monkeypatch):
     "A unit of work that fails in a worker process surfaces as the same one-line error, and nothing is left running."
@@ -94,18 +138,21 @@ def test_subsample_bench_reproduces_the_run(quick_run):
     assert not np.allclose(fewer.diversity_mean.to_numpy(), df[df.sampler != "aig"].diversity_mean.to_numpy())
     assert judge_claims(fewer).verdict.notna().all()
 
-def test_results_equal_those_before_the_module_split(quick_run):
-    """The quick demo's results.csv holds the rows and values it held before the trainer, the experiments and the mini
+def test_results_equal_those_before_the_module_split(quick_legibility):
+    """The quick legibility demo's results.csv holds the rows and values it held before the trainer, the experiments and the mini
     world were split into one module per idea (`tests/data/quick_demo_results.csv`, written by that layout), less its
     `switch_step` column: a second name of `original_unet_steps` (equal on combined rows; on the others N or 0, which
-    `sampler` and `num_inference_steps` say). Settings must match exactly; measured values to 1e-3 (the same up to the
+    `sampler` and `num_inference_steps` say), plus the columns of the preference reward and its rule, scored since.
+    Settings must match exactly; measured values to 1e-3 (the same up to the
     last digits where another CPU rounds differently)."""
     before = pd.read_csv(Path(__file__).parent/"data"/"quick_demo_results.csv")
     combined = before.sampler == "combined"
     assert (before.switch_step[combined] == before.original_unet_steps[combined]).all()
     before = before.drop(columns="switch_step")
-    now = pd.read_csv(quick_run/"results.csv")
-    assert list(now.columns) == list(before.columns) and len(now) == len(before)
+    now = pd.read_csv(quick_legibility/"results.csv")
+    added = [f"reward_{r}_{s}" for r in ("preference", "rule") for s in ("mean", "ci_low", "ci_high")]
+    assert sorted(set(now.columns) - set(before.columns)) == sorted(added) and len(now) == len(before)
+    now = now[list(before.columns)]
     measured = [c for c in now.columns if c.endswith(("_mean", "_ci_low", "_ci_high")) or c in ("fid", "kid", "kid_std")]
     settings = [c for c in now.columns if c not in measured]
     pd.testing.assert_frame_equal(now[settings], before[settings])

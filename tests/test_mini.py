@@ -68,3 +68,15 @@ def test_missing_weights_are_a_one_line_user_error(tmp_path, monkeypatch):
     for f in (lambda: mn.load_mini_reward(), lambda: mn.load_mini_features(), mn.mini_base_path):
         with pytest.raises(UserError, match="imagerefl mini pretrain") as e: f()
         assert "\n" not in str(e.value)
+
+def test_preference_retraining_is_seeded(tmp_path):
+    "`pretrain_preference` (a small version): the same seed writes the same weights and agreement; another seed other weights."
+    from safetensors.torch import load_file
+    from imagerefl.mini.preference import pretrain_preference, load_mini_preference
+    kw = dict(pairs=300, heldout_pairs=200, generated=0, steps=30, progress=False)
+    a, b, c = (pretrain_preference(tmp_path/f"{n}.safetensors", seed=s, **kw) for n, s in (("a", 0), ("b", 0), ("c", 1)))
+    wa, wb, wc = (load_file(str(tmp_path/f"{n}.safetensors")) for n in "abc")
+    assert all((wa[k] == wb[k]).all() for k in wa) and any((wa[k] != wc[k]).any() for k in wa)
+    assert {k: v for k, v in a.items() if k != "time_s"} == {k: v for k, v in b.items() if k != "time_s"}
+    assert 0.5 < a["heldout_rule_agreement"] <= 1
+    assert not load_mini_preference(tmp_path/"a.safetensors", device="cpu").training

@@ -19,8 +19,9 @@ from ..sampling import BaseStepsCache
 from ..sweeps import Setting, evaluate_setting, load_models, load_tuned_unet
 
 # %% auto #0
-__all__ = ['DEMO_PLANS', 'SETTING_COLUMNS', 'DemoPlan', 'train_steps_of', 'checkpoint_steps', 'demo_settings', 'seed_summary',
-           'demo_report', 'DigitAccuracy', 'load_checkpoint_unet', 'demo']
+__all__ = ['DEMO_PLANS', 'DEMO_REWARDS', 'REWARD_WORDS', 'SETTING_COLUMNS', 'DemoPlan', 'demo_reward', 'train_steps_of',
+           'checkpoint_steps', 'demo_settings', 'seed_summary', 'claims_by', 'demo_report', 'DigitAccuracy',
+           'load_checkpoint_unet', 'RuleUtility', 'demo']
 
 # %% ../../nbs/24_mini_demo.ipynb #4d1bd904
 @dataclass
@@ -52,13 +53,23 @@ _N8 = {k: tuple(s.replace("=20", "=8").replace("=15", "=6") for s in v) + ("batc
 
 DEMO_PLANS = dict(
     full=DemoPlan(train_steps=30, imagerefl_steps=60, train_seeds=(0, 1, 2), checkpoints=3, prompts=12, images_per_prompt=4,
-                  base_guidances=(1, 2, 3, 7.5), base_guidance=3, refl_original_unet_steps=(5, 10, 15), imagerefl_original_unet_steps=(5, 10, 15),
+                  base_guidances=(1, 2, 3, 5, 7.5), base_guidance=3, refl_original_unet_steps=(5, 10, 15), imagerefl_original_unet_steps=(5, 10, 15),
                   aig_powers=(1, 4), refl_original_unet_steps_no_cfg=(5, 10, 15), workers=2, train_overrides=_N20),
     quick=DemoPlan(train_steps=2, imagerefl_steps=4, train_seeds=(0,), checkpoints=2, prompts=4, images_per_prompt=4,
                    base_guidances=(1, 3), base_guidance=3, refl_original_unet_steps=(5,), imagerefl_original_unet_steps=(5,), aig_powers=(2,),
                    refl_original_unet_steps_no_cfg=(5,),
                    num_inference_steps=8, train_overrides=_N8),
 )
+
+DEMO_REWARDS = dict(preference="mini-preference", legibility="mini-digits")  # --reward name -> registered reward
+REWARD_WORDS = dict(preference="the learned preference reward (`mini-preference`: a Bradley-Terry network fitted to an annotator rule "
+                               "that prefers crisp, solid strokes and, a tenth as much, the prompted digit)",
+                    legibility="the legibility reward (`mini-digits`: the prompted digit's log-probability under a classifier)")
+
+def demo_reward(name:str)->str:
+    "The registered reward of a demo reward name, or one line listing the choices."
+    if name not in DEMO_REWARDS: raise UserError(f"unknown demo reward '{name}': choose one of {', '.join(DEMO_REWARDS)}")
+    return DEMO_REWARDS[name]
 
 def train_steps_of(plan:DemoPlan, model:str)->int:
     "Optimizer steps of `model`'s training runs."
@@ -114,11 +125,26 @@ def seed_summary(results:pd.DataFrame)->pd.DataFrame:
 
 def _fmt(v, d=3): return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{d}f}"
 
+def claims_by(results:pd.DataFrame, metric:str)->pd.DataFrame:
+    "The claims judged with another reward column of the table (e.g. `reward_legibility`) in the reward's place."
+    df = results.copy()
+    for s in ("mean", "ci_low", "ci_high"): df[f"reward_{s}"] = df[f"{metric}_{s}"]
+    return judge_claims(df)
+
+def _claims_table(claims:pd.DataFrame)->str:
+    from imagerefl.figures import markdown_table
+    return markdown_table(claims.assign(effect=claims.effect.map(lambda v: _fmt(v, 4)),
+                                        interval=[f"[{_fmt(a, 4)}, {_fmt(b, 4)}] {h}" for a, b, h in zip(claims.ci_low, claims.ci_high, claims.interval)],
+                                        reward_level=claims.reward_level.map(lambda v: _fmt(v)))
+                          .set_index("claim")[["control", "measure", "reward_level", "effect", "interval", "seeds_held", "verdict"]])
+
 def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
                 smoke:bool=False, # a `--quick` run: say that its numbers mean nothing
+                reward:str="preference", # the reward the models were trained on (`DEMO_REWARDS`)
                )->str:
     "The demo's `report.md`: what ran, the controls, which of the paper's claims held, the table, the time."
     from imagerefl.figures import paper_table, markdown_table, pareto_front
+    second = next(k for k in DEMO_REWARDS if k != reward)
     claims, agg = judge_claims(results), seed_summary(results)
     base = agg[agg.method == "base"].sort_values("base_guidance")
     g1 = base[np.isclose(base.base_guidance, 1.0)]
@@ -132,7 +158,8 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
              "(configs mini_refl, mini_imagerefl); each run is also evaluated at "
              f"{plan.checkpoints} checkpoints along training. Evaluation: {plan.prompts} held-out prompts x "
              f"{plan.images_per_prompt} images, {plan.num_inference_steps} DDPM steps, the same seeds for every setting. "
-             "Reward: the mini world's digit reward; accuracy: how often its classifier sees the prompted digit (prompt "
+             f"Reward: {REWARD_WORDS[reward]}; every setting is also scored by {REWARD_WORDS[second]} (`reward_{second}`) and by "
+             "the preference annotator's rule itself (`reward_rule`: crispness + 0.1 x legibility); accuracy: how often its classifier sees the prompted digit (prompt "
              "adherence); diversity: mean pairwise 1 - cos of an independent feature network within a prompt; FID/KID: "
              "that network against held-out digits. Every row of `results.csv` states its sampler settings "
              "(`base_guidance`, `tuned_guidance`: the CFG each UNet ran with, empty if it ran no step; "
@@ -152,11 +179,11 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
              "Effects are tuned minus control (or method A minus method B at equal reward); the interval is a 95 % "
              "t-interval across training seeds unless it says otherwise; *held* means the interval excludes zero on "
              "the claimed side.", "",
-             markdown_table(claims.assign(effect=claims.effect.map(lambda v: _fmt(v, 4)),
-                                          interval=[f"[{_fmt(a, 4)}, {_fmt(b, 4)}] {h}" for a, b, h in zip(claims.ci_low, claims.ci_high, claims.interval)],
-                                          reward_level=claims.reward_level.map(lambda v: _fmt(v)))
-                            .set_index("claim")[["control", "measure", "reward_level", "effect", "interval", "seeds_held", "verdict"]]), "",
+             f"### Judged by the training reward ({reward})", "", _claims_table(claims), "",
              *[f"- {r.claim} ({r.control}): {r.detail}." for r in claims.itertuples()], "",
+             f"### The same models judged by the {second} reward (not trained on)", "",
+             _claims_table(claims_by(results, f"reward_{second}")), "",
+             *_regime_lines(agg, plan, reward), *_width_lines(results), "",
              "Pareto front (reward vs diversity, means over seeds): "
              f"{', '.join(dict.fromkeys(_label(r) for _, r in front.iterrows()))}.", "",
              "## Results (means over training seeds, 95 % interval across seeds)", "",
@@ -167,6 +194,29 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
              "checkpoints, intervals across seeds), `collapse.png` (reward and diversity along training, the paper's "
              "Fig. 1), `grid.png` (same prompts and seeds, one row per method).", ""]
     return "\n".join(lines)
+
+def _regime_lines(agg, plan, reward="preference")->list[str]:
+    "The preference reward's regime checks (headroom beyond guidance, the real digits' reward, the rule against the network)."
+    base, refl = agg[agg.method == "base"], agg[(agg.method == "refl") & (agg.sampler == "tuned") & np.isclose(agg.tuned_guidance, 1.0)]
+    if not len(base) or not len(refl) or "reward_rule_mean" not in agg: return []
+    best = base.loc[base.reward_mean.idxmax()]
+    r = refl.iloc[0]
+    rule = [f"- The annotator's rule (what the preference network was fitted to): base at CFG 1 {base[np.isclose(base.base_guidance, 1.0)].reward_rule_mean.iloc[0]:.3f}, "
+            f"best base {base.reward_rule_mean.max():.3f}, ReFL without CFG {r.reward_rule_mean:.3f}. Where the reward rises and the rule does not, "
+            "ReFL exploits the network's departures from the rule (reward hacking)."] if reward == "preference" else []
+    return ["## Headroom" + (" and reward hacking" if rule else ""), "",
+            f"- ReFL without CFG: reward {r.reward_mean:.3f} [{r.reward_ci_low:.3f}, {r.reward_ci_high:.3f}]; the base's best over CFG "
+            f"{', '.join(f'{g:g}' for g in plan.base_guidances)}: {best.reward_mean:.3f} at CFG {best.base_guidance:g} "
+            f"({'above' if r.reward_ci_low > best.reward_mean else 'not clearly above'} it).", *rule, ""]
+
+def _width_lines(results)->list[str]:
+    "What the sample size buys: the width of the diversity intervals at this plan's size."
+    t = results[results.method == "base"]
+    if not len(t): return []
+    w = (t.diversity_ci_high - t.diversity_ci_low).to_numpy(float)
+    return [f"Sample size: the base model's diversity intervals (over prompts, {int(t.n_images.iloc[0])} images per setting) are "
+            f"{np.nanmean(w):.4f} wide on average ({np.nanmin(w):.4f} to {np.nanmax(w):.4f}); `bench/demo_subsample.py` "
+            "recomputes the claims on fewer images and prompts.", ""]
 
 def _cost_lines(plan, timings)->list[str]:
     "What each method's training cost per run and per step (runs reused from an earlier demo are left out)."
@@ -190,7 +240,7 @@ def _label(r)->str:
 # %% ../../nbs/24_mini_demo.ipynb #0b709e93
 class DigitAccuracy(torch.nn.Module):
     "Prompt adherence in the mini world: 1 where the reward's classifier sees the prompted digit, else 0."
-    def __init__(self, reward): super().__init__(); self.reward = reward
+    def __init__(self, reward): super().__init__(); self.reward = reward   # the legibility reward (its classifier)
     def forward(self, images, prompts):
         from imagerefl.mini.data import digit_from_prompt
         target = torch.tensor([digit_from_prompt(p) for p in prompts], device=images.device)
@@ -210,7 +260,14 @@ def load_checkpoint_unet(run:str|Path, # a training run folder
     if unexpected or not sd: raise UserError(f"{p} is not a full-UNet checkpoint of this base model (LoRA runs are not supported here)")
     return unet.eval()
 
-def _train_once(config:str, out:Path, plan:DemoPlan, seed:int)->Path:
+class RuleUtility(torch.nn.Module):
+    "The preference annotator's rule as a metric (not differentiable): what the preference network was fitted to."
+    def __init__(self, legibility): super().__init__(); self.legibility = legibility
+    def forward(self, images, prompts):
+        from imagerefl.mini.preference import annotator_utility
+        return annotator_utility(images, prompts, self.legibility).to(images.device)
+
+def _train_once(config:str, out:Path, plan:DemoPlan, seed:int, reward:str="preference")->Path:
     "Train with a shipped config into `out` unless a finished run is already there; keep a checkpoint at each evaluation step."
     if (out/"final"/"combined"/"model_index.json").exists(): return out
     from imagerefl.train import train
@@ -218,7 +275,7 @@ def _train_once(config:str, out:Path, plan:DemoPlan, seed:int)->Path:
     steps = checkpoint_steps(plan, model)
     every = steps[0] if all(s % steps[0] == 0 for s in steps) else 1
     extra = plan.train_overrides.get(model, ())
-    train(config, [f"out_dir={out}", f"seed={seed}", f"max_steps={train_steps_of(plan, model)}", "resume=latest",
+    train(config, [f"out_dir={out}", f"seed={seed}", f"max_steps={train_steps_of(plan, model)}", "resume=latest", f"reward.name={demo_reward(reward)}",
                    f"checkpoint_every={every}", f"keep_checkpoints={train_steps_of(plan, model)//every + 1}", *extra])
     return out
 
@@ -231,8 +288,10 @@ def demo(out_dir:str|Path="demo",  # output folder
          progress:bool=True,       # stage messages and progress bars
          plan:DemoPlan|None=None,  # how much to train and measure; None = `DEMO_PLANS["quick" or "full"]`
          workers:int|None=None,    # processes; None = the plan's (the results do not depend on it)
+         reward:str="preference",  # the reward ReFL and ImageReFL train on and the claims are judged by: preference or legibility
         )->pd.DataFrame:           # the results table (also `results.csv`)
     "Train ReFL and ImageReFL on the mini world (several seeds), evaluate every setting and its controls, write results, figures and a report."
+    demo_reward(reward)
     plan = plan or DEMO_PLANS["quick" if quick else "full"]
     base_g, tuned_g = ({float(g) for g in gs} for gs in (plan.base_guidances, plan.tuned_guidances))
     if not {1.0, float(plan.base_guidance)} <= base_g:
@@ -244,39 +303,45 @@ def demo(out_dir:str|Path="demo",  # output folder
     out = Path(out_dir)
     if found := run_files(out) + [n for n in ("run.json", "images.csv") if (out/n).exists()]:   # a training run's, an evaluation's
         raise UserError(f"{out} holds {', '.join(found)}: a training run or an evaluation, not a demo; choose another output folder")
+    was = json.loads((out/"demo.json").read_text()).get("reward") if (out/"demo.json").exists() else "legibility" if (out/"eval").is_dir() else None
+    if was is not None and was != reward:   # a demo folder without demo.json predates the preference reward
+        raise UserError(f"{out} holds a demo on the {was} reward, not {reward}: choose another output folder")
+    out.mkdir(parents=True, exist_ok=True); atomic_write_text(out/"demo.json", json.dumps(dict(reward=reward)) + "\n")
     threads = torch.get_num_threads(); torch.set_num_threads(plan.threads)
-    try: return _demo(Path(out_dir), plan, quick, seed, progress, workers)
+    try: return _demo(Path(out_dir), plan, quick, seed, progress, workers, reward)
     finally: torch.set_num_threads(threads)
 
 @functools.lru_cache(maxsize=1)
-def _eval_world(prompts:int, images_per_prompt:int, batch_size:int, num_inference_steps:int, seed:int)->tuple:
+def _eval_world(prompts:int, images_per_prompt:int, batch_size:int, num_inference_steps:int, seed:int, reward:str="preference")->tuple:
     "The evaluation's fixed parts, loaded once per process: base pipeline, prompts and `evaluate_setting`'s keyword arguments."
     from imagerefl.mini.nets import load_mini_features
     from imagerefl.rewards import load_reward
     from imagerefl.data import load_prompts
     from imagerefl.mini.data import mini_digits
     base_pipe, _ = load_models("mini")
-    features, reward = load_mini_features(), load_reward("mini-digits")
+    features, legibility, preference = load_mini_features(), load_reward("mini-digits"), load_reward("mini-preference")
+    other = dict(preference=preference, legibility=legibility)   # every setting is scored by both rewards and the rule
     real = mini_digits("test", resolution=base_pipe.unet.config.sample_size * base_pipe.vae_scale_factor)
     reference = torch.stack([real[i]["image"] for i in range(len(real))])
-    kw = dict(rewards={"reward": reward, "accuracy": DigitAccuracy(reward)}, features={"mini": features},
+    rewards = {"reward": other.pop(reward), **other, "rule": RuleUtility(legibility), "accuracy": DigitAccuracy(legibility)}
+    kw = dict(rewards=rewards, features={"mini": features},
               reference_images=reference, fid_features=features, images_per_prompt=images_per_prompt,
               batch_size=batch_size, seed=seed, num_inference_steps=num_inference_steps, progress=False,
               base_steps_cache=BaseStepsCache())   # combined generation reuses the base model's steps at the same CFG
     return base_pipe, load_prompts("mini-digits", split="test")[:prompts], kw
 
 def _demo_job(out:Path, plan:DemoPlan, seed:int, model:str, train_seed:int|None, settings:list, # [(row index, Setting)]
-              progress:bool, total:int)->tuple:
+              progress:bool, total:int, reward:str="preference")->tuple:
     "One unit of the demo: train one run (unless finished), then evaluate its settings; (timings, [(row index, row)])."
     torch.set_num_threads(plan.threads)
     timings, rows = {}, []
     if model != "base":
         _say(progress, f"stage 1/3: train {model}, seed {train_seed}, {train_steps_of(plan, model)} steps")
         seed_everything(train_seed)
-        t = time.time(); run = _train_once(f"mini_{model}", out/"train"/f"{model}-seed{train_seed}", plan, train_seed)
+        t = time.time(); run = _train_once(f"mini_{model}", out/"train"/f"{model}-seed{train_seed}", plan, train_seed, reward)
         timings[f"train {model}, seed {train_seed}"] = time.time() - t
     t = time.time()
-    base_pipe, prompts, kw = _eval_world(plan.prompts, plan.images_per_prompt, plan.batch_size, plan.num_inference_steps, seed)
+    base_pipe, prompts, kw = _eval_world(plan.prompts, plan.images_per_prompt, plan.batch_size, plan.num_inference_steps, seed, reward)
     unet, at = None, None
     for i, s in settings:
         _say(progress, f"stage 2/3: evaluate {s.name} ({i + 1} of {total})")
@@ -300,9 +365,9 @@ def _demo_jobs(settings:list)->list:
     for i, s in enumerate(settings): groups.setdefault((s.model, s.train_seed), []).append((i, s))
     return sorted(groups.items(), key=lambda kv: -len(kv[1]))
 
-def _run_jobs(out, plan, seed, progress, workers, jobs, total)->tuple:
+def _run_jobs(out, plan, seed, progress, workers, jobs, total, reward="preference")->tuple:
     "Run the units in this process (workers=1) or in a pool of fresh processes; (timings, rows in table order)."
-    args = [(out, plan, seed, model, s, group, progress, total) for (model, s), group in jobs]
+    args = [(out, plan, seed, model, s, group, progress, total, reward) for (model, s), group in jobs]
     if workers == 1: done = [_demo_job(*a) for a in args]
     else:
         import multiprocessing as mp
@@ -322,11 +387,11 @@ def _run_jobs(out, plan, seed, progress, workers, jobs, total)->tuple:
     for t, r in done: timings.update(t); rows.update(r)
     return timings, [rows[i] for i in range(total)]
 
-def _demo(out, plan, quick, seed, progress, workers=1):
+def _demo(out, plan, quick, seed, progress, workers=1, reward="preference"):
     from imagerefl.figures import plot_tradeoff_curves, plot_training_curves, comparison_grid, save_figure
     t0 = time.time()
     settings, seeds = demo_settings(plan, seed), [seed + s for s in plan.train_seeds]
-    timings, rows = _run_jobs(out, plan, seed, progress, workers, _demo_jobs(settings), len(settings))
+    timings, rows = _run_jobs(out, plan, seed, progress, workers, _demo_jobs(settings), len(settings), reward)
     timings["training and evaluation (wall)"] = time.time() - t0
     _say(progress, "stage 3/3: figures and report")
     results = pd.DataFrame(rows)
@@ -350,6 +415,6 @@ def _demo(out, plan, quick, seed, progress, workers=1):
     atomic_write_text(out/"figures.json", json.dumps(dict(evals={_label(r): f"eval/{s.name}" for s, r in zip(shown, rows_)},
                                                           fig1_run=f"train/refl-seed{s0}"), indent=1) + "\n")
     timings["total"] = time.time() - t0
-    atomic_write_text(out/"report.md", demo_report(results, plan, timings, smoke=quick))
+    atomic_write_text(out/"report.md", demo_report(results, plan, timings, smoke=quick, reward=reward))
     atomic_write_text(out/"claims.csv", judge_claims(results).to_csv(index=False))
     return results

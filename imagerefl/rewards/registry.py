@@ -18,7 +18,7 @@ from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_preprocessing, 
 
 # %% auto #0
 __all__ = ['REWARDS', 'Reward', 'as_image_batch', 'check_reward_inputs', 'register_reward', 'reward_names', 'check_reward_name',
-           'checkpoint_blocks', 'load_reward', 'resolve_file', 'load_mini_digits']
+           'checkpoint_blocks', 'load_reward', 'resolve_file', 'load_mini_digits', 'load_mini_preference_reward']
 
 # %% ../../nbs/05_rewards.ipynb #2c53cdde
 class Reward(nn.Module):
@@ -207,3 +207,9 @@ def load_mini_digits(path=None, arch=None):
     "The embedded mini world's reward (`imagerefl.mini.nets.load_mini_reward`)."
     from imagerefl.mini.nets import load_mini_reward
     return load_mini_reward(path=path)
+
+@register_reward("mini-preference")
+def load_mini_preference_reward(path=None, arch=None):
+    "The embedded mini world's learned preference reward (`imagerefl.mini.preference.load_mini_preference`)."
+    from imagerefl.mini.preference import load_mini_preference
+    return load_mini_preference(path=path)
