@@ -358,7 +358,8 @@ def comparison_grid(evals:dict,                 # method label -> `evaluate` out
 def _combined_pipe(base_pipe, tuned_unet):
     from imagerefl.sampling import combined_class      # here: the figures need diffusers only for the explorer
     if tuned_unet is None:
-        if "original_unet" not in base_pipe.components: raise UserError("pass the tuned UNet, or a combined pipeline as base_pipe")
+        if not {"original_unet", "original_transformer"} & set(base_pipe.components):
+            raise UserError("pass the tuned UNet (or transformer), or a combined pipeline as base_pipe")
         return base_pipe
     return combined_class(base_pipe).from_pipelines(base_pipe, tuned_unet)
 
