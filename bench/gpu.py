@@ -168,6 +168,16 @@ def train_step(run:Run, pipe, reward, name:str, setup:str, steps:int, out:str)->
     return dt, peak
 
 
+def abba(A, B, pairs:int)->tuple[float, float, float]:
+    "Time two callables in ABBA order after two warm-up rounds: median seconds of each and median ratio B/A."
+    for _ in range(2): A(); B()
+    ta, tb = [], []
+    for i in range(pairs):
+        if i % 2 == 0: ta.append(A()); tb.append(B())
+        else: tb.append(B()); ta.append(A())
+    return statistics.median(ta), statistics.median(tb), statistics.median(b / a for a, b in zip(ta, tb))
+
+
 # ---- 3. combined generation against StableDiffusionPipeline --------------------------------------------------------
 def generation_ratio(run:Run, pipe, steps:int, pairs:int)->tuple[float, float, float]:
     from imagerefl.sampling import CombinedStableDiffusionPipeline
@@ -181,12 +191,7 @@ def generation_ratio(run:Run, pipe, steps:int, pairs:int)->tuple[float, float, f
           generator=torch.Generator().manual_seed(0), **kw)
         run.sync(); return time.perf_counter() - t
     A, B = (lambda: once(base)), (lambda: once(comb, original_unet_steps=steps))
-    for _ in range(2): A(); B()
-    ta, tb = [], []
-    for i in range(pairs):
-        if i % 2 == 0: ta.append(A()); tb.append(B())
-        else: tb.append(B()); ta.append(A())
-    return statistics.median(ta), statistics.median(tb), statistics.median(b / a for a, b in zip(ta, tb))
+    return abba(A, B, pairs)
 
 
 # ---- 4. the diffusion transformers: PixArt-α and SD3 ---------------------------------------------------------------
@@ -246,13 +251,9 @@ def transformer_generation_ratio(run:Run, pipe, family:str, steps:int, pairs:int
           generator=torch.Generator().manual_seed(0), **extra, **kw)
         run.sync(); return time.perf_counter() - t
     A, B = (lambda: once(base)), (lambda: once(comb, original_transformer_steps=steps))
-    for _ in range(2): A(); B()
-    ta, tb = [], []
-    for i in range(pairs):
-        if i % 2 == 0: ta.append(A()); tb.append(B())
-        else: tb.append(B()); ta.append(A())
+    out = abba(A, B, pairs)
     del base, comb; gc.collect()
-    return statistics.median(ta), statistics.median(tb), statistics.median(b / a for a, b in zip(ta, tb))
+    return out
 
 def run_transformers(run:Run, families, steps:int, pairs:int):
     "Part 4: per family, one timed LoRA training step and the generation ratio; a failure is reported, not hidden."
