@@ -6,15 +6,16 @@ Docs: https://imagerefl.github.io/imagerefl/claims.html.md"""
 
 # %% ../nbs/18_claims.ipynb #db2f30b1
 from __future__ import annotations
-import math
+import functools, math
 import numpy as np, pandas as pd
 from .metrics import summarize
 
+
 # %% auto #0
-__all__ = ['NO_CFG_COMBINED', 'MODELS', 'CLAIMS', 'claim_verdict', 'claim_training_effect', 'claim_paper_framing',
-           'matched_diversity', 'method_curves', 'training_curves', 'claim_combined_vs_aig',
-           'claim_combined_vs_aig_same_guidance', 'claim_imagerefl_combined', 'claim_imagerefl_training',
-           'judge_claims']
+__all__ = ['NO_CFG_COMBINED', 'MODELS', 'MATCHED_CLAIMS', 'CLAIMS', 'claim_verdict', 'claim_training_effect',
+           'claim_paper_framing', 'shared_levels', 'control_levels', 'matched_diversity', 'method_curves',
+           'training_curves', 'claim_combined_vs_aig', 'claim_combined_vs_aig_same_guidance',
+           'claim_imagerefl_combined', 'claim_imagerefl_training', 'with_levels', 'judge_claims']
 
 # %% ../nbs/18_claims.ipynb #77335ec7
 NO_CFG_COMBINED = "refl+combined (no CFG)"  # combined generation at AIG's guidance: the guidance-matched comparison
@@ -124,29 +125,47 @@ def _curve(rows:pd.DataFrame)->tuple:
     r = rows.sort_values("reward_mean")
     return r.reward_mean.to_numpy(float), r.diversity_mean.to_numpy(float)
 
-def matched_diversity(curves_a:dict, curves_b:dict, # seed -> (rewards, diversities) of each method
-                      fractions=(1/3, 2/3),         # where in the shared reward range to compare
-                     )->list:                       # [(reward level, {seed: diversity A - diversity B})]
-    "Diversity difference at equal reward, linearly interpolated on each curve, at levels every curve reaches."
-    curves = [c for c in (*curves_a.values(), *curves_b.values()) if len(c[0]) >= 2]
-    seeds = sorted(set(curves_a) & set(curves_b), key=str)
-    if not seeds or len(curves) < 2*len(seeds): return []
+def _range_levels(curves:list, fractions)->list:
+    "Reward levels at `fractions` of the reward range every one of `curves` reaches ([] if they share none)."
     lo, hi = max(c[0].min() for c in curves), min(c[0].max() for c in curves)
-    if not lo < hi: return []
-    out = []
-    for f in fractions:
-        r = lo + f*(hi - lo)
-        out.append((r, {s: float(np.interp(r, *curves_a[s]) - np.interp(r, *curves_b[s])) for s in seeds}))
-    return out
+    return [lo + f*(hi - lo) for f in fractions] if lo < hi else []
 
-def _matched_claims(claim, control, curves_a, curves_b):
-    levels = matched_diversity(curves_a, curves_b)
-    if not levels:
+def shared_levels(curves_a:dict, curves_b:dict, # seed -> (rewards, diversities) of the claimed method and of its control
+                  fractions=(1/3, 2/3),         # where in the range to compare
+                 )->list:                       # reward levels
+    "Levels at `fractions` of the reward range every curve of both methods reaches (the demo's first analysis plan)."
+    return _range_levels([*curves_a.values(), *curves_b.values()], fractions)
+
+def control_levels(curves_a:dict, curves_b:dict, # seed -> (rewards, diversities) of the claimed method and of its control
+                   fractions=(1/3, 2/3),         # where in the control's range to compare
+                  )->list:                       # reward levels
+    "Levels at `fractions` of the reward range every curve of the control (`curves_b`) reaches: the claimed method's results play no part."
+    return _range_levels(list(curves_b.values()), fractions)
+
+def _diversity_at(curve:tuple, r:float)->float:
+    "Diversity at reward `r`, linearly interpolated on a curve; NaN where the curve does not reach `r`."
+    x, y = curve
+    return float(np.interp(r, x, y)) if x.min() <= r <= x.max() else math.nan
+
+def matched_diversity(curves_a:dict, curves_b:dict, # seed -> (rewards, diversities) of each method
+                      levels=shared_levels,         # the rule that picks the reward levels: `(curves_a, curves_b) -> [level]`
+                     )->list:                       # [(reward level, {seed: diversity A - diversity B, NaN where a curve falls short})]
+    "Diversity difference at equal reward, linearly interpolated on each curve, at the levels `levels` picks."
+    curves_a, curves_b = ({s: c for s, c in d.items() if len(c[0]) >= 2} for d in (curves_a, curves_b))
+    seeds = sorted(set(curves_a) & set(curves_b), key=str)
+    if not seeds or len(curves_a) + len(curves_b) < 2*len(seeds): return []
+    return [(r, {s: _diversity_at(curves_a[s], r) - _diversity_at(curves_b[s], r) for s in seeds})
+            for r in levels(curves_a, curves_b)]
+
+def _matched_claims(claim, control, curves_a, curves_b, levels=shared_levels):
+    found = matched_diversity(curves_a, curves_b, levels)
+    if not found:
         return [dict(_claim(claim, control, "diversity at equal reward", {}, 1),
                      detail="the curves share no reward range (or a curve has fewer than two points): no matched comparison")]
+    per_seed = lambda eff: ", ".join("not reached" if math.isnan(v) else f"{v:+.4f}" for v in eff.values())
     return [_claim(claim, control, "diversity at equal reward", eff, 1, level=r,
-                   detail=f"reward {r:.3f}: diversity difference per seed " + ", ".join(f"{v:+.4f}" for v in eff.values()))
-            for r, eff in levels]
+                   detail=f"reward {r:.3f}: diversity difference per seed {per_seed(eff)}")
+            for r, eff in found]
 
 def method_curves(df:pd.DataFrame, method:str, model:str, with_ends:bool=True)->dict:
     "Seed -> the curve of `method`'s rows, closed (`with_ends`) by the tuned model alone and the base at its CFG."
@@ -170,10 +189,11 @@ def training_curves(df:pd.DataFrame, model:str)->dict:
     rows = _at(df[(df.model == model) & (df.sampler == "tuned")], "tuned_guidance", 1.0)
     return {s: _curve(pd.concat([_per_seed(rows, s), _base_at(df, 1.0)])) for s in _seeds(rows)}
 
+
 # %% ../nbs/18_claims.ipynb #2cf02175
 def _has(df, *methods)->bool: return all((df.method == m).any() for m in methods)
 
-def claim_combined_vs_aig(df:pd.DataFrame)->list[dict]:
+def claim_combined_vs_aig(df:pd.DataFrame, levels=shared_levels)->list[dict]:
     "Combined generation keeps more diversity than AIG at equal reward, after the same ReFL runs."
     if not _has(df, "refl+combined", "refl+aig"): return []
     g_aig, g_comb = (float(g.iloc[0]) if len(g) else math.nan
@@ -181,9 +201,9 @@ def claim_combined_vs_aig(df:pd.DataFrame)->list[dict]:
     control = f"ReFL + AIG over its power, same ReFL runs (AIG at CFG {g_aig:g}, combined generation's base at CFG {g_comb:g}"
     control += ")" if _same(g_aig, g_comb) else "; the guidance differs, as in the paper's comparison)"
     return _matched_claims("Combined generation keeps more diversity than AIG at equal reward (after ReFL)", control,
-                           method_curves(df, "refl+combined", "refl"), method_curves(df, "refl+aig", "refl", with_ends=False))
+                           method_curves(df, "refl+combined", "refl"), method_curves(df, "refl+aig", "refl", with_ends=False), levels)
 
-def claim_combined_vs_aig_same_guidance(df:pd.DataFrame)->list[dict]:
+def claim_combined_vs_aig_same_guidance(df:pd.DataFrame, levels=shared_levels)->list[dict]:
     "The same, with both samplers at one guidance: both curves run between the same two ends (base and ReFL)."
     if not _has(df, NO_CFG_COMBINED, "refl+aig"): return []
     g_aig, g_nc = (df[df.method == m].base_guidance.dropna() for m in ("refl+aig", NO_CFG_COMBINED))
@@ -191,24 +211,30 @@ def claim_combined_vs_aig_same_guidance(df:pd.DataFrame)->list[dict]:
     return _matched_claims("Combined generation keeps more diversity than AIG at equal reward (after ReFL, same guidance)",
                            f"ReFL + AIG over its power, both samplers at CFG {float(g_aig.iloc[0]):g} in both UNets, "
                            "curves closed by the base and ReFL alone at that CFG",
-                           method_curves(df, NO_CFG_COMBINED, "refl"), method_curves(df, "refl+aig", "refl"))
+                           method_curves(df, NO_CFG_COMBINED, "refl"), method_curves(df, "refl+aig", "refl"), levels)
 
-def claim_imagerefl_combined(df:pd.DataFrame)->list[dict]:
+def claim_imagerefl_combined(df:pd.DataFrame, levels=shared_levels)->list[dict]:
     "ImageReFL + combined generation keeps more diversity than ReFL + combined at equal reward."
     if not _has(df, "refl+combined", "imagerefl+combined"): return []
     return _matched_claims("ImageReFL + combined generation keeps more diversity than ReFL + combined at equal reward",
                            "ReFL + combined generation over the same switch points",
-                           method_curves(df, "imagerefl+combined", "imagerefl"), method_curves(df, "refl+combined", "refl"))
+                           method_curves(df, "imagerefl+combined", "imagerefl"), method_curves(df, "refl+combined", "refl"), levels)
 
-def claim_imagerefl_training(df:pd.DataFrame)->list[dict]:
+def claim_imagerefl_training(df:pd.DataFrame, levels=shared_levels)->list[dict]:
     "ImageReFL keeps more diversity than ReFL at equal reward along training."
     if not _has(df, "refl (training)", "imagerefl (training)"): return []
     return _matched_claims("ImageReFL keeps more diversity than ReFL at equal reward along training",
                            "ReFL checkpoints along training (both without CFG; step 0 = base at CFG 1)",
-                           training_curves(df, "imagerefl"), training_curves(df, "refl"))
+                           training_curves(df, "imagerefl"), training_curves(df, "refl"), levels)
 
-CLAIMS = [claim_training_effect, claim_paper_framing, claim_combined_vs_aig, claim_combined_vs_aig_same_guidance,
-          claim_imagerefl_combined, claim_imagerefl_training]
+MATCHED_CLAIMS = [claim_combined_vs_aig, claim_combined_vs_aig_same_guidance, claim_imagerefl_combined, claim_imagerefl_training]
+CLAIMS = [claim_training_effect, claim_paper_framing, *MATCHED_CLAIMS]
+
+def with_levels(levels,                  # a level rule, `(curves_a, curves_b) -> [reward level]`: `shared_levels`, `control_levels`
+                claims=MATCHED_CLAIMS,   # claims at equal reward (each takes `levels=`)
+               )->list:
+    "The claims at equal reward with another rule for their reward levels, for `judge_claims`."
+    return [functools.partial(c, levels=levels) for c in claims]
 
 def judge_claims(results:pd.DataFrame, # a results table with sampler settings (`demo` writes one)
                  claims=CLAIMS,        # the claim functions, each `df -> rows`
@@ -216,3 +242,4 @@ def judge_claims(results:pd.DataFrame, # a results table with sampler settings (
     "Judge the paper's claims on a results table, each against the control that isolates it."
     df = _with_columns(results)
     return pd.DataFrame([row for claim in claims for row in claim(df)])
+

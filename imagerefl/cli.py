@@ -123,7 +123,7 @@ def cmd_demo(a):
     from imagerefl.mini.demo import demo
     quiet_loading()
     demo(a.out, quick=a.quick, seed=a.seed, workers=a.workers, reward=a.reward)
-    print(f"wrote {a.out}/results.csv, claims.csv, report.md, tradeoff.png, collapse.png, grid.png"); return 0
+    print(f"wrote {a.out}/results.csv, claims.csv, claims_control_levels.csv, report.md, tradeoff.png, collapse.png, grid.png"); return 0
 
 def cmd_mini_pretrain(a):
     "imagerefl mini pretrain: train the mini world's base model, reward and features (`imagerefl.mini.pretrain`)."

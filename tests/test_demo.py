@@ -5,13 +5,13 @@ import numpy as np, pandas as pd
 import pytest
 from PIL import Image
 from imagerefl.mini.demo import demo, DEMO_PLANS, demo_settings
-from imagerefl.claims import judge_claims
+from imagerefl.claims import judge_claims, with_levels, control_levels
 
 METRIC_COLS = ["reward_mean", "reward_ci_low", "reward_ci_high", "accuracy_mean", "diversity_mean", "diversity_ci_low",
                "diversity_ci_high", "fid", "kid", "kid_std"]
 SAMPLER_COLS = ["base_guidance", "tuned_guidance", "num_inference_steps", "original_unet_steps", "aig_power", "train_seed",
                 "train_step", "eval_seed"]
-FILES = ("results.csv", "claims.csv", "report.md", "tradeoff.png", "collapse.png", "grid.png")
+FILES = ("results.csv", "claims.csv", "claims_control_levels.csv", "report.md", "tradeoff.png", "collapse.png", "grid.png")
 
 def _cli_demo(out, *extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -38,7 +38,8 @@ def test_quick_reports_hold_both_tables(quick_run, quick_legibility):
         report = (out/"report.md").read_text()
         assert f"### Judged by the training reward ({trained})" in report
         assert f"### The same models judged by the {other} reward (not trained on)" in report
-        assert report.count("| claim | control | measure | reward_level | effect | interval | seeds_held | verdict |") == 2
+        assert "### The second analysis plan: matched reward levels from the controls' curves" in report
+        assert report.count("| claim | control | measure | reward_level | effect | interval | seeds_held | verdict |") == 3
         assert "diversity intervals (over prompts, 16 images per setting) are" in report
         df = pd.read_csv(out/"results.csv")
         assert df[[f"reward_{other}_mean", "reward_rule_mean"]].notna().all().all()
@@ -69,7 +70,7 @@ def test_an_older_demo_folder_counts_as_legibility(tmp_path):
 
 def test_quick_demo_writes_every_file(quick_run):
     for f in FILES: assert (quick_run/f).is_file(), f
-    for f in FILES[3:]: assert Image.open(quick_run/f).format == "PNG"
+    for f in FILES[4:]: assert Image.open(quick_run/f).format == "PNG"
     df = pd.read_csv(quick_run/"results.csv")
     plan = DEMO_PLANS["quick"]
     assert df.method.tolist() == [s.method for s in demo_settings(plan)]
@@ -100,6 +101,9 @@ def test_every_row_states_its_sampler_settings(quick_run):
     # the claims file is what the pure function gives on the table
     claims = pd.read_csv(quick_run/"claims.csv")
     assert claims.verdict.tolist() == judge_claims(df).verdict.tolist()
+    second = pd.read_csv(quick_run/"claims_control_levels.csv")     # the second plan: the claims at equal reward only
+    assert second.claim.tolist() == judge_claims(df, with_levels(control_levels)).claim.tolist()
+    assert set(second.claim) == set(claims.claim[claims.measure == "diversity at equal reward"])
     assert set(claims.verdict) <= {"held", "did not hold", "inconclusive"}
 
 @pytest.mark.parametrize("reward", ["preference", "legibility"])

@@ -13,7 +13,7 @@ import numpy as np, pandas as pd, torch
 from diffusers import UNet2DConditionModel
 from ..checkpoint import TRAINABLE_FILE
 from ..runfolder import run_files
-from ..claims import NO_CFG_COMBINED, _same, judge_claims
+from ..claims import NO_CFG_COMBINED, _same, judge_claims, with_levels, control_levels
 from ..core import UserError, atomic_write_text, quiet_loading, seed_everything
 from ..sampling import BaseStepsCache
 from ..sweeps import Setting, evaluate_setting, load_models, load_tuned_unet
@@ -146,6 +146,7 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
     from imagerefl.figures import paper_table, markdown_table, pareto_front
     second = next(k for k in DEMO_REWARDS if k != reward)
     claims, agg = judge_claims(results), seed_summary(results)
+    control = judge_claims(results, with_levels(control_levels))   # the second analysis plan's levels
     base = agg[agg.method == "base"].sort_values("base_guidance")
     g1 = base[np.isclose(base.base_guidance, 1.0)]
     sweep = "; ".join(f"CFG {r.base_guidance:g}: reward {r.reward_mean:.3f}, diversity {r.diversity_mean:.4f}"
@@ -183,6 +184,13 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
              *[f"- {r.claim} ({r.control}): {r.detail}." for r in claims.itertuples()], "",
              f"### The same models judged by the {second} reward (not trained on)", "",
              _claims_table(claims_by(results, f"reward_{second}")), "",
+             "### The second analysis plan: matched reward levels from the controls' curves", "",
+             "The claims at equal reward again, by the training reward, with the levels at 1/3 and 2/3 of the reward range "
+             "that every seed's control curve reaches (`claims.control_levels`), so that the claimed method's results play "
+             "no part in where it is judged; a seed whose curve does not reach a level is \"not reached\" there "
+             "(`claims_control_levels.csv`).", "",
+             _claims_table(control), "",
+             *[f"- {r.claim} ({r.control}): {r.detail}." for r in control.itertuples()], "",
              *_regime_lines(agg, plan, reward), *_width_lines(results), "",
              "Pareto front (reward vs diversity, means over seeds): "
              f"{', '.join(dict.fromkeys(_label(r) for _, r in front.iterrows()))}.", "",
@@ -417,4 +425,5 @@ def _demo(out, plan, quick, seed, progress, workers=1, reward="preference"):
     timings["total"] = time.time() - t0
     atomic_write_text(out/"report.md", demo_report(results, plan, timings, smoke=quick, reward=reward))
     atomic_write_text(out/"claims.csv", judge_claims(results).to_csv(index=False))
+    atomic_write_text(out/"claims_control_levels.csv", judge_claims(results, with_levels(control_levels)).to_csv(index=False))
     return results
