@@ -175,12 +175,12 @@ def _advance(self:_TwoUNets, eps, t, latents, i:int):
 
 @patch
 def _denoiser_for(self:_TwoUNets, tuned:bool):
-    "The UNet of a phase; in the LoRA form, the base UNet with its adapter switched on (tuned) or off (base)."
-    if self.fine_tuned_unet is not None: return self.fine_tuned_unet if tuned else self.original_unet
+    "The denoiser of a phase; in the LoRA form, the base one with its adapter switched on (tuned) or off (base)."
+    if self.fine_tuned_denoiser is not None: return self.fine_tuned_denoiser if tuned else self.base_denoiser
     if tuned != self._lora_on:
         for layer in self._lora_layers: layer.enable_adapters(tuned)
         self._lora_on = tuned
-    return self.original_unet
+    return self.base_denoiser
 
 @patch
 def _run(self:_TwoUNets, plan, latents, timesteps, inputs, generator, eta, cross_attention_kwargs, guidance_rescale, callback):

@@ -16,7 +16,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusi
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from .core import UserError, check_source
 from .diffusion import combine_cfg
-from .sampling import AIGPlan, CombinedPlan
+from .sampling import AIGPlan, CombinedPlan, _TwoUNets
 
 
 # %% auto #0
@@ -67,20 +67,7 @@ class _TwoTransformers:
         pipe.base_steps_cache = base_steps_cache
         return pipe
 
-    def _denoiser_for(self, tuned:bool):
-        "The transformer of a phase; in the LoRA form, the base one with its adapter switched on (tuned) or off (base)."
-        if self.fine_tuned_transformer is not None: return self.fine_tuned_transformer if tuned else self.original_transformer
-        if tuned != self._lora_on:
-            for layer in self._lora: layer.enable_adapters(tuned)
-            self._lora_on = tuned
-        return self.original_transformer
-
-    def _advance(self, eps, t, latents, i:int):
-        "One scheduler step, then the step callback and progress bar."
-        latents = self.scheduler.step(eps, t, latents, **self._extra_step_kwargs, return_dict=False)[0]
-        if self._callback is not None: latents = self._callback(self, i, t, {"latents": latents}).pop("latents", latents)
-        self._bar.update()
-        return latents
+    _denoiser_for, _advance = _TwoUNets._denoiser_for, _TwoUNets._advance   # the same phase switch and step as the UNet pipelines
 
     def _check_plan(self, plan, num_inference_steps, prompt, prompt_embeds)->int:
         "Validate the call, the plan and the model before any work; return the schedule length."
@@ -101,14 +88,14 @@ class _TwoTransformers:
         self._extra_step_kwargs = {k: v for k, v in dict(eta=eta, generator=generator).items() if k in params}
         self._cross_attention_kwargs, self._guidance_rescale, self._callback = None, 0.0, callback
         self._num_timesteps = len(timesteps)
-        if self.fine_tuned_transformer is None: self._lora, self._lora_on = _lora_layers(self.original_transformer), None
+        if self.fine_tuned_transformer is None: self._lora_layers, self._lora_on = _lora_layers(self.original_transformer), None
         if hasattr(self.scheduler, "set_begin_index"): self.scheduler.set_begin_index(0)
         try:
             with self.progress_bar(total=len(timesteps)) as self._bar:
                 return plan.denoise(self, latents, timesteps, inputs)
         finally:
             if self.fine_tuned_transformer is None:
-                for layer in self._lora: layer.enable_adapters(True)
+                for layer in self._lora_layers: layer.enable_adapters(True)
 
 def _plan(self, original_transformer_steps, original_unet_steps, guidance_scale, fine_tuned_guidance_scale):
     if original_transformer_steps is not None and original_unet_steps is not None and original_transformer_steps != original_unet_steps:
