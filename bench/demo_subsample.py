@@ -3,6 +3,7 @@
 
     python bench/demo_subsample.py demo                            # as run, then one image and a quarter of the prompts fewer
     python bench/demo_subsample.py demo --prompts 12 9 --images 4 3 --drop-aig-power 4
+    python bench/demo_subsample.py demo --levels control           # the second analysis plan's matched levels
 
 An image's seed depends only on (evaluation seed, prompt, sample) (`metrics.image_seed`), so the first n images of a
 prompt are the images a plan with n images per prompt draws (up to float rounding of another batch size): each subset
@@ -63,8 +64,11 @@ def main(argv=None)->int:
     ap.add_argument("--prompts", type=int, nargs="*", help="prompt counts to try (default: as run and 3/4 of it)")
     ap.add_argument("--images", type=int, nargs="*", help="images per prompt to try (default: as run and one fewer)")
     ap.add_argument("--drop-aig-power", type=float, nargs="*", default=[], help="also try without these AIG powers")
+    ap.add_argument("--levels", choices=("shared", "control"), default="shared",
+                    help="matched reward levels: the first analysis plan's (shared range of both curves) or the second's (the controls' curves)")
     a = ap.parse_args(argv)
-    from imagerefl.claims import judge_claims
+    from imagerefl.claims import judge_claims, with_levels, control_levels, CLAIMS, MATCHED_CLAIMS
+    judged = CLAIMS if a.levels == "shared" else [c for c in CLAIMS if c not in MATCHED_CLAIMS] + with_levels(control_levels)
     from imagerefl.figures import markdown_table
     run = Run(a.folder)
     n_prompts = int(run.images[0].prompt_id.nunique()); n_images = int(run.images[0]["sample"].nunique())
@@ -77,17 +81,17 @@ def main(argv=None)->int:
     for p, i, drop in plans:
         label = f"{p} x {i}" + (f", no AIG power {', '.join(f'{x:g}' for x in drop)}" if drop else "")
         df = run.table(p, i, lambda r: r["sampler"] == "aig" and any(math.isclose(r["aig_power"], x) for x in drop))
-        for c in judge_claims(df).itertuples():
+        for c in judge_claims(df, judged).itertuples():
             level = f" at reward {c.reward_level:.2f}" if pd.notna(c.reward_level) else ""
             interval = f"{c.effect:+.3f} [{c.ci_low:+.3f}, {c.ci_high:+.3f}]" if pd.notna(c.effect) else "–"
             out.append(dict(plan=label, claim=f"{c.claim} (control: {c.control[:40]}…)", result=f"{interval}{level}, {c.seeds_held} {c.verdict}"))
     table = pd.DataFrame(out)
-    claims = {pl: g.claim.tolist() for pl, g in table.groupby("plan", sort=False)}
-    assert len({tuple(v) for v in claims.values()}) == 1, "the plans judged different claims"
-    table["order"] = table.groupby("plan").cumcount()   # a claim at matched reward comes once per reward level
-    wide = table.pivot(index="order", columns="plan", values="result")[list(claims)]
-    wide.index = pd.Index(next(iter(claims.values())), name="claim")
-    print(f"{a.folder}: {len(run.results)} settings, {n_prompts} prompts x {n_images} images as run; "
+    table["level"] = table.groupby(["plan", "claim"]).cumcount()   # a claim at matched reward comes once per reward level
+    first = {c: i for i, c in reversed(list(enumerate(table.claim)))}
+    order = sorted(dict.fromkeys(zip(table.claim, table.level)), key=lambda k: (first[k[0]], k[1]))  # a plan may find fewer levels: "–" there
+    wide = table.pivot(index=["claim", "level"], columns="plan", values="result").reindex(order)[list(dict.fromkeys(table.plan))].fillna("–")
+    wide.index = pd.Index([c for c, _ in order], name="claim")
+    print(f"{a.folder}: {len(run.results)} settings, {n_prompts} prompts x {n_images} images as run, {a.levels} levels; "
           "each cell: effect [95 % interval across training seeds (one seed: across prompts)], seeds where it held, verdict\n")
     print(markdown_table(wide))
     verdict = lambda cell: next((v for v in ("did not hold", "inconclusive", "held") if cell.endswith(v)), cell)

@@ -142,6 +142,23 @@ def test_subsample_bench_reproduces_the_run(quick_run):
     assert not np.allclose(fewer.diversity_mean.to_numpy(), df[df.sampler != "aig"].diversity_mean.to_numpy())
     assert judge_claims(fewer).verdict.notna().all()
 
+def test_subsample_bench_judges_by_either_plan(quick_run, capsys):
+    "bench/demo_subsample.py --levels: the claims recomputed with the first plan's matched levels or the second's."
+    sys.path.insert(0, str(Path(__file__).parents[1]/"bench"))
+    try: from demo_subsample import main
+    finally: sys.path.pop(0)
+    tables = {}
+    for levels in ("shared", "control"):
+        assert main([str(quick_run), "--prompts", "4", "--images", "4", "3", "--levels", levels]) == 0
+        out = capsys.readouterr().out
+        assert f"{levels} levels" in out and "| claim | 4 x 4 | 4 x 3 |" in out
+        tables[levels] = out
+    df = pd.read_csv(quick_run/"results.csv")
+    first, second = judge_claims(df), judge_claims(df, with_levels(control_levels))
+    level = lambda c: f"at reward {c.reward_level:.2f}"
+    for c in second[second.reward_level.notna()].itertuples(): assert level(c) in tables["control"]
+    for c in first[first.reward_level.notna()].itertuples(): assert level(c) in tables["shared"]
+
 def test_results_equal_those_before_the_module_split(quick_legibility):
     """The quick legibility demo's results.csv holds the rows and values it held before the trainer, the experiments and the mini
     world were split into one module per idea (`tests/data/quick_demo_results.csv`, written by that layout), less its
