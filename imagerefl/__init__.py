@@ -8,7 +8,6 @@ Modules:
 - `imagerefl.mini.nets`: The reward ("human preference") and the independent feature network of the embedded digits world, and where their shipped weights live.
 - `imagerefl.mini.preference`: A small Bradley–Terry network trained on image pairs judged by a documented annotator rule that prefers crisp, solid strokes (an appearance the late denoising steps set) and, partly, the prompted digit.
 - `imagerefl.mini.pretrain`: Train the embedded world's base text-to-image model, its reward and its feature network on handwritten digits, in minutes on a CPU, and write them as safetensors.
-- `imagerefl.rewards.registry`: HPSv2/2.1, ImageReward, PickScore, CLIP score and MPS as differentiable `nn.Module`s: images in [0, 1] and prompts in, one score per image out, with each model's own preprocessing done in torch.
-- `imagerefl.sampling`: The base model draws the early steps, the reward-tuned model only the late ones: diffusers pipelines that hold both UNets (or one UNet and a LoRA adapter)."""
+- `imagerefl.rewards.registry`: HPSv2/2.1, ImageReward, PickScore, CLIP score and MPS as differentiable `nn.Module`s: images in [0, 1] and prompts in, one score per image out, with each model's own preprocessing done in torch."""
 
 __version__ = "0.1.0"

@@ -17,9 +17,8 @@ from .config import TrainConfig, config_yaml
 from .core import UserError, atomic_write_text, error_line
 from .diffusion import denoiser_name, load_pipeline
 from .runfolder import atomic_dir
-from .sampling import (CombinedStableDiffusionPipeline, CombinedStableDiffusionXLPipeline,
-                                combined_pipeline, pipe_like)
-from .sampling_transformers import CombinedPixArtAlphaPipeline, CombinedStableDiffusion3Pipeline
+from .sampling import (CombinedPixArtAlphaPipeline, CombinedStableDiffusion3Pipeline, CombinedStableDiffusionPipeline,
+                                CombinedStableDiffusionXLPipeline, combined_pipeline, pipe_like)
 
 
 # %% auto #0
@@ -100,8 +99,7 @@ def model_card(cfg:TrainConfig,          # the run's config
              "tags: [text-to-image, diffusers, imagerefl, reward-fine-tuning, " + o["name"] + "]",
              *([f"base_model: {base}"] if base != "mini" and "/" in base and not base.startswith((".", "/", "~")) else []), "---"]
     steps = card_original_unet_steps(cfg, pipeline_class)
-    d, module = (("transformer", "sampling_transformers") if pipeline_class in (CombinedPixArtAlphaPipeline.__name__,
-                 CombinedStableDiffusion3Pipeline.__name__) else ("unet", "sampling"))
+    d = "transformer" if pipeline_class in (CombinedPixArtAlphaPipeline.__name__, CombinedStableDiffusion3Pipeline.__name__) else "unet"
     D = "UNet" if d == "unet" else "transformer"
     settings = ", ".join(f"{k}={val}" for k, val in o.items() if k != "name")
     return "\n".join([*front, "", f"# {cfg.hub_model_id or 'imagerefl model'}", "",
@@ -117,7 +115,7 @@ def model_card(cfg:TrainConfig,          # the run's config
         f"- base model: `{base}`", f"- reward: `{cfg.reward.name}`" + (f" (`{cfg.reward.path}`)" if cfg.reward.path else ""),
         f"- objective: `{o['name']}` ({settings})", "",
         "## How to load", "", "```python", "import torch",
-        f"from imagerefl.{module} import {pipeline_class}",
+        f"from imagerefl.sampling import {pipeline_class}",
         f"pipe = {pipeline_class}.from_pretrained(\"{cfg.hub_model_id or 'path/to/final/combined'}\")",
         f"image = pipe(\"a photo of a cat\", num_inference_steps={v.num_inference_steps}, original_unet_steps={steps},",
         f"             guidance_scale={v.base_guidance_scale}, fine_tuned_guidance_scale={v.fine_tuned_guidance_scale}).images[0]", "```", "",

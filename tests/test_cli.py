@@ -132,7 +132,7 @@ def test_train_sample_evaluate_on_a_tiny_transformer_pipeline(tmp_path, monkeypa
     "`imagerefl train` (ImageReFL, with a combined validation pass and the export), `sample` and `evaluate` run PixArt-α and SD3."
     import json, pandas as pd
     from imagerefl.testing import tiny_pixart_pipeline, tiny_sd3_pipeline
-    from imagerefl.sampling_transformers import CombinedPixArtAlphaPipeline, CombinedStableDiffusion3Pipeline
+    from imagerefl.sampling import CombinedPixArtAlphaPipeline, CombinedStableDiffusion3Pipeline
     monkeypatch.chdir(tmp_path)
     (tiny_pixart_pipeline if family == "pixart" else tiny_sd3_pipeline)().save_pretrained(tmp_path/"pipe")
     sets = ["model.source=pipe", "model.resolution=null", "reward.name=imagerefl.testing:Brightness", "data.images=mini-digits",

@@ -103,15 +103,21 @@ def test_shared_base_steps_lora_form_and_sweep(tmp_path):
     assert plain.base_steps_cache is None                                  # the sweep's own cache is gone afterwards
 
 
-def test_shared_base_steps_not_used_where_they_could_differ():
-    "A step callback, or no generator with a stochastic sampler, runs every step (nothing recorded)."
+def test_shared_base_steps_follow_what_the_call_does():
+    "A step callback that changes the latents, or the global RNG, gives other inputs: the cache still gives every step's result."
     base, tuned, comb, _ = pipes("sd", "ddpm")
-    cache = BaseStepsCache()
-    shared = CombinedStableDiffusionPipeline.from_pipelines(base, tuned.unet, base_steps_cache=cache)
-    shared(PROMPT, num_inference_steps=N, original_unet_steps=2, output_type="pt")                   # global RNG
-    shared(PROMPT, num_inference_steps=N, original_unet_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0),
-           callback_on_step_end=lambda p, i, t, kw: kw)
-    assert not cache.trails and cache.steps_reused == 0
+    shared = CombinedStableDiffusionPipeline.from_pipelines(base, tuned.unet, base_steps_cache=BaseStepsCache())
+    def nudge(p, i, t, kw): kw["latents"] = kw["latents"] * 0.9; return kw
+    for k in (N, 2):
+        a = shared(PROMPT, num_inference_steps=N, original_unet_steps=k, output_type="pt", generator=torch.Generator().manual_seed(0),
+                   callback_on_step_end=nudge).images
+        b = comb(PROMPT, num_inference_steps=N, original_unet_steps=k, output_type="pt", generator=torch.Generator().manual_seed(0),
+                 callback_on_step_end=nudge).images
+        assert torch.equal(a, b), k
+        torch.manual_seed(5); a = shared(PROMPT, num_inference_steps=N, original_unet_steps=k, output_type="pt").images   # global RNG
+        torch.manual_seed(5); b = comb(PROMPT, num_inference_steps=N, original_unet_steps=k, output_type="pt").images
+        assert torch.equal(a, b), k
+    assert shared.base_steps_cache.steps_reused > 0
 
 
 def test_negative_prompt_encoded_only_when_a_phase_uses_cfg(monkeypatch):
