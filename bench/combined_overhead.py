@@ -1,5 +1,6 @@
-"""Per-step overhead of combined generation: CombinedStableDiffusionPipeline with original_unet_steps ==
-num_inference_steps against StableDiffusionPipeline on the same components (target: within 3 %).
+"""Overhead of combined generation: CombinedStableDiffusionPipeline with original_unet_steps == num_inference_steps
+against StableDiffusionPipeline on the same components. The combined pipeline is StableDiffusionPipeline's own loop
+with a switching denoiser, so what it adds is the switch's bookkeeping per denoiser call (target: ratio <= 1.01).
 
 Method: one torch thread by default, a warm-up, many alternating pairs in ABBA order, the
 median of the per-pair ratios (and its bootstrap-free spread: the interquartile range of the ratios).
@@ -9,7 +10,6 @@ median of the per-pair ratios (and its bootstrap-free spread: the interquartile 
 """
 from __future__ import annotations
 import argparse, copy, os, platform, statistics, time
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel, AutoencoderKL
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -99,6 +99,8 @@ def main(argv=None):
              ("median time Combined (k = N)", f"{statistics.median(tb)*1e3:.1f} ms"),
              ("median per-pair ratio Combined / SD", f"{statistics.median(ratios):.4f}"),
              ("ratio interquartile range", f"{q[0]:.4f} .. {q[2]:.4f}")]
+    ratio = statistics.median(ratios)
+    rows.append(("target: ratio <= 1.01", "met" if ratio <= 1.01 else "NOT met"))
     print("| quantity | value |\n| --- | --- |")
     for k, v in rows: print(f"| {k} | {v} |")
 
