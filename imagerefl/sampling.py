@@ -371,7 +371,7 @@ class CombinedStableDiffusionPipeline(_Combined, StableDiffusionPipeline):
     unet = _Combined.switching_denoiser
 
     def __init__(self, vae, text_encoder, tokenizer, original_unet, scheduler, fine_tuned_unet=None, safety_checker=None,
-                 feature_extractor=None, image_encoder=None, requires_safety_checker:bool=False):
+                 feature_extractor=None, image_encoder=None, requires_safety_checker=False):   # (unannotated, as diffusers < 0.42 needs)
         StableDiffusionPipeline.__init__(self, vae, text_encoder, tokenizer, original_unet, scheduler, safety_checker,
                                          feature_extractor, image_encoder, requires_safety_checker)
         self.register_modules(fine_tuned_unet=fine_tuned_unet)
@@ -409,7 +409,7 @@ class CombinedStableDiffusionXLPipeline(_Combined, StableDiffusionXLPipeline):
 
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, original_unet, scheduler,
                  fine_tuned_unet=None, image_encoder=None, feature_extractor=None,
-                 force_zeros_for_empty_prompt:bool=True, add_watermarker:bool|None=None):
+                 force_zeros_for_empty_prompt=True, add_watermarker=None):
         StableDiffusionXLPipeline.__init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, original_unet,
                                            scheduler, image_encoder, feature_extractor, force_zeros_for_empty_prompt,
                                            add_watermarker)

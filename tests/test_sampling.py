@@ -11,6 +11,7 @@ from imagerefl.sampling import (CombinedStableDiffusionPipeline, CombinedStableD
 from imagerefl.sweeps import switch_sweep_images
 
 PROMPT, N = ["a photo of a cat", "a red bicycle"], 4
+LORA_FILE = "pytorch_lora_weights.safetensors"   # named: diffusers 0.39 and older need it offline
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -205,16 +206,16 @@ def test_lora_form_equals_two_unets_with_merged_weights(tmp_path, kind):
     trained = make(0, "ddpm"); _random_lora(trained)
     type(trained).save_lora_weights(tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(trained.unet)))
     # LoRA form: one UNet, the adapter loaded from the diffusers LoRA file
-    one = comb_cls.from_pipelines(make(0, "ddpm")); one.load_lora_weights(tmp_path, adapter_name="fine_tuned")
+    one = comb_cls.from_pipelines(make(0, "ddpm")); one.load_lora_weights(tmp_path, weight_name=LORA_FILE, adapter_name="fine_tuned")
     assert one.fine_tuned_unet is None
     # two-UNet form: a separate copy with the LoRA fused into its weights
-    merged = make(0, "ddpm"); merged.load_lora_weights(tmp_path); merged.fuse_lora(); merged.unload_lora_weights()
+    merged = make(0, "ddpm"); merged.load_lora_weights(tmp_path, weight_name=LORA_FILE); merged.fuse_lora(); merged.unload_lora_weights()
     assert not any("lora" in n for n, _ in merged.unet.named_parameters())
     two = comb_cls.from_pipelines(make(0, "ddpm"), merged.unet)
     for k in (0, 2): close(gen(one, original_unet_steps=k), gen(two, original_unet_steps=k), 1e-4)
     assert (gen(one, original_unet_steps=0) - gen(two, original_unet_steps=N)).abs().max() > 1e-3   # the adapter matters
     aig1, aig2 = aig_cls.from_pipelines(make(0, "ddpm")), aig_cls.from_pipelines(make(0, "ddpm"), merged.unet)
-    aig1.load_lora_weights(tmp_path)
+    aig1.load_lora_weights(tmp_path, weight_name=LORA_FILE)
     close(gen(aig1, aig_power=1.5), gen(aig2, aig_power=1.5), 1e-4)
     # after a call the adapter is on again, so the base pipeline sharing the UNet still sees the tuned model
     assert all(not getattr(m, "disable_adapters", False) for m in one.original_unet.modules() if hasattr(m, "lora_A"))
