@@ -8,7 +8,8 @@ pipelines. The subclasses change construction only: the stock dummy components w
 same config with differently seeded weights (mapped by our constructor's parameter names); the dummy inputs get the
 switch in the middle of the schedule (`original_unet_steps = num_inference_steps // 2`, resp.
 `original_transformer_steps`), or `aig_power=1.0` for AIG; where a test body builds the stock class by name, that name
-means ours in the test's namespace. No test body is changed.
+means ours in the test's namespace, and diffusers' test tooling that looks a pipeline class up by name in
+`diffusers.pipelines` finds ours there. No test body is changed.
 
 It prints, per family and pipeline, the passed / failed / skipped counts, and every test that passes for the stock
 pipeline but fails (or skips) for ours, with the first line of the error. Those that cannot pass by construction are
@@ -57,9 +58,9 @@ FAMILIES = {
     "sdxl": Family("pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py", "StableDiffusionXLPipeline",
                    "imagerefl.sampling", "CombinedStableDiffusionXLPipeline", "AIGStableDiffusionXLPipeline", "unet"),
     "sd3": Family("pipelines/stable_diffusion_3/test_pipeline_stable_diffusion_3.py", "StableDiffusion3Pipeline",
-                  "imagerefl.sampling_transformers", "CombinedStableDiffusion3Pipeline", "AIGStableDiffusion3Pipeline",
+                  "imagerefl.sampling", "CombinedStableDiffusion3Pipeline", "AIGStableDiffusion3Pipeline",
                   "transformer"),
-    "pixart": Family("pipelines/pixart_alpha/test_pixart.py", "PixArtAlphaPipeline", "imagerefl.sampling_transformers",
+    "pixart": Family("pipelines/pixart_alpha/test_pixart.py", "PixArtAlphaPipeline", "imagerefl.sampling",
                      "CombinedPixArtAlphaPipeline", "AIGPixArtAlphaPipeline", "transformer"),
 }
 VARIANTS = ("stock", "combined", "aig")
@@ -250,6 +251,8 @@ class ImagereflAdapter:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        import diffusers.pipelines      # diffusers' test tooling reads a pipeline's source from there by class name
+        setattr(diffusers.pipelines, cls.pipeline_class.__name__, cls.pipeline_class)
         stock, namespaces, seen = cls.imagerefl_stock, {}, set(vars(cls))
         for klass in cls.__mro__[1:]:
             for name, value in vars(klass).items():
@@ -295,6 +298,9 @@ def by_construction(source, denoiser, rebound):
     built = sorted({m.group(1) for m in CALLS_PIPELINE.finditer(code)} - {rebound})
     if built:
         return f"builds {', '.join(built)} by name (a pipeline other than ours) from the components"
+    if "_optional_components" in code and re.search(r"setattr\([^)]*,\s*None\)", code):
+        return (f"sets every optional component to None, `fine_tuned_{denoiser}` among them: combined generation "
+                "refuses to run without its fine-tuned model (or a LoRA adapter)")
     if re.search(rf"\.{denoiser}\s*=(?!=)", code):
         return (f"assigns `pipe.{denoiser}`, a single denoiser, where ours hold two "
                 f"(`original_{denoiser}`, `fine_tuned_{denoiser}`)")
