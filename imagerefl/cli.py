@@ -46,13 +46,14 @@ def cmd_configs(a):
 # %% ../nbs/26_cli.ipynb #1d1122d8
 def load_any_pipeline(path:str):
     "A combined pipeline if `path` holds one (two UNets), else a plain diffusers pipeline."
-    from imagerefl.core import check_source
+    from imagerefl.core import check_source, loading_weights
     p = Path(check_source(path, "a diffusers pipeline folder (with model_index.json)", "model_index.json"))
     quiet_loading()
     index = json.loads(read_text(p/"model_index.json")) if (p/"model_index.json").exists() else {}
     if "original_unet" in index or "original_transformer" in index:
         from imagerefl.sampling import combined_class
-        try: pipe = combined_class(index).from_pretrained(str(p))
+        try:
+            with loading_weights(p): pipe = combined_class(index).from_pretrained(str(p))
         except UserError: raise
         except (OSError, ValueError, KeyError, RuntimeError) as e:   # truncated or mismatched weights, bad configs
             raise UserError(f"could not load the combined pipeline in '{path}' ({error_line(e)}): copy the folder again") from None

@@ -19,7 +19,7 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils.import_utils import is_invisible_watermark_available
-from .core import UserError, check_source
+from .core import UserError, check_source, loading_weights
 from .diffusion import combine_cfg
 
 # %% auto #0
@@ -96,7 +96,7 @@ class AIGPlan:
 def _load_unet(unet)->UNet2DConditionModel:
     "A UNet object, or one loaded from a diffusers UNet folder (safetensors only)."
     if isinstance(unet, (str, Path)):
-        return UNet2DConditionModel.from_pretrained(check_source(unet, "a diffusers UNet folder", "config.json"),
+        with loading_weights(unet): return UNet2DConditionModel.from_pretrained(check_source(unet, "a diffusers UNet folder", "config.json"),
                                                     use_safetensors=True)
     return unet
 

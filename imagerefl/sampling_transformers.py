@@ -14,7 +14,7 @@ from diffusers import (DiffusionPipeline, PixArtAlphaPipeline, PixArtTransformer
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
-from .core import UserError, check_source
+from .core import UserError, check_source, loading_weights
 from .diffusion import combine_cfg
 from .sampling import AIGPlan, CombinedPlan, _TwoUNets
 
@@ -31,7 +31,7 @@ def _lora_layers(model)->list:
 def _load_transformer(model, cls):
     "A transformer object, or one loaded from a diffusers folder (safetensors only)."
     if isinstance(model, (str, os.PathLike)):
-        return cls.from_pretrained(check_source(model, "a diffusers transformer folder", "config.json"), use_safetensors=True)
+        with loading_weights(model): return cls.from_pretrained(check_source(model, "a diffusers transformer folder", "config.json"), use_safetensors=True)
     return model
 
 class _TwoTransformers:

@@ -21,10 +21,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
-from .checkpoint import (TRAINABLE_FILE, _check_trainable_names, check_resume, load_sharded, load_state, resume_point,
+from .checkpoint import (TRAINABLE_FILE, _RESUME_FIX, _check_trainable_names, check_resume, load_sharded, load_state, resume_point,
                                   rng_state, save_sharded, save_state, set_rng_state)
 from .config import ModelConfig, OptimizerConfig, TrainConfig, config_yaml, load_config, model_source
-from .core import UserError, atomic_path, atomic_write_text, save_safetensors, seed_everything
+from .core import UserError, atomic_path, atomic_write_text, loading_weights, save_safetensors, seed_everything
 from .data import EpochBatches, PromptDataset, collate_batch, load_image_captions, load_prompts
 from .diffusion import Backbone
 from .export import export_base, save_combined, save_tuned, upload_to_hub
@@ -229,7 +229,7 @@ def load_checkpoint(self:Trainer, path:str|Path):
                         "resume with the accelerate config it was written with")
     if self.fsdp: load_sharded(self.model, self.optimizer.optimizer, path)
     else:
-        weights, named = load_file(str(path/TRAINABLE_FILE)), self.named_trainable()
+        with loading_weights(path/TRAINABLE_FILE, _RESUME_FIX): weights, named = load_file(str(path/TRAINABLE_FILE)), self.named_trainable()
         _check_trainable_names(path, weights, named)
         with torch.no_grad():
             for n, p in named.items(): p.copy_(weights[n])

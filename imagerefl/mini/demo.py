@@ -14,7 +14,7 @@ from diffusers import UNet2DConditionModel
 from ..checkpoint import TRAINABLE_FILE
 from ..runfolder import run_files
 from ..claims import NO_CFG_COMBINED, _same, judge_claims, with_levels, control_levels
-from ..core import UserError, atomic_write_text, quiet_loading, seed_everything
+from ..core import UserError, atomic_write_text, loading_weights, quiet_loading, seed_everything
 from ..sampling import BaseStepsCache
 from ..sweeps import Setting, evaluate_setting, load_models, load_tuned_unet
 
@@ -263,7 +263,7 @@ def load_checkpoint_unet(run:str|Path, # a training run folder
     from safetensors.torch import load_file
     p = Path(run)/"checkpoints"/f"checkpoint-{step}"/TRAINABLE_FILE
     if not p.is_file(): raise UserError(f"no checkpoint at step {step} in {run}: train with checkpoint_every dividing {step}")
-    unet, sd = copy.deepcopy(base_pipe.unet), load_file(str(p))
+    with loading_weights(p): unet, sd = copy.deepcopy(base_pipe.unet), load_file(str(p))
     missing, unexpected = unet.load_state_dict(sd, strict=False)
     if unexpected or not sd: raise UserError(f"{p} is not a full-UNet checkpoint of this base model (LoRA runs are not supported here)")
     return unet.eval()
