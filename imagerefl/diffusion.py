@@ -21,7 +21,7 @@ from .core import UserError, check_source, loading_weights
 
 # %% auto #0
 __all__ = ['SCHEDULER_CLASSES', 'FLOW_SCHEDULERS', 'is_flow_scheduler', 'make_scheduler', 'Conditioning', 'Backbone',
-           'load_pipeline', 'combine_cfg', 'denoiser_name', 'PixArtBackbone', 'SD3Backbone']
+           'check_steps', 'load_pipeline', 'combine_cfg', 'denoiser_name', 'PixArtBackbone', 'SD3Backbone']
 
 # %% ../nbs/03_diffusion.ipynb #5faf83ff
 SCHEDULER_CLASSES = dict(ddpm="DDPMScheduler", ddim="DDIMScheduler", euler="EulerDiscreteScheduler",
@@ -140,6 +140,7 @@ class Backbone:
 
     def set_timesteps(self, num_inference_steps:int):
         "Set the sampling schedule to `num_inference_steps` steps."
+        check_steps(self.scheduler, num_inference_steps)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device, **self._schedule_kwargs())
         self.timesteps, self.num_inference_steps = self.scheduler.timesteps, num_inference_steps
         params = inspect.signature(self.scheduler.step).parameters
@@ -157,6 +158,16 @@ class Backbone:
         "The scheduler timestep at schedule position `index` (0 = noisiest)."
         return self.timesteps[index]
 
+
+# %% ../nbs/03_diffusion.ipynb #93e825b1
+def check_steps(scheduler,           # a diffusers scheduler
+                n:int,               # sampling steps asked for
+                what:str="num_inference_steps", # the setting's name, for the message
+               )->int:
+    "`n` if `scheduler` can run `n` sampling steps, else a one-line `UserError`."
+    most = scheduler.config.get("num_train_timesteps")
+    if most and n > most: raise UserError(f"{what}={n} is more than the {most} timesteps this model's scheduler has: use at most {most}")
+    return n
 
 # %% ../nbs/03_diffusion.ipynb #8d673ebc
 def load_pipeline(source:str|DiffusionPipeline, # pipeline object, local folder or hub id

@@ -26,11 +26,11 @@ from .checkpoint import (TRAINABLE_FILE, _RESUME_FIX, _check_trainable_names, ch
 from .config import ModelConfig, OptimizerConfig, TrainConfig, config_yaml, load_config, model_source
 from .core import UserError, atomic_path, atomic_write_text, loading_weights, save_safetensors, seed_everything
 from .data import EpochBatches, PromptDataset, collate_batch, load_image_captions, load_prompts
-from .diffusion import Backbone
+from .diffusion import Backbone, check_steps
 from .export import export_base, save_combined, save_tuned, upload_to_hub
 from .metrics import feature_diversity, load_features
 from .objectives import make_objective
-from .rewards import load_reward
+from .rewards import load_reward, reward_contract
 from .runfolder import (RunLock, checkpoint_step, checkpoints, commit_checkpoint, find_checkpoint,
                                  flat_items, record_provenance, rotate_checkpoints, verify_checkpoint)
 from .sampling import combined_pipeline, pipe_like
@@ -105,7 +105,7 @@ class Trainer:
         self.frozen_dtype = low if c.model.frozen_dtype == "auto" else torch.float32
         backbone.freeze(self.frozen_dtype)
         for m in backbone.frozen_modules: m.to(acc.device)
-        self.reward = reward.requires_grad_(False).eval().to(acc.device, self.frozen_dtype) if reward is not None else None
+        self.reward = reward_contract(reward).requires_grad_(False).eval().to(acc.device, self.frozen_dtype) if reward is not None else None
         if (e := getattr(objective, "consistency_features", None)) is not None: e.requires_grad_(False).eval().to(acc.device)
         v = c.validation
         self.combined_val = bool(v.every and v.original_unet_steps is not None and val_prompts)
@@ -489,6 +489,7 @@ def train(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped confi
     data = build_data(cfg, objective.needs_images, backbone.resolution)
     v = cfg.validation
     val_prompts = load_prompts(v.prompts, v.split, v.num_prompts) if v.every else None
+    if v.every: check_steps(backbone.scheduler, v.num_inference_steps, "validation.num_inference_steps")   # before the run folder is touched
     if diversity is None and v.every and v.diversity_features: diversity = feature_diversity(v.diversity_features)
     trainer = Trainer(cfg, backbone, objective, reward, data, val_prompts, diversity, base_source=source)
     result = trainer.fit(report=False)

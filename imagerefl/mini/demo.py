@@ -14,7 +14,7 @@ from diffusers import UNet2DConditionModel
 from ..checkpoint import TRAINABLE_FILE
 from ..runfolder import run_files
 from ..claims import NO_CFG_COMBINED, _same, judge_claims, with_levels, control_levels
-from ..core import UserError, atomic_write_text, loading_weights, quiet_loading, seed_everything
+from ..core import SEED_MAX, UserError, atomic_write_text, check_seed, loading_weights, quiet_loading, seed_everything
 from ..sampling import BaseStepsCache
 from ..sweeps import Setting, evaluate_setting, load_models, load_tuned_unet
 
@@ -301,6 +301,9 @@ def demo(out_dir:str|Path="demo",  # output folder
     "Train ReFL and ImageReFL on the mini world (several seeds), evaluate every setting and its controls, write results, figures and a report."
     demo_reward(reward)
     plan = plan or DEMO_PLANS["quick" if quick else "full"]
+    check_seed(seed)
+    if seed + max(plan.train_seeds) > SEED_MAX:
+        raise UserError(f"seed={seed}: the demo also trains with seed + {max(plan.train_seeds)}, so give at most {SEED_MAX - max(plan.train_seeds)}")
     base_g, tuned_g = ({float(g) for g in gs} for gs in (plan.base_guidances, plan.tuned_guidances))
     if not {1.0, float(plan.base_guidance)} <= base_g:
         raise UserError(f"the plan's base_guidances {plan.base_guidances} must include 1 and base_guidance={plan.base_guidance}: they are the controls")
