@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse, csv, errno, io, json, math, os, re, sys
 from pathlib import Path
 from . import __version__
-from .core import SEED_RULE, UserError, as_os_error, error_line, is_seed, read_text, quiet_loading
+from .core import SEED_RULE, Interrupted, UserError, as_os_error, error_line, is_seed, read_text, quiet_loading
 
 # %% auto #0
 __all__ = ['cmd_train', 'config_description', 'cmd_configs', 'load_any_pipeline', 'cmd_sample', 'cmd_evaluate', 'cmd_demo',
@@ -125,7 +125,12 @@ def cmd_demo(a):
     "imagerefl demo: the mini world's end-to-end demo (`imagerefl.sweeps.demo`)."
     from imagerefl.mini.demo import demo
     quiet_loading()
-    demo(a.out, quick=a.quick, seed=a.seed, workers=a.workers, reward=a.reward)
+    try: demo(a.out, quick=a.quick, seed=a.seed, workers=a.workers, reward=a.reward)
+    except Interrupted as e:           # the same command resumes it: finished runs and evaluations are reused
+        again = ["imagerefl", "demo", "--out", a.out] + ["--quick"] * a.quick + ["--seed", str(a.seed)] * (a.seed != 0) \
+                + ["--reward", a.reward] * (a.reward != "preference") + ["--workers", str(a.workers)] * (a.workers is not None)
+        import shlex
+        raise Interrupted(f"{e}; continue with: {shlex.join(again)}", e.signum) from None
     print(f"wrote {a.out}/results.csv, claims.csv, claims_control_levels.csv, report.md, tradeoff.png, collapse.png, grid.png"); return 0
 
 def cmd_mini_pretrain(a):
@@ -267,10 +272,10 @@ def main(argv:list[str]|None=None)->int:
         if debug or not isinstance(e, (UserError, OSError)): raise
         print(f"imagerefl: error: {e if isinstance(e, UserError) else os_error_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:         # Ctrl-C, or an `Interrupted` that says what was kept and how to continue
         if debug: raise
-        print("imagerefl: interrupted", file=sys.stderr)
-        return 130
+        print(f"imagerefl: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)
 
 # `python -m imagerefl.cli ...` (as `accelerate launch -m imagerefl.cli` runs it); not when a notebook runs this cell
 if __name__ == "__main__" and "IPython" not in sys.modules: sys.exit(main())

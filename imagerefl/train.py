@@ -430,7 +430,8 @@ def fit(self:Trainer, report:bool=True, # print the closing message
                            f"they changed nothing; the last good checkpoint (finite weights, from before step {self.step}) is "
                            f"{last or 'none'}; lower optimizer.lr or set optimizer.max_grad_norm"}[status]
         if report and acc.is_main_process: print(msg)
-        return dict(status=status, step=self.step, skipped_updates=self.skipped, message=msg, checkpoint=last, out_dir=self.out)
+        return dict(status=status, step=self.step, skipped_updates=self.skipped, message=msg, checkpoint=last, out_dir=self.out,
+                    signal=self._signal)   # SIGINT/SIGTERM got while training (None: none), also one that came too late to stop it
     finally: lock.release()
 
 # %% ../nbs/16_train.ipynb #d58df879
@@ -472,6 +473,7 @@ def build_data(cfg:TrainConfig, needs_images:bool, resolution:int)->torch.utils.
 def train(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped config name, mapping or TrainConfig
           overrides:list[str]|None=None,               # `key=value` overrides (dotted keys for sections)
           diversity=None,                              # optional (images, prompt_ids) -> float for validation
+          report:bool=True,                            # print the closing message (a caller that says its own: False)
          )->dict:
     "Run the training a config describes; returns `Trainer.fit`'s summary (a diverged run raises `UserError`)."
     cfg = load_config(config, overrides)
@@ -494,5 +496,5 @@ def train(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped confi
     trainer = Trainer(cfg, backbone, objective, reward, data, val_prompts, diversity, base_source=source)
     result = trainer.fit(report=False)
     if result["status"] == "diverged": raise UserError(result["message"])   # printed once, by the caller
-    if trainer.accelerator.is_main_process: print(result["message"])
+    if report and trainer.accelerator.is_main_process: print(result["message"])
     return result
