@@ -410,11 +410,12 @@ def _run_jobs(out, plan, seed, progress, workers, jobs, total, reward="preferenc
         from diffusers.utils import logging as dlog
         n = min(workers, len(args))
         _say(progress, f"{len(args)} units of work (one per training run, one for the base sweep) on {n} processes")
-        ctx = mp.get_context("spawn"); stop = ctx.Event()
-        pool = ctx.Pool(n, initializer=_worker_init, initargs=(dlog.is_progress_bar_enabled(), stop))   # fresh processes: no state forked from this one
-        done, stopped, signals, stopping = [], [], [], []
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        ctx = mp.get_context("spawn"); stop = ctx.Event()          # fresh processes: no state forked from this one
+        pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init, initargs=(dlog.is_progress_bar_enabled(), stop))
+        done, stopped, signals, stopping, failed = [], [], [], [], []
         def stop_all(signum=None):
-            "SIGINT/SIGTERM here, or a unit interrupted: each worker ends its unit (a training saves a checkpoint), none starts another."
+            "SIGINT/SIGTERM here, or a unit stopped or failed: each worker ends its unit (a training saves a checkpoint), none starts another."
             if signum is not None:
                 if signals: raise Interrupted(f"{signal.Signals(signum).name} again: stopped at once", signum)   # a second: now
                 signals.append(signum)
@@ -424,15 +425,16 @@ def _run_jobs(out, plan, seed, progress, workers, jobs, total, reward="preferenc
                 with contextlib.suppress(ProcessLookupError): os.kill(p.pid, signal.SIGINT)
         try:
             with interruptible(stop_all):
-                results = pool.imap_unordered(_demo_job_args, args)       # the first failure surfaces when it happens
-                for _ in args:
-                    try: done.append(next(results))
+                for f in as_completed([pool.submit(_demo_job_args, a) for a in args]):
+                    try: done.append(f.result())
                     except _UnitStopped as e: stopped.append(str(e)); stop_all()
-            pool.close()
-        except BaseException:
-            pool.terminate()        # the other units stop too; checkpoints are written atomically, a rerun resumes them
+                    except Exception as e: failed.append(e); stop_all()    # the first failure: the others stop, then it surfaces
+            pool.shutdown()
+        except BaseException:       # a second signal: the workers end at once (checkpoints are written atomically)
+            for p in mp.active_children(): p.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
-        finally: pool.join()
+        if failed: raise failed[0]
         if stopped or signals:
             what = [m for m in dict.fromkeys(stopped) if m.startswith("training")]
             raise Interrupted("; ".join(what) or f"{signal.Signals(signals[0] if signals else signal.SIGINT).name} received",
