@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from .config import TrainConfig
-from .core import UserError, load_yaml, save_safetensors
+from .core import UserError, load_yaml, loading_weights, save_safetensors
 from .runfolder import RunLock, check_resume_config, find_checkpoint, run_files, verify_checkpoint
 
 # %% auto #0
@@ -51,9 +51,11 @@ def save_state(state, path:str|Path)->Path:
     tensors = {}; skeleton = _flatten(state, tensors, "s")
     return save_safetensors(tensors, path, metadata={"skeleton": json.dumps(skeleton)})
 
+_RESUME_FIX = "resume from an intact checkpoint (resume=latest finds the newest)"
+
 def load_state(path:str|Path, device="cpu"):
     "Load what `save_state` wrote."
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
+    with loading_weights(path, _RESUME_FIX), safe_open(str(path), framework="pt", device=str(device)) as f:
         skeleton = json.loads(f.metadata()["skeleton"]); tensors = {k: f.get_tensor(k) for k in f.keys()}
     return _unflatten(skeleton, tensors)
 
@@ -133,7 +135,7 @@ def load_sharded(model:nn.Module, # the FSDP model, sharded as when the checkpoi
         procs = f"{n} process{'es' * (n > 1)}"
         raise UserError(f"{folder} holds the shards of {procs}, this run has {world}: resume with {procs}")
     o = StateDictOptions(full_state_dict=False, ignore_frozen_params=True)
-    with safe_open(str(folder/shard_file("model", rank, world)), framework="pt") as f:
+    with loading_weights(folder/shard_file("model", rank, world), _RESUME_FIX), safe_open(str(folder/shard_file("model", rank, world)), framework="pt") as f:
         shards, weights = json.loads(f.metadata()["sharding"])["shards"], {k: f.get_tensor(k) for k in f.keys()}
     sd = get_model_state_dict(model, options=o)
     _check_trainable_names(folder, weights, sd)
@@ -160,10 +162,12 @@ def resume_point(cfg:TrainConfig,        # the run's config
     out = Path(cfg.out_dir)
     if check_lock and (why := RunLock(out).busy()): raise UserError(why)
     if cfg.resume == "latest":
-        p = find_checkpoint(out/"checkpoints", say)
+        skipped = []                     # the damaged ones, newest first: the message names the newest
+        p = find_checkpoint(out/"checkpoints", lambda m: (skipped.append(m.removeprefix("skipping ")), say(m)))
         if p is None and (held := run_files(out)):
-            raise UserError(f"{out} holds a run ({', '.join(held)}) but no intact checkpoint to resume from: "
-                            f"choose another out_dir, or delete {out} to start over")
+            raise UserError(f"{out} holds a run ({', '.join(held)}) but no intact checkpoint to resume from"
+                            + (f" ({len(skipped)} damaged; {skipped[0]})" if skipped else "")
+                            + f": choose another out_dir, or delete {out} to start over")
         if p is None: say(f"resume=latest: {out} holds no checkpoint yet, so this is a new run")
         return p
     if cfg.resume:
@@ -182,7 +186,7 @@ def check_resume(cfg:TrainConfig, checkpoint:Path, fallback:Path|None=None)->dic
     saved = checkpoint/"config.yaml"
     if not saved.exists(): saved = fallback
     if saved is None or not saved.exists(): return {}
-    changed = check_resume_config(load_yaml(saved, "saved config") or {}, asdict(cfg), RESUMABLE, where=str(checkpoint),
+    changed = check_resume_config(load_yaml(saved, "saved config", mapping=True), asdict(cfg), RESUMABLE, where=str(checkpoint),
                                   allowed="max_steps, logging, tracker, checkpoint, validation and export settings")
     if "max_steps" in changed and cfg.optimizer.lr_scheduler != "constant":
         raise UserError(f"cannot resume with a changed max_steps under optimizer.lr_scheduler={cfg.optimizer.lr_scheduler}: "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse, csv, errno, io, json, math, os, re, sys
 from pathlib import Path
 from . import __version__
-from .core import UserError, as_os_error, error_line, read_text, quiet_loading
+from .core import SEED_RULE, Interrupted, UserError, as_os_error, error_line, is_seed, read_text, quiet_loading
 
 # %% auto #0
 __all__ = ['cmd_train', 'config_description', 'cmd_configs', 'load_any_pipeline', 'cmd_sample', 'cmd_evaluate', 'cmd_demo',
@@ -46,13 +46,14 @@ def cmd_configs(a):
 # %% ../nbs/26_cli.ipynb #1d1122d8
 def load_any_pipeline(path:str):
     "A combined pipeline if `path` holds one (two UNets), else a plain diffusers pipeline."
-    from imagerefl.core import check_source
+    from imagerefl.core import check_source, loading_weights
     p = Path(check_source(path, "a diffusers pipeline folder (with model_index.json)", "model_index.json"))
     quiet_loading()
     index = json.loads(read_text(p/"model_index.json")) if (p/"model_index.json").exists() else {}
     if "original_unet" in index or "original_transformer" in index:
         from imagerefl.sampling import combined_class
-        try: pipe = combined_class(index).from_pretrained(str(p))
+        try:
+            with loading_weights(p): pipe = combined_class(index).from_pretrained(str(p))
         except UserError: raise
         except (OSError, ValueError, KeyError, RuntimeError) as e:   # truncated or mismatched weights, bad configs
             raise UserError(f"could not load the combined pipeline in '{path}' ({error_line(e)}): copy the folder again") from None
@@ -63,6 +64,8 @@ def load_any_pipeline(path:str):
     return pipe
 
 def _call_kwargs(pipe, a)->dict:
+    from imagerefl.diffusion import check_steps
+    check_steps(pipe.scheduler, a.steps, "--steps")
     kw = dict(num_inference_steps=a.steps, guidance_scale=a.guidance_scale)
     if "original_unet" in pipe.components or "original_transformer" in pipe.components:
         kw.update(original_unet_steps=a.original_unet_steps, fine_tuned_guidance_scale=a.fine_tuned_guidance_scale)
@@ -89,8 +92,8 @@ def cmd_sample(a):
     if not prompts: raise UserError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE_OR_SET")
     device = resolve_device(a.device)                     # bad prompts or device fail before the model loads
     pipe = load_any_pipeline(a.model).to(device)
+    kw = _call_kwargs(pipe, a)                            # settings the model cannot run fail before the output folder is made
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    kw = _call_kwargs(pipe, a)
     settings = dict(model=str(a.model), scheduler=type(pipe.scheduler).__name__, **kw)
     rows = []
     for i, p in enumerate(prompts):
@@ -122,7 +125,12 @@ def cmd_demo(a):
     "imagerefl demo: the mini world's end-to-end demo (`imagerefl.sweeps.demo`)."
     from imagerefl.mini.demo import demo
     quiet_loading()
-    demo(a.out, quick=a.quick, seed=a.seed, workers=a.workers, reward=a.reward)
+    try: demo(a.out, quick=a.quick, seed=a.seed, workers=a.workers, reward=a.reward)
+    except Interrupted as e:           # the same command resumes it: finished runs and evaluations are reused
+        again = ["imagerefl", "demo", "--out", a.out] + ["--quick"] * a.quick + ["--seed", str(a.seed)] * (a.seed != 0) \
+                + ["--reward", a.reward] * (a.reward != "preference") + ["--workers", str(a.workers)] * (a.workers is not None)
+        import shlex
+        raise Interrupted(f"{e}; continue with: {shlex.join(again)}", e.signum) from None
     print(f"wrote {a.out}/results.csv, claims.csv, claims_control_levels.csv, report.md, tradeoff.png, collapse.png, grid.png"); return 0
 
 def cmd_mini_pretrain(a):
@@ -150,6 +158,18 @@ def _count(s:str)->int:
     if v is None: raise argparse.ArgumentTypeError(f"{s!r} is not an integer >= 0")
     return v
 
+def _seed(s:str)->int:
+    "argparse type: a seed, by the rule every command and config follows (`core.is_seed`)."
+    v = int(s) if re.fullmatch(r"[+-]?\d+", s.strip()) else None
+    if not is_seed(v): raise argparse.ArgumentTypeError(f"{s} is not a seed: give {SEED_RULE}")
+    return v
+
+def _guidance(s:str)->float:
+    "argparse type: a guidance scale, a finite number >= 0 (as in a training config)."
+    v = _finite_float(s)
+    if v < 0: raise argparse.ArgumentTypeError(f"{s} is not a guidance scale: give a number >= 0 (1: no guidance)")
+    return v
+
 def _finite_float(s:str)->float:
     "argparse type: a finite number."
     try: v = float(s)
@@ -160,10 +180,10 @@ def _finite_float(s:str)->float:
 def _sampling_args(p):
     p.add_argument("--model", required=True, help="pipeline folder: a run's final/combined, or any diffusers SD, SDXL, PixArt-α or SD3 folder")
     p.add_argument("--steps", type=_positive_int, default=40, help="num_inference_steps (default 40)")
-    p.add_argument("--guidance-scale", type=_finite_float, default=7.5, help="CFG of the base UNet (plain pipelines: of the model)")
+    p.add_argument("--guidance-scale", type=_guidance, default=7.5, help="CFG of the base UNet (plain pipelines: of the model)")
     p.add_argument("--original-unet-steps", type=_count, default=None, help="combined: steps run by the base UNet (default: 3/4 of the steps for SD, 7/8 for SDXL)")
-    p.add_argument("--fine-tuned-guidance-scale", type=_finite_float, default=1.0, help="combined: CFG of the tuned UNet (default 1 = none)")
-    p.add_argument("--seed", type=_count, default=0, help="seed of the first image of each prompt (the next ones: +1, +2, ...)")
+    p.add_argument("--fine-tuned-guidance-scale", type=_guidance, default=1.0, help="combined: CFG of the tuned UNet (default 1 = none)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the first image of each prompt (the next ones: +1, +2, ...)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA if present)")
     p.add_argument("--out", required=True, help="output folder")
 
@@ -199,7 +219,7 @@ def parser()->argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the mini world's end-to-end demo on the CPU")
     p.add_argument("--out", default="imagerefl-demo", help="output folder; a rerun into it reuses finished training and evaluation")
     p.add_argument("--quick", action="store_true", help="the smoke plan (one training seed, a few steps, about a minute) instead of the full demo")
-    p.add_argument("--seed", type=int, default=0, help="evaluation seed; training seeds are SEED + the plan's seeds (0, 1, 2)")
+    p.add_argument("--seed", type=_seed, default=0, help="evaluation seed; training seeds are SEED + the plan's seeds (0, 1, 2)")
     p.add_argument("--reward", default="preference", help="the reward ReFL and ImageReFL train on and the claims are judged by: "
                    "preference (the learned appearance preference, the default) or legibility (the prompted digit's log-probability)")
     p.add_argument("--workers", type=_positive_int, default=None,
@@ -212,7 +232,7 @@ def parser()->argparse.ArgumentParser:
     q.set_defaults(func=cmd_mini_pretrain)
     q = msub.add_parser("preference", help="refit the mini world's preference reward on pairs labelled by its annotator rule (about 2 minutes)")
     q.add_argument("--out", default=None, help="output .safetensors (default: the package's preference.safetensors)")
-    q.add_argument("--seed", type=int, default=0, help="seeds the pairs, the annotator's noise and the network")
+    q.add_argument("--seed", type=_seed, default=0, help="seeds the pairs, the annotator's noise and the network")
     q.set_defaults(func=cmd_mini_preference)
     return ap
 
@@ -252,10 +272,10 @@ def main(argv:list[str]|None=None)->int:
         if debug or not isinstance(e, (UserError, OSError)): raise
         print(f"imagerefl: error: {e if isinstance(e, UserError) else os_error_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:         # Ctrl-C, or an `Interrupted` that says what was kept and how to continue
         if debug: raise
-        print("imagerefl: interrupted", file=sys.stderr)
-        return 130
+        print(f"imagerefl: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)
 
 # `python -m imagerefl.cli ...` (as `accelerate launch -m imagerefl.cli` runs it); not when a notebook runs this cell
 if __name__ == "__main__" and "IPython" not in sys.modules: sys.exit(main())

@@ -10,10 +10,10 @@ import copy, math, types, typing, warnings
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 import yaml
-from .core import UserError, load_yaml
+from .core import UserError, check_seed, load_yaml
 
 # %% auto #0
-__all__ = ['CHOICES', 'MINIMA', 'RANGES', 'RENAMED', 'ModelConfig', 'RewardConfig', 'DataConfig', 'OptimizerConfig',
+__all__ = ['CHOICES', 'MINIMA', 'RANGES', 'SEEDS', 'RENAMED', 'ModelConfig', 'RewardConfig', 'DataConfig', 'OptimizerConfig',
            'ValidationConfig', 'TrainConfig', 'build_section', 'check_values', 'resolve_objective', 'config_dir',
            'config_names', 'find_config', 'parse_override', 'apply_overrides', 'renamed_keys', 'load_config',
            'config_yaml', 'model_source']
@@ -181,6 +181,7 @@ RANGES = {"optimizer.lr": (0, None, "> 0"), "optimizer.eps": (0, None, "> 0"), "
           "optimizer.max_grad_norm": (0, None, "> 0, or null for no clipping"), "ema_decay": (0, 1, "in [0, 1)"),
           "model.lora_alpha": (0, None, "> 0, or null for the rank"),
           "validation.fine_tuned_guidance_scale": (0, None, ">= 0"), "validation.base_guidance_scale": (0, None, ">= 0")}
+SEEDS = ("seed", "validation.seed")   # seeds: integers from 0 to 2**32 - 1, as in every command (`core.check_seed`)
 
 def _get(cfg, key:str):
     for k in key.replace("[", ".").replace("]", "").split("."): cfg = cfg[int(k)] if k.isdigit() else getattr(cfg, k)
@@ -202,6 +203,7 @@ def check_values(cfg:TrainConfig)->TrainConfig:
     for key, (lo, hi, rule) in RANGES.items():
         v = _get(cfg, key)
         if v is not None and not _in_range(v, lo, hi, rule): raise UserError(f"{key}={v} is not allowed: it must be {rule}")
+    for key in SEEDS: check_seed(_get(cfg, key), key)
     if cfg.push_to_hub and not (cfg.export and cfg.hub_model_id):
         raise UserError("push_to_hub needs export: true and hub_model_id (e.g. --set hub_model_id=you/sd15-imagerefl)")
     v = cfg.validation
@@ -295,7 +297,7 @@ def load_config(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped
     elif isinstance(config, dict) or config is None: raw = dict(config or {})
     else:
         path = find_config(config)
-        raw = load_yaml(path) or {}
+        raw = load_yaml(path, mapping=True)   # a list or a number: refused in one line
     return check_values(build_section(TrainConfig, renamed_keys(apply_overrides(raw, overrides))))
 
 def config_yaml(cfg:TrainConfig)->str:

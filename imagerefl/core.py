@@ -10,9 +10,10 @@ import os, random, re, tempfile, contextlib, json, logging
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['UserError', 'seed_everything', 'resolve_device', 'umask', 'atomic_path', 'atomic_write_text', 'save_safetensors',
-           'as_os_error', 'error_line', 'read_text', 'load_yaml', 'quiet_loading', 'looks_like_path', 'hub_offline',
-           'missing_components', 'check_source']
+__all__ = ['SEED_MAX', 'SEED_RULE', 'WEIGHT_SUFFIXES', 'UserError', 'seed_everything', 'is_seed', 'check_seed', 'resolve_device',
+           'umask', 'atomic_path', 'atomic_write_text', 'save_safetensors', 'as_os_error', 'error_line', 'read_text',
+           'load_yaml', 'quiet_loading', 'looks_like_path', 'hub_offline', 'missing_components', 'check_source',
+           'weights_damage', 'loading_weights', 'Interrupted', 'interruptible']
 
 # %% ../nbs/00_core.ipynb #5a75a4d9
 class UserError(ValueError):
@@ -24,6 +25,21 @@ def seed_everything(seed:int, # seed for python, numpy and torch (all devices)
     "Seed every RNG a run touches."
     import numpy as np, torch
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+
+# %% ../nbs/00_core.ipynb #2a09ee8b
+SEED_MAX = 2**32 - 1                          # the largest seed (numpy's legacy seeding takes 32 bits)
+SEED_RULE = f"an integer from 0 to {SEED_MAX}"  # what a seed is, in the words of every message about one
+
+def is_seed(v)->bool:
+    "Whether `v` is a seed: an integer (not a bool) from 0 to `SEED_MAX`."
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= SEED_MAX
+
+def check_seed(v,              # a seed given by the user
+               what:str="seed", # its name, for the message (a config key)
+              )->int:
+    "`v` if it is a seed, else a one-line `UserError`."
+    if not is_seed(v): raise UserError(f"{what}={v!r} is not a seed: give {SEED_RULE}")
+    return v
 
 # %% ../nbs/00_core.ipynb #b2309a4f
 def resolve_device(device:str|torch.device|None=None, # "cuda", "cpu", "cuda:1", or None/"auto" for the best available
@@ -107,14 +123,19 @@ def read_text(path:str|Path, # a text file
 
 def load_yaml(path:str|Path, # a yaml file
               what:str="config", # what it is, for the message
+              mapping:bool=False, # the file must hold keys and values (an empty file is an empty mapping)
              ):
-    "The content of a YAML file; a one-line `UserError` naming the line of a syntax error."
+    "The content of a YAML file; a one-line `UserError` naming the line of a syntax error (or a file that is not a mapping)."
     import yaml
-    try: return yaml.safe_load(read_text(path, what))
+    try: data = yaml.safe_load(read_text(path, what))
     except yaml.YAMLError as e:
         mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise UserError(f"{path} is not valid YAML{where}: {problem or str(e).splitlines()[0]}") from None
+    if mapping and data is None: return {}
+    if mapping and not isinstance(data, dict):
+        raise UserError(f"{path} holds a YAML {type(data).__name__}, not a mapping: a {what} is `key: value` lines (e.g. seed: 1)")
+    return data
 
 # %% ../nbs/00_core.ipynb #9a331a55
 class _EmptyFp32Warning(logging.Filter):
@@ -175,3 +196,72 @@ def check_source(source:str|Path, # local path or hub id
             raise UserError(f"hub id '{s}' is not in the local cache and HF_HUB_OFFLINE=1: download it on a machine "
                             f"with network (hf download {s}) or pass a local folder with {what}") from None
     return s
+
+# %% ../nbs/00_core.ipynb #d5982706
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")   # the files `loading_weights` looks at
+
+def weights_damage(path:str|Path, # a weights file
+                  )->str|None:    # what is wrong, in words; None if it looks whole
+    "Why a weights file looks damaged (empty, cut short, an unreadable header), or None."
+    p = Path(path); size = p.stat().st_size
+    if size == 0: return "it is empty"
+    with open(p, "rb") as f:
+        if p.suffix == ".safetensors":       # 8 bytes of header length, a JSON header, then the tensors' bytes
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+            if size < 8 or 8 + n > size: return f"cut short: {size:,} bytes, less than its header"
+            try:
+                head = json.loads(f.read(n))
+                want = 8 + n + max((v["data_offsets"][1] for k, v in head.items() if k != "__metadata__"), default=0)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError): return "its header is unreadable"
+            if size != want: return f"{'cut short' if size < want else 'longer than its header says'}: {size:,} of {want:,} bytes"
+        elif f.read(2) == b"PK":               # torch's zip format keeps its directory at the end
+            import zipfile
+            try: zipfile.ZipFile(p).close()
+            except zipfile.BadZipFile: return f"cut short: {size:,} bytes and no zip directory at the end"
+    return None
+
+def _weight_files(source)->list[Path]:
+    "The weights files of a file, a folder (all the way down) or a hub id in the local cache."
+    p = Path(str(source)).expanduser()
+    if not p.exists():
+        if looks_like_path(str(source)): return []
+        try:
+            from huggingface_hub import snapshot_download
+            p = Path(snapshot_download(str(source), local_files_only=True))
+        except Exception: return []
+    if p.is_file(): return [p]
+    return sorted(f for f in p.rglob("*") if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+
+@contextlib.contextmanager
+def loading_weights(source, # the weights file or folder (or cached hub id) loaded inside; None: look at nothing
+                    fix:str="copy or download it again", # what to do about a damaged file
+                   ):
+    "Load weights inside: if that fails and a weights file of `source` looks damaged, a one-line `UserError` naming it."
+    try: yield
+    except Exception:
+        for f in _weight_files(source) if source is not None else ():
+            try: why = weights_damage(f)
+            except OSError: why = None
+            if why: raise UserError(f"{f} looks damaged ({why}; an interrupted copy or download leaves such a file): {fix}") from None
+        raise
+
+# %% ../nbs/00_core.ipynb #9937f221
+class Interrupted(KeyboardInterrupt):
+    "SIGINT or SIGTERM stopped a command; the message says what was kept and how to continue."
+    def __init__(self, message:str="", # what stopped, what was kept, how to continue
+                 signum:int=2):        # the signal (2: SIGINT, 15: SIGTERM)
+        super().__init__(message); self.signum = signum
+
+@contextlib.contextmanager
+def interruptible(on_signal=None, # `on_signal(signum)` runs instead of raising (e.g. to pass the signal on to workers)
+                 ):
+    "Inside: SIGINT and SIGTERM raise `Interrupted` (in the main thread; elsewhere nothing changes); the old handlers after."
+    import signal, threading
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    def handler(signum, frame):
+        if on_signal is not None: return on_signal(signum)
+        raise Interrupted(f"{signal.Signals(signum).name} received", signum)
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try: yield
+    finally:
+        for s, h in old.items(): signal.signal(s, h)

@@ -16,12 +16,12 @@ from diffusers import (DiffusionPipeline, PixArtAlphaPipeline, StableDiffusion3P
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from fastcore.basics import patch
-from .core import UserError, check_source
+from .core import UserError, check_source, loading_weights
 
 
 # %% auto #0
 __all__ = ['SCHEDULER_CLASSES', 'FLOW_SCHEDULERS', 'is_flow_scheduler', 'make_scheduler', 'Conditioning', 'Backbone',
-           'load_pipeline', 'combine_cfg', 'denoiser_name', 'PixArtBackbone', 'SD3Backbone']
+           'check_steps', 'load_pipeline', 'combine_cfg', 'denoiser_name', 'PixArtBackbone', 'SD3Backbone']
 
 # %% ../nbs/03_diffusion.ipynb #5faf83ff
 SCHEDULER_CLASSES = dict(ddpm="DDPMScheduler", ddim="DDIMScheduler", euler="EulerDiscreteScheduler",
@@ -140,6 +140,7 @@ class Backbone:
 
     def set_timesteps(self, num_inference_steps:int):
         "Set the sampling schedule to `num_inference_steps` steps."
+        check_steps(self.scheduler, num_inference_steps)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device, **self._schedule_kwargs())
         self.timesteps, self.num_inference_steps = self.scheduler.timesteps, num_inference_steps
         params = inspect.signature(self.scheduler.step).parameters
@@ -158,6 +159,16 @@ class Backbone:
         return self.timesteps[index]
 
 
+# %% ../nbs/03_diffusion.ipynb #93e825b1
+def check_steps(scheduler,           # a diffusers scheduler
+                n:int,               # sampling steps asked for
+                what:str="num_inference_steps", # the setting's name, for the message
+               )->int:
+    "`n` if `scheduler` can run `n` sampling steps, else a one-line `UserError`."
+    most = scheduler.config.get("num_train_timesteps")
+    if most and n > most: raise UserError(f"{what}={n} is more than the {most} timesteps this model's scheduler has: use at most {most}")
+    return n
+
 # %% ../nbs/03_diffusion.ipynb #8d673ebc
 def load_pipeline(source:str|DiffusionPipeline, # pipeline object, local folder or hub id
                   torch_dtype=None,              # dtype to load weights in
@@ -167,7 +178,9 @@ def load_pipeline(source:str|DiffusionPipeline, # pipeline object, local folder 
     path = check_source(source, "a diffusers pipeline folder (with model_index.json)", "model_index.json")
     index = Path(path)/"model_index.json"       # no safety checker: passed only to pipelines that have one
     extra = dict(safety_checker=None) if not index.exists() or "safety_checker" in index.read_text() else {}
-    try: pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, **extra)
+    try:
+        with loading_weights(path): pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, **extra)
+    except UserError: raise
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"could not load a diffusers pipeline from '{source}': {str(e).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .core import UserError, atomic_path, atomic_write_text, resolve_device
 from .data import _verify_file, load_prompts, pil_to_tensor
 from .rewards.preprocess import check_preprocessing
-from .rewards.registry import Reward
+from .rewards.registry import Reward, reward_contract
 from .metrics import (InceptionFeatures, fid_kid, _module_device, _tensor_batches, load_features, pairwise_diversity,
                                summarize)
 
@@ -318,7 +318,7 @@ def evaluate(sampler:Callable,            # sampler(prompt=list, generator=list,
     if not isinstance(seeds, int):
         seeds = [int(s) for s in seeds]
         if len(seeds) != images_per_prompt: raise UserError(f"seeds has {len(seeds)} entries; give one per sample ({images_per_prompt}) or one base seed")
-    rewards, sampler_kwargs = dict(rewards or {}), dict(sampler_kwargs or {})
+    rewards, sampler_kwargs = {n: reward_contract(r, n) for n, r in (rewards or {}).items()}, dict(sampler_kwargs or {})
     features = {n: (load_features(f, device=process_device()) if isinstance(f, str) else f) for n, f in (features or {}).items()}
     procs = Processes()
     out = Path(out_dir).expanduser()

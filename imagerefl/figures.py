@@ -381,7 +381,9 @@ class Explorer:
                  auto:bool=True,                   # regenerate on every control change
                 ):
         import ipywidgets as W
-        self.pipe, self.reward, self.n, self._cache = pipe, reward, num_inference_steps, {}
+        from imagerefl.rewards import reward_contract
+        self.pipe, self.n, self._cache = pipe, num_inference_steps, {}
+        self.reward = reward_contract(reward) if reward is not None else None   # one score per image, finite
         k = round(.75 * num_inference_steps) if original_unet_steps is None else original_unet_steps
         self.controls = dict(
             prompt=W.Text(prompt, description="prompt", continuous_update=False, layout=W.Layout(width="60%")),

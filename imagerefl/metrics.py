@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 import torch.nn.functional as F
-from .core import UserError, check_source, resolve_device
+from .core import UserError, check_source, loading_weights, resolve_device
 from .data import ImageCaptionDataset, collate, resize_center_crop
 
 # %% auto #0
@@ -84,7 +84,8 @@ class _Features(nn.Module):
 
 def _load_model(cls, path_or_model, what:str):
     if isinstance(path_or_model, nn.Module): return path_or_model
-    return cls.from_pretrained(check_source(path_or_model, what, "config.json"))
+    source = check_source(path_or_model, what, "config.json")
+    with loading_weights(source): return cls.from_pretrained(source)
 
 # %% ../nbs/11_metrics.ipynb #896df259
 class DinoFeatures(_Features):

@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from fastcore.meta import delegates
 from diffusers import (DiffusionPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline)
-from .core import UserError, check_source
+from .core import UserError, check_source, loading_weights
 from .diffusion import combine_cfg
 
 # %% auto #0
@@ -244,7 +244,8 @@ def _lora_layers(model)->list:
 def _load_denoiser(source, cls):
     "A denoiser object, or one loaded from a diffusers folder (safetensors only)."
     if isinstance(source, (str, Path)):
-        return cls.from_pretrained(check_source(source, "a diffusers model folder", "config.json"), use_safetensors=True)
+        with loading_weights(source):
+            return cls.from_pretrained(check_source(source, "a diffusers model folder", "config.json"), use_safetensors=True)
     return source
 
 # %% ../nbs/10_sampling.ipynb #7e77a86f

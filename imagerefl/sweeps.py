@@ -12,7 +12,7 @@ import torch
 from pathlib import Path
 import pandas as pd
 from torch import nn
-from .core import UserError
+from .core import UserError, loading_weights
 from .diffusion import denoiser_name, load_pipeline
 from .evaluate import evaluate
 from .config import model_source
@@ -174,21 +174,23 @@ def load_tuned_unet(source:str|Path, # run folder, UNet/transformer folder, LoRA
     for cand in (p/"final"/"combined", p/"final"/"unet", p/"final"/"transformer", p/"final"/"lora"):
         if cand.exists(): p = cand; break
     if (p/"model_index.json").exists():
-        return combined_class(json.loads((p/"model_index.json").read_text())).from_pretrained(str(p)).fine_tuned_denoiser
+        with loading_weights(p): return combined_class(json.loads((p/"model_index.json").read_text())).from_pretrained(str(p)).fine_tuned_denoiser
     if (p/"config.json").exists():
         name = json.loads((p/"config.json").read_text()).get("_class_name")
         if name not in DENOISER_CLASSES: raise UserError(f"'{source}' holds a {name}, not a UNet or transformer folder")
-        return getattr(diffusers, name).from_pretrained(str(p), use_safetensors=True)
+        with loading_weights(p): return getattr(diffusers, name).from_pretrained(str(p), use_safetensors=True)
     lora = (p/"pytorch_lora_weights.safetensors").exists()
     if lora or (p/"adapter_config.json").exists():
         if base_pipe is None: raise UserError(f"'{source}' is a LoRA: pass the base pipeline it was trained on")
         if lora:
-            pipe = copy.deepcopy(base_pipe); pipe.load_lora_weights(str(p)); pipe.fuse_lora(); pipe.unload_lora_weights()
+            pipe = copy.deepcopy(base_pipe)
+            with loading_weights(p): pipe.load_lora_weights(str(p))
+            pipe.fuse_lora(); pipe.unload_lora_weights()
             return pipe.components[denoiser_name(pipe)]
         from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict   # peft's layout (PixArt-α)
         from safetensors.torch import load_file
         model = inject_adapter_in_model(LoraConfig.from_pretrained(str(p)), copy.deepcopy(base_pipe.transformer))
-        set_peft_model_state_dict(model, load_file(str(p/"adapter_model.safetensors")))
+        with loading_weights(p): set_peft_model_state_dict(model, load_file(str(p/"adapter_model.safetensors")))
         return strip_lora(model, merge=True)
     raise UserError(f"'{source}' is not a run folder, UNet or transformer folder, LoRA folder or combined pipeline folder")
 

@@ -21,16 +21,16 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
-from .checkpoint import (TRAINABLE_FILE, _check_trainable_names, check_resume, load_sharded, load_state, resume_point,
+from .checkpoint import (TRAINABLE_FILE, _RESUME_FIX, _check_trainable_names, check_resume, load_sharded, load_state, resume_point,
                                   rng_state, save_sharded, save_state, set_rng_state)
 from .config import ModelConfig, OptimizerConfig, TrainConfig, config_yaml, load_config, model_source
-from .core import UserError, atomic_path, atomic_write_text, save_safetensors, seed_everything
+from .core import UserError, atomic_path, atomic_write_text, loading_weights, save_safetensors, seed_everything
 from .data import EpochBatches, PromptDataset, collate_batch, load_image_captions, load_prompts
-from .diffusion import Backbone
+from .diffusion import Backbone, check_steps
 from .export import export_base, save_combined, save_tuned, upload_to_hub
 from .metrics import feature_diversity, load_features
 from .objectives import make_objective
-from .rewards import load_reward
+from .rewards import load_reward, reward_contract
 from .runfolder import (RunLock, checkpoint_step, checkpoints, commit_checkpoint, find_checkpoint,
                                  flat_items, record_provenance, rotate_checkpoints, verify_checkpoint)
 from .sampling import combined_pipeline, pipe_like
@@ -105,7 +105,7 @@ class Trainer:
         self.frozen_dtype = low if c.model.frozen_dtype == "auto" else torch.float32
         backbone.freeze(self.frozen_dtype)
         for m in backbone.frozen_modules: m.to(acc.device)
-        self.reward = reward.requires_grad_(False).eval().to(acc.device, self.frozen_dtype) if reward is not None else None
+        self.reward = reward_contract(reward).requires_grad_(False).eval().to(acc.device, self.frozen_dtype) if reward is not None else None
         if (e := getattr(objective, "consistency_features", None)) is not None: e.requires_grad_(False).eval().to(acc.device)
         v = c.validation
         self.combined_val = bool(v.every and v.original_unet_steps is not None and val_prompts)
@@ -229,7 +229,7 @@ def load_checkpoint(self:Trainer, path:str|Path):
                         "resume with the accelerate config it was written with")
     if self.fsdp: load_sharded(self.model, self.optimizer.optimizer, path)
     else:
-        weights, named = load_file(str(path/TRAINABLE_FILE)), self.named_trainable()
+        with loading_weights(path/TRAINABLE_FILE, _RESUME_FIX): weights, named = load_file(str(path/TRAINABLE_FILE)), self.named_trainable()
         _check_trainable_names(path, weights, named)
         with torch.no_grad():
             for n, p in named.items(): p.copy_(weights[n])
@@ -430,7 +430,8 @@ def fit(self:Trainer, report:bool=True, # print the closing message
                            f"they changed nothing; the last good checkpoint (finite weights, from before step {self.step}) is "
                            f"{last or 'none'}; lower optimizer.lr or set optimizer.max_grad_norm"}[status]
         if report and acc.is_main_process: print(msg)
-        return dict(status=status, step=self.step, skipped_updates=self.skipped, message=msg, checkpoint=last, out_dir=self.out)
+        return dict(status=status, step=self.step, skipped_updates=self.skipped, message=msg, checkpoint=last, out_dir=self.out,
+                    signal=self._signal)   # SIGINT/SIGTERM got while training (None: none), also one that came too late to stop it
     finally: lock.release()
 
 # %% ../nbs/16_train.ipynb #d58df879
@@ -472,6 +473,7 @@ def build_data(cfg:TrainConfig, needs_images:bool, resolution:int)->torch.utils.
 def train(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped config name, mapping or TrainConfig
           overrides:list[str]|None=None,               # `key=value` overrides (dotted keys for sections)
           diversity=None,                              # optional (images, prompt_ids) -> float for validation
+          report:bool=True,                            # print the closing message (a caller that says its own: False)
          )->dict:
     "Run the training a config describes; returns `Trainer.fit`'s summary (a diverged run raises `UserError`)."
     cfg = load_config(config, overrides)
@@ -489,9 +491,10 @@ def train(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped confi
     data = build_data(cfg, objective.needs_images, backbone.resolution)
     v = cfg.validation
     val_prompts = load_prompts(v.prompts, v.split, v.num_prompts) if v.every else None
+    if v.every: check_steps(backbone.scheduler, v.num_inference_steps, "validation.num_inference_steps")   # before the run folder is touched
     if diversity is None and v.every and v.diversity_features: diversity = feature_diversity(v.diversity_features)
     trainer = Trainer(cfg, backbone, objective, reward, data, val_prompts, diversity, base_source=source)
     result = trainer.fit(report=False)
     if result["status"] == "diverged": raise UserError(result["message"])   # printed once, by the caller
-    if trainer.accelerator.is_main_process: print(result["message"])
+    if report and trainer.accelerator.is_main_process: print(result["message"])
     return result

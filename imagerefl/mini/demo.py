@@ -6,7 +6,7 @@ Docs: https://imagerefl.github.io/imagerefl/mini_demo.html.md"""
 
 # %% ../../nbs/24_mini_demo.ipynb #23747935
 from __future__ import annotations
-import functools, json, math, time
+import contextlib, functools, json, math, os, signal, time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd, torch
@@ -14,7 +14,8 @@ from diffusers import UNet2DConditionModel
 from ..checkpoint import TRAINABLE_FILE
 from ..runfolder import run_files
 from ..claims import NO_CFG_COMBINED, _same, judge_claims, with_levels, control_levels
-from ..core import UserError, atomic_write_text, quiet_loading, seed_everything
+from ..core import (SEED_MAX, Interrupted, UserError, atomic_write_text, check_seed, interruptible, loading_weights,
+                            quiet_loading, seed_everything)
 from ..sampling import BaseStepsCache
 from ..sweeps import Setting, evaluate_setting, load_models, load_tuned_unet
 
@@ -263,7 +264,7 @@ def load_checkpoint_unet(run:str|Path, # a training run folder
     from safetensors.torch import load_file
     p = Path(run)/"checkpoints"/f"checkpoint-{step}"/TRAINABLE_FILE
     if not p.is_file(): raise UserError(f"no checkpoint at step {step} in {run}: train with checkpoint_every dividing {step}")
-    unet, sd = copy.deepcopy(base_pipe.unet), load_file(str(p))
+    with loading_weights(p): unet, sd = copy.deepcopy(base_pipe.unet), load_file(str(p))
     missing, unexpected = unet.load_state_dict(sd, strict=False)
     if unexpected or not sd: raise UserError(f"{p} is not a full-UNet checkpoint of this base model (LoRA runs are not supported here)")
     return unet.eval()
@@ -283,8 +284,12 @@ def _train_once(config:str, out:Path, plan:DemoPlan, seed:int, reward:str="prefe
     steps = checkpoint_steps(plan, model)
     every = steps[0] if all(s % steps[0] == 0 for s in steps) else 1
     extra = plan.train_overrides.get(model, ())
-    train(config, [f"out_dir={out}", f"seed={seed}", f"max_steps={train_steps_of(plan, model)}", "resume=latest", f"reward.name={demo_reward(reward)}",
-                   f"checkpoint_every={every}", f"keep_checkpoints={train_steps_of(plan, model)//every + 1}", *extra])
+    r = train(config, report=False, overrides=[f"out_dir={out}", f"seed={seed}", f"max_steps={train_steps_of(plan, model)}", "resume=latest", f"reward.name={demo_reward(reward)}",
+                       f"checkpoint_every={every}", f"keep_checkpoints={train_steps_of(plan, model) + 1}", *extra])   # room for one per step: interruptions add some
+    if r["status"] == "interrupted" or r.get("signal"):   # Ctrl-C or SIGTERM while it trained: the demo stops too
+        raise Interrupted(f"training {out.name} stopped at step {r['step']}, its checkpoint saved" if r["status"] == "interrupted"
+                          else f"training {out.name} finished", r.get("signal") or signal.SIGINT)
+    print(r["message"])       # (an interrupted run's own advice, `--set resume=latest`, is not the demo's: the demo says how to continue)
     return out
 
 def _say(progress, msg):
@@ -301,6 +306,9 @@ def demo(out_dir:str|Path="demo",  # output folder
     "Train ReFL and ImageReFL on the mini world (several seeds), evaluate every setting and its controls, write results, figures and a report."
     demo_reward(reward)
     plan = plan or DEMO_PLANS["quick" if quick else "full"]
+    check_seed(seed)
+    if seed + max(plan.train_seeds) > SEED_MAX:
+        raise UserError(f"seed={seed}: the demo also trains with seed + {max(plan.train_seeds)}, so give at most {SEED_MAX - max(plan.train_seeds)}")
     base_g, tuned_g = ({float(g) for g in gs} for gs in (plan.base_guidances, plan.tuned_guidances))
     if not {1.0, float(plan.base_guidance)} <= base_g:
         raise UserError(f"the plan's base_guidances {plan.base_guidances} must include 1 and base_guidance={plan.base_guidance}: they are the controls")
@@ -316,7 +324,11 @@ def demo(out_dir:str|Path="demo",  # output folder
         raise UserError(f"{out} holds a demo on the {was} reward, not {reward}: choose another output folder")
     out.mkdir(parents=True, exist_ok=True); atomic_write_text(out/"demo.json", json.dumps(dict(reward=reward)) + "\n")
     threads = torch.get_num_threads(); torch.set_num_threads(plan.threads)
-    try: return _demo(Path(out_dir), plan, quick, seed, progress, workers, reward)
+    try:
+        with interruptible(): return _demo(Path(out_dir), plan, quick, seed, progress, workers, reward)
+    except KeyboardInterrupt as e:         # no later stage runs; finished training and evaluations are reused by a rerun
+        raise Interrupted(f"the demo stopped ({e or 'interrupted'}); what finished in {out} is kept for the next run with the "
+                          "same arguments", getattr(e, "signum", signal.SIGINT)) from None
     finally: torch.set_num_threads(threads)
 
 @functools.lru_cache(maxsize=1)
@@ -361,11 +373,27 @@ def _demo_job(out:Path, plan:DemoPlan, seed:int, model:str, train_seed:int|None,
     timings[f"evaluate {model}" + (f", seed {train_seed}" if train_seed is not None else "")] = time.time() - t
     return timings, rows
 
-def _demo_job_args(args:tuple)->tuple: return _demo_job(*args)
+class _UnitStopped(Exception):
+    "A worker's unit was interrupted (an `Exception`, which the pool hands back, where a `KeyboardInterrupt` loses the worker)."
 
-def _worker_init(loading_bars:bool):
-    "A worker shows diffusers' and transformers' loading bars only if the calling process does."
+_STOP = None    # in a worker: the demo's stop event (set: start no more units)
+
+def _demo_job_args(args:tuple)->tuple:
+    "One unit in a worker: not started once the demo stops; SIGINT during it stops it as Ctrl-C stops the demo."
+    try:
+        with interruptible():               # installed first, then the event read: a signal sent after it is set is never missed
+            if _STOP is not None and _STOP.is_set(): raise Interrupted("not started")
+            return _demo_job(*args)
+    except KeyboardInterrupt as e: raise _UnitStopped(str(e)) from None
+
+def _worker_init(loading_bars:bool, stop=None):
+    "A worker: diffusers' and transformers' loading bars only if the calling process shows them; signals only from the demo's process."
+    global _STOP
+    _STOP = stop
     if not loading_bars: quiet_loading()
+    os.setpgrp()                                   # out of the terminal's group: Ctrl-C reaches the demo's process, which passes it on once
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # in the background group, output to the terminal still goes through
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # between units; during one, `interruptible` (or the trainer) handles it
 
 def _demo_jobs(settings:list)->list:
     "The demo's units of work, largest first: the base sweep, and one per training run (its training and its settings)."
@@ -382,15 +410,35 @@ def _run_jobs(out, plan, seed, progress, workers, jobs, total, reward="preferenc
         from diffusers.utils import logging as dlog
         n = min(workers, len(args))
         _say(progress, f"{len(args)} units of work (one per training run, one for the base sweep) on {n} processes")
-        pool = mp.get_context("spawn").Pool(n,                          # fresh processes: no state forked from this one
-                                            initializer=_worker_init, initargs=(dlog.is_progress_bar_enabled(),))
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        ctx = mp.get_context("spawn"); stop = ctx.Event()          # fresh processes: no state forked from this one
+        pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init, initargs=(dlog.is_progress_bar_enabled(), stop))
+        done, stopped, signals, stopping, failed = [], [], [], [], []
+        def stop_all(signum=None):
+            "SIGINT/SIGTERM here, or a unit stopped or failed: each worker ends its unit (a training saves a checkpoint), none starts another."
+            if signum is not None:
+                if signals: raise Interrupted(f"{signal.Signals(signum).name} again: stopped at once", signum)   # a second: now
+                signals.append(signum)
+            if stopping: return
+            stopping.append(True); stop.set()
+            for p in mp.active_children():
+                with contextlib.suppress(ProcessLookupError): os.kill(p.pid, signal.SIGINT)
         try:
-            done = list(pool.imap_unordered(_demo_job_args, args))        # the first failure surfaces when it happens
-            pool.close()
-        except BaseException:
-            pool.terminate()        # the other units stop too; checkpoints are written atomically, a rerun resumes them
+            with interruptible(stop_all):
+                for f in as_completed([pool.submit(_demo_job_args, a) for a in args]):
+                    try: done.append(f.result())
+                    except _UnitStopped as e: stopped.append(str(e)); stop_all()
+                    except Exception as e: failed.append(e); stop_all()    # the first failure: the others stop, then it surfaces
+            pool.shutdown()
+        except BaseException:       # a second signal: the workers end at once (checkpoints are written atomically)
+            for p in mp.active_children(): p.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
-        finally: pool.join()
+        if failed: raise failed[0]
+        if stopped or signals:
+            what = [m for m in dict.fromkeys(stopped) if m.startswith("training")]
+            raise Interrupted("; ".join(what) or f"{signal.Signals(signals[0] if signals else signal.SIGINT).name} received",
+                              signals[0] if signals else signal.SIGINT)
     timings, rows = {}, {}
     for t, r in done: timings.update(t); rows.update(r)
     return timings, [rows[i] for i in range(total)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
-from ..core import UserError, resolve_device
+from ..core import UserError, loading_weights, resolve_device
 from .data import digit_from_prompt
 
 # %% auto #0
@@ -115,8 +115,10 @@ def _load_mini_net(path, default_name, kind, device, dtype):
     from safetensors.torch import load_file
     path = _require(path if path is not None else mini_assets_dir()/default_name, f"{kind} weights")
     try:
-        with safe_open(str(path), "pt") as fh: cfg = json.loads(fh.metadata()["config"])
-        sd = load_file(str(path))
+        with loading_weights(path, "run `imagerefl mini pretrain` to make it again"):
+            with safe_open(str(path), "pt") as fh: cfg = json.loads(fh.metadata()["config"])
+            sd = load_file(str(path))
+    except UserError: raise
     except Exception as e:
         raise UserError(f"'{path}' is not a mini-world {kind} safetensors file ({type(e).__name__}): run `imagerefl mini pretrain`") from None
     if cfg.pop("kind") != kind: raise UserError(f"'{path}' holds mini-world {cfg} weights, not {kind}")

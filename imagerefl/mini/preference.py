@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
-from ..core import UserError, atomic_write_text, resolve_device, save_safetensors
+from ..core import UserError, atomic_write_text, loading_weights, resolve_device, save_safetensors
 from .data import digit_from_prompt, mini_digits
 from .nets import MINI_RESOLUTION, mini_assets_dir, to_mini_input, load_mini_reward, _require
 
@@ -175,8 +175,10 @@ def load_mini_preference(path:str|Path|None=None, # `.safetensors`; None = the s
     if not Path(path).exists():
         raise UserError(f"mini-world preference weights not found at {path}: run `imagerefl mini preference` to create them")
     try:
-        with safe_open(str(path), "pt") as fh: cfg = json.loads(fh.metadata()["config"])
-        sd = load_file(str(path))
+        with loading_weights(path, "run `imagerefl mini preference` to make it again"):
+            with safe_open(str(path), "pt") as fh: cfg = json.loads(fh.metadata()["config"])
+            sd = load_file(str(path))
+    except UserError: raise
     except Exception as e:
         raise UserError(f"'{path}' is not a mini-world preference safetensors file ({type(e).__name__}): run `imagerefl mini preference`") from None
     if cfg.pop("kind", None) != "preference": raise UserError(f"'{path}' holds other mini-world weights ({cfg}), not the preference network")

@@ -9,8 +9,8 @@ Written by hand (nbdev writes the modules, not this file)."""
 
 from .preprocess import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, resize_center_crop, normalize, PREPROCESSING, check_preprocessing,
                          to_uint8_pil, hps_eval_pixels, imagereward_eval_pixels, clip_image_processor, clip_processor_pixels)
-from .registry import (Reward, as_image_batch, check_reward_inputs, register_reward, reward_names, check_reward_name,
-                       checkpoint_blocks, load_reward, resolve_file, REWARDS)
+from .registry import (Reward, as_image_batch, check_reward_inputs, check_reward_output, RewardContract, reward_contract,
+                       register_reward, reward_names, check_reward_name, checkpoint_blocks, load_reward, resolve_file, REWARDS)
 from .clip import (OpenCLIPReward, open_clip_model, load_hps_state_dict, state_dict_mismatch, load_hps_v21, load_hps_v2,
                    HFCLIPReward, load_pickscore, load_clip_score, processor_folder, hf_clip_parts, CLIPProcessorEvaluation)
 from .imagereward import ImageRewardReward, load_imagereward, bert_tokenizer
@@ -18,7 +18,7 @@ from .mps import MPSReward, MPSCrossModel, convert_mps_checkpoint, read_mps_pick
 
 __all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "resize_center_crop", "normalize", "PREPROCESSING", "check_preprocessing",
            "to_uint8_pil", "hps_eval_pixels", "imagereward_eval_pixels", "clip_image_processor", "clip_processor_pixels", "Reward", "as_image_batch",
-           "check_reward_inputs", "register_reward", "reward_names", "check_reward_name", "checkpoint_blocks", "load_reward",
+           "check_reward_inputs", "check_reward_output", "RewardContract", "reward_contract", "register_reward", "reward_names", "check_reward_name", "checkpoint_blocks", "load_reward",
            "resolve_file", "REWARDS", "OpenCLIPReward", "open_clip_model", "load_hps_state_dict", "state_dict_mismatch",
            "load_hps_v21", "load_hps_v2", "HFCLIPReward", "load_pickscore", "load_clip_score", "processor_folder",
            "hf_clip_parts", "CLIPProcessorEvaluation", "ImageRewardReward", "load_imagereward", "bert_tokenizer", "MPSReward", "MPSCrossModel",

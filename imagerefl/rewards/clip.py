@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 import torch, torch.nn.functional as F
 from torch import nn
-from ..core import UserError, check_source
+from ..core import UserError, check_source, loading_weights
 from .preprocess import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_image_processor, clip_processor_pixels,
                                           hps_eval_pixels)
 from .registry import Reward, register_reward, resolve_file
@@ -63,7 +63,7 @@ def state_dict_mismatch(model:nn.Module, sd:dict)->str:
 def _load_hps(path, arch, filename):
     file = resolve_file(path, "xswu/HPSv2", filename, "the HPS checkpoint")
     model, tok = open_clip_model(arch or "ViT-H-14")
-    sd = load_hps_state_dict(file)
+    with loading_weights(file): sd = load_hps_state_dict(file)
     try: model.load_state_dict(sd, strict=True)
     except RuntimeError:
         raise UserError(f"'{file}' does not fit open_clip {arch if isinstance(arch, str) else 'ViT-H-14' if arch is None else 'arch'} "
@@ -103,7 +103,7 @@ def hf_clip_parts(path, processor_path, default_processor:str, what:str):
     folder = check_source(path, f"a {what} folder (transformers CLIPModel)", "config.json")
     if processor_path is None: processor_path = folder if _has_processor(folder) else default_processor
     proc = processor_folder(processor_path)
-    model = CLIPModel.from_pretrained(folder, dtype=torch.float32)
+    with loading_weights(folder): model = CLIPModel.from_pretrained(folder, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(proc)
     if len(tok) < 1000: raise UserError(f"the tokenizer in '{proc}' has only {len(tok)} tokens: pass processor_path=<a folder with the CLIP tokenizer files>")
     ip = clip_image_processor(proc)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 import torch
 from torch import nn
-from ..core import UserError, hub_offline
+from ..core import UserError, hub_offline, loading_weights
 from .preprocess import imagereward_eval_pixels
 from .registry import Reward, register_reward, resolve_file
 
@@ -100,7 +100,9 @@ def load_imagereward(path=None, # ImageReward.pt, a folder with it, or a hub id 
     "ImageReward-v1.0 from the official `ImageReward.pt`, standardised as `ImageReward.score`."
     file = resolve_file(path, "THUDM/ImageReward", "ImageReward.pt", "the ImageReward checkpoint")
     r = ImageRewardReward(arch, bert_tokenizer(tokenizer_path or bert_vocab))
-    try: sd = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        with loading_weights(file): sd = torch.load(file, map_location="cpu", weights_only=True)
+    except UserError: raise
     except Exception as e: raise UserError(f"'{file}' is not a readable ImageReward.pt ({type(e).__name__}: {str(e)[:100]})") from None
     sd = {imagereward_key(k): v for k, v in sd.items()}
     sd.pop(None, None)

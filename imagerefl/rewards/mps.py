@@ -10,7 +10,7 @@ import json, pickle, types
 from pathlib import Path
 import torch, torch.nn.functional as F
 from torch import nn
-from ..core import UserError, save_safetensors
+from ..core import UserError, loading_weights, save_safetensors
 from .clip import CLIPProcessorEvaluation, processor_folder
 from .preprocess import clip_image_processor
 from .registry import Reward, register_reward
@@ -181,7 +181,8 @@ def _clip_config_dict(cfg:dict)->dict:
 def read_mps_pickle(src:str|Path)->tuple[dict, dict]:
     "Tensors and CLIP config of the official pickled MPS checkpoint (classes stubbed, no MPS code needed)."
     mod = types.SimpleNamespace(Unpickler=_MPSUnpickler, load=pickle.load, __name__="pickle")
-    try: obj = torch.load(src, map_location="cpu", weights_only=False, pickle_module=mod)
+    try:
+        with loading_weights(src): obj = torch.load(src, map_location="cpu", weights_only=False, pickle_module=mod)
     except UserError: raise
     except Exception as e: raise UserError(f"'{src}' is not a readable MPS checkpoint ({type(e).__name__}: {str(e)[:100]})") from None
     model = getattr(obj, "model", None)
@@ -215,9 +216,10 @@ def load_mps(path=None, # MPS_overall_checkpoint.pth (needs allow_pickle) or its
     if p.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
-        with safe_open(str(p), "pt") as f: meta = f.metadata() or {}
-        if meta.get("imagerefl") != "mps": raise UserError(f"'{path}' was not written by convert_mps_checkpoint: convert the official .pth with it")
-        sd, cfg = load_file(str(p)), json.loads(meta["clip_config"])
+        with loading_weights(p):
+            with safe_open(str(p), "pt") as f: meta = f.metadata() or {}
+            if meta.get("imagerefl") != "mps": raise UserError(f"'{path}' was not written by convert_mps_checkpoint: convert the official .pth with it")
+            sd, cfg = load_file(str(p)), json.loads(meta["clip_config"])
     elif not allow_pickle:
         raise UserError(f"'{p.name}' is a pickled module, which can run code when loaded: pass allow_pickle=True if you trust it, "
                         f"or convert it once with imagerefl.rewards.mps.convert_mps_checkpoint(src, dst) and pass the .safetensors")

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Callable
 import torch
 from torch import Tensor, nn
-from ..core import UserError, error_line, hub_offline, looks_like_path, resolve_device
+from ..core import UserError, error_line, hub_offline, loading_weights, looks_like_path, resolve_device
 from ..data import resize_center_crop
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_preprocessing, normalize, to_uint8_pil
 
 # %% auto #0
-__all__ = ['REWARDS', 'Reward', 'as_image_batch', 'check_reward_inputs', 'register_reward', 'reward_names', 'check_reward_name',
-           'checkpoint_blocks', 'load_reward', 'resolve_file', 'load_mini_digits', 'load_mini_preference_reward']
+__all__ = ['REWARDS', 'Reward', 'as_image_batch', 'check_reward_inputs', 'check_reward_output', 'RewardContract',
+           'reward_contract', 'register_reward', 'reward_names', 'check_reward_name', 'checkpoint_blocks',
+           'load_reward', 'resolve_file', 'load_mini_digits', 'load_mini_preference_reward']
 
 # %% ../../nbs/05_rewards.ipynb #2c53cdde
 class Reward(nn.Module):
@@ -98,6 +99,49 @@ def check_reward_inputs(images, prompts):
     if isinstance(prompts, str) or len(prompts) != len(images) or not all(isinstance(p, str) for p in prompts):
         raise UserError(f"a reward takes one prompt string per image: {len(images)} images, got {prompts!r:.80}")
 
+# %% ../../nbs/05_rewards.ipynb #d5c73a10
+def check_reward_output(scores,  # what the reward returned
+                        images,  # the images it scored
+                        prompts, # their prompts
+                        name:str, # the reward, for the message
+                       )->Tensor: # the scores, (B,)
+    "A reward's scores as (B,) if they meet the reward contract, else a one-line `UserError` naming the reward."
+    n = len(prompts) if isinstance(prompts, (list, tuple)) else len(images) if torch.is_tensor(images) else None
+    want = f"expected a float tensor of shape ({n},), one finite score per image"
+    if not torch.is_tensor(scores):
+        shape = f" of shape {tuple(scores.shape)}" if hasattr(scores, "shape") else f" ({scores!r:.40})"
+        raise UserError(f"reward '{name}' returned a {type(scores).__name__}{shape}: {want}")
+    if scores.shape == (n, 1): scores = scores[:, 0]
+    if scores.ndim != 1 or (n is not None and len(scores) != n):
+        raise UserError(f"reward '{name}' returned a tensor of shape {tuple(scores.shape)} for {n} images: {want} (or ({n}, 1))")
+    if not scores.is_floating_point(): raise UserError(f"reward '{name}' returned {scores.dtype} scores: {want}")
+    x = images if torch.is_tensor(images) else None
+    if x is not None and x.requires_grad and torch.is_grad_enabled() and not scores.requires_grad:
+        raise UserError(f"reward '{name}' returned scores without a gradient (computed outside torch's autograd: numpy, .item(), "
+                        "no_grad or .detach()): training needs them computed from the images in torch")
+    bad = ~torch.isfinite(scores.detach())
+    if bad.any() and (x is None or bool(torch.isfinite(x.detach()).all())):   # non-finite images: not the reward's fault
+        raise UserError(f"reward '{name}' returned {int(bad.sum())} non-finite score(s) of {len(scores)} "
+                        f"({scores.detach()[bad][0].item()}) for finite images: {want}")
+    return scores
+
+class RewardContract:
+    "A reward's forward hook: its output goes through `check_reward_output`."
+    def __init__(self, name:str): self.name = name
+    def __call__(self, module, args, kwargs, out):
+        images = args[0] if args else kwargs.get("images")
+        prompts = args[1] if len(args) > 1 else kwargs.get("prompts")
+        return check_reward_output(out, images, prompts, self.name)
+
+def reward_contract(reward:nn.Module, # a reward, registered or your own
+                    name:str|None=None, # its name in messages; None: its class name
+                   )->nn.Module:      # the same module
+    "Check `reward`'s output on every call from now on; a reward that already has the check keeps its one."
+    if getattr(reward, "_reward_contract", None) is None:
+        reward._reward_contract = RewardContract(name or type(reward).__name__)
+        reward.register_forward_hook(reward._reward_contract, with_kwargs=True)
+    return reward
+
 # %% ../../nbs/05_rewards.ipynb #7cd32b4a
 REWARDS: dict[str, Callable] = {}
 
@@ -168,9 +212,10 @@ def load_reward(name:str,          # one of `reward_names()`, or `module:attribu
     else: raise UserError(f"unknown reward '{name}'; known rewards: {', '.join(reward_names())}, or module:attribute for your own")
     try: inspect.signature(f).bind(**kw)
     except TypeError as e: raise UserError(f"reward '{name}' does not take these options ({e}); it takes {inspect.signature(f)}") from None
-    if name in REWARDS: r = f(**kw)
-    else:                            # a reward of your own that fails to build: one line that names it
-        try: r = f(**kw)
+    if name in REWARDS: r = f(**kw)      # (each family's loader reads its files through `loading_weights`)
+    else:                                # a reward of your own that fails to build: one line that names it
+        try:
+            with loading_weights(path): r = f(**kw)     # ... or the damaged checkpoint file it was given
         except UserError: raise
         except Exception as e: raise UserError(f"reward '{name}' failed to build ({error_line(e)}): fix its constructor or loader") from None
     if not isinstance(r, nn.Module): raise UserError(f"reward '{name}' gave a {type(r).__name__}: a reward must be a torch nn.Module")
@@ -181,7 +226,7 @@ def load_reward(name:str,          # one of `reward_names()`, or `module:attribu
         checkpoint_blocks(r.vision_blocks())
     if device is not None: r = r.to(resolve_device(device))
     if dtype is not None: r = r.to(dtype)
-    return r.requires_grad_(False).eval()
+    return reward_contract(r.requires_grad_(False).eval(), name)
 
 # %% ../../nbs/05_rewards.ipynb #cbf5a41d
 def resolve_file(path, repo:str, filename:str, what:str)->Path:
