@@ -155,6 +155,14 @@ class _TwoUNets:
         if isinstance(cfg, dict) and isinstance(cfg.get("_class_name"), (list, tuple)): cfg["_class_name"] = cls.__name__
         return out
 
+# %% ../nbs/10_sampling.ipynb #e5f6a7b8
+@patch(cls_method=True)
+def _dict_from_json_file(cls:_TwoUNets, json_file):
+    "diffusers' reader of `model_index.json` with a remote-code `_class_name` replaced by this class (its `download` reads it so too)."
+    cfg = super(_TwoUNets, cls)._dict_from_json_file(json_file)
+    if isinstance(cfg.get("_class_name"), (list, tuple)): cfg["_class_name"] = cls.__name__
+    return cfg
+
 # %% ../nbs/10_sampling.ipynb #f531849e
 @patch
 def _eps(self:_TwoUNets, unet, latents, t, embeds, added, g:float):

@@ -150,11 +150,12 @@ def sdxl(home:Path):
     pipe = StableDiffusionXLPipeline(**{**p.components, "scheduler": sched}, force_zeros_for_empty_prompt=True, add_watermarker=False)
     files = saved(pipe)
     edit_json(files, "model_index.json", add_watermarker=None)
+    files.update({k.replace("vae/", "vae_1_0/"): v for k, v in files.items() if k.startswith("vae/")})  # the fixed VAE: fetched too
     folders = dict(text_encoder="model", text_encoder_2="model", unet="diffusion_pytorch_model", vae="diffusion_pytorch_model")
     write_repo(home, "stabilityai/stable-diffusion-xl-base-1.0", files,
                absent=[*_variants(folders), "sd_xl_base_1.0.safetensors", "sd_xl_base_1.0_0.9vae.safetensors",
                        "sd_xl_offset_example-lora_1.0.safetensors", "README.md", ".gitattributes",
-                       "vae_1_0/config.json", "vae_1_0/diffusion_pytorch_model.safetensors", "unet/openvino_model.bin",
+                       "vae_1_0/diffusion_pytorch_model.fp16.safetensors", "unet/openvino_model.bin",
                        "text_encoder/model.onnx", "unet/model.onnx"])
 
 def pixart(home:Path):
@@ -267,7 +268,7 @@ def dino(home:Path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(40)
         m = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
-                               image_size=32, patch_size=8), add_pooling_layer=False)
+                               image_size=32, patch_size=8))
     files = saved(m)
     files.update(saved(ViTImageProcessor(size={"height": 224, "width": 224})))
     write_repo(home, "facebook/dino-vits16", files, absent=["pytorch_model.bin", "README.md", ".gitattributes"])
@@ -373,6 +374,36 @@ def environment(home:str|Path, mode:str, base:dict|None=None)->dict:
     else: env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", HF_DATASETS_OFFLINE="1")
     return env
 
+def execute(commands:list[str], # command lines: `imagerefl ...`, `papermill ...`, or `python: <code>`
+            log_dir:Path|None=None, # each command's output goes to log_dir/<n>.log
+           )->list[dict]:           # per command: the command, its exit status, seconds
+    """Run command lines in this process, one after the other, as a user types them: `imagerefl` through its entry
+    point, `papermill` through its command line (each notebook in its own kernel), Python snippets with `exec`. This
+    process's environment is the one the commands see, so start it with `environment(home, mode)`."""
+    import contextlib, shlex, time, traceback
+    out = []
+    for n, cmd in enumerate(commands):
+        log = io.StringIO(); t0 = time.time()
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            try:
+                if cmd.startswith("python:"):
+                    exec(compile(cmd[len("python:"):], f"<snippet {n}>", "exec"), {"__name__": "__snippet__"}); rc = 0
+                else:
+                    argv = shlex.split(cmd)
+                    if argv[0] == "imagerefl":
+                        from imagerefl.cli import main
+                        rc = main(argv[1:])
+                    elif argv[0] == "papermill":
+                        from papermill.cli import papermill as papermill_cli
+                        papermill_cli.main(args=argv[1:], standalone_mode=False); rc = 0
+                    else: raise ValueError(f"cannot run {argv[0]!r} here")
+            except SystemExit as e: rc = e.code if isinstance(e.code, int) else 1
+            except BaseException: traceback.print_exc(); rc = 1
+        out.append(dict(command=cmd, returncode=rc, seconds=round(time.time() - t0, 1)))
+        if log_dir is not None: Path(log_dir).mkdir(parents=True, exist_ok=True); (Path(log_dir)/f"{n:02d}.log").write_text(log.getvalue())
+        print(f"[{rc}] {time.time() - t0:5.1f} s  {cmd[:150]}", file=sys.__stdout__, flush=True)
+    return out
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if len(args) >= 2 and args[0] == "build":
@@ -380,6 +411,9 @@ if __name__ == "__main__":
     elif len(args) == 3 and args[0] == "env":
         for k, v in sorted(environment(args[1], args[2]).items()):
             if k.startswith(("HF_", "TRANSFORMERS_", "DIFFUSERS_")): print(f"{k}={v}")
+    elif len(args) == 3 and args[0] == "execute":           # execute COMMANDS.json RESULTS.json (started in the environment)
+        res = execute(json.loads(Path(args[1]).read_text()), Path(args[2]).with_suffix(".logs"))
+        Path(args[2]).write_text(json.dumps(res, indent=1))
     elif len(args) >= 4 and args[0] == "run" and "--" in args:
         home, mode, cmd = args[1], args[2], args[args.index("--") + 1:]
         build(home)
