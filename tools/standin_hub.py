@@ -340,15 +340,19 @@ REPOS = {                           # hub id -> builder; the ids the shipped con
 def build(home:str|Path,            # the HF_HOME to fill (created)
           force:bool=False,         # rebuild even if a complete build of this version is there
          )->Path:
-    "Write every stand-in into `home` once (a stamp file marks a complete build); returns `home`."
+    "Write every stand-in into `home` once (a stamp file marks a complete build; a lock lets parallel callers share it)."
+    import fcntl
     home = Path(home); stamp = home/"standin.json"
-    if not force and stamp.exists() and json.loads(stamp.read_text()).get("version") == VERSION: return home
-    if home.exists(): shutil.rmtree(home)
-    home.mkdir(parents=True)
-    import torch
-    with torch.random.fork_rng(devices=[]):
-        for build_one in REPOS.values(): build_one(home)
-    stamp.write_text(json.dumps(dict(version=VERSION, repos=sorted(REPOS))))
+    home.parent.mkdir(parents=True, exist_ok=True)
+    with open(home.parent/f".{home.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)                  # another process building the same folder: wait for it
+        if not force and stamp.exists() and json.loads(stamp.read_text()).get("version") == VERSION: return home
+        if home.exists(): shutil.rmtree(home)
+        home.mkdir(parents=True)
+        import torch
+        with torch.random.fork_rng(devices=[]):
+            for build_one in REPOS.values(): build_one(home)
+        stamp.write_text(json.dumps(dict(version=VERSION, repos=sorted(REPOS))))
     return home
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,11 +390,14 @@ def execute(commands:list[str], # command lines: `imagerefl ...`, `papermill ...
         log = io.StringIO(); t0 = time.time()
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             try:
-                if cmd.startswith("python:"):
+                if cmd.startswith("cd "): os.chdir(cmd[3:].strip()); rc = 0
+                elif cmd.startswith("python:"):
                     exec(compile(cmd[len("python:"):], f"<snippet {n}>", "exec"), {"__name__": "__snippet__"}); rc = 0
                 else:
                     argv = shlex.split(cmd)
                     if argv[0] == "imagerefl":
+                        if "accelerate.state" in sys.modules:   # a command starts with accelerate's state as a new process would
+                            sys.modules["accelerate.state"].AcceleratorState._reset_state()
                         from imagerefl.cli import main
                         rc = main(argv[1:])
                     elif argv[0] == "papermill":
