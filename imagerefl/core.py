@@ -188,8 +188,10 @@ def source_file(source:str|Path, # a local folder or a hub id
     "`filename` of a local folder, or of a hub repository (downloaded, or read from the cache offline)."
     p = Path(str(source)).expanduser()
     if p.exists() or looks_like_path(str(source)): return p/filename if (p/filename).is_file() else None
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.file_download import _CACHED_NO_EXIST
+    if try_to_load_from_cache(str(source), filename) is _CACHED_NO_EXIST: return None   # the hub said so before: no call
     try: return Path(hf_hub_download(str(source), filename, local_files_only=hub_offline()))
     except EntryNotFoundError: return None
     except Exception as e: raise UserError(f"could not read {filename} of hub repository '{source}' ({error_line(e)})") from None

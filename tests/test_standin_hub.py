@@ -193,7 +193,7 @@ def run_all(hub:Path, mode:str, work:Path)->list[dict]:
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     before = {p for p in ("runs", "results", "eval", "samples", "demo") if (ROOT/p).exists()}
     r = subprocess.run([sys.executable, str(ROOT/"tools"/"standin_hub.py"), "execute", str(work/"commands.json"), str(work/"results.json")],
-                       cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+                       cwd=work, env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     assert {p for p in ("runs", "results", "eval", "samples", "demo") if (ROOT/p).exists()} == before, "a command wrote into the checkout"
     res = json.loads((work/"results.json").read_text())
@@ -249,7 +249,6 @@ class TestOnline:
         assert (work/"demo"/"report.md").is_file() and (work/"eval"/"summary.csv").is_file()
 
     def test_no_hub_call_waited(self, ran):
-        "A warm cache answers at once: no library retried a refused call (what a file the stand-in lacks would cause)."
+        "A warm cache answers at once: no library retried a refused call (what a file missing from the stand-in causes, ~23 s each)."
         res, work = ran
-        logs = "".join(p.read_text() for p in (work/"results.logs").glob("*.log"))
-        assert "Retrying in" not in logs, re.findall(r"requesting HEAD (\S+)", logs)[:5]
+        assert [(x["command"][:80], x["hub_retries"]) for x in res if x["hub_retries"]] == []

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib, io, json, os, shutil, socket, subprocess, sys, tempfile
 from pathlib import Path
 
-VERSION = "1"                     # bump when a stand-in changes: a cache with another stamp is rebuilt
+VERSION = "3"                     # bump when a stand-in changes: a cache with another stamp is rebuilt
 ROOT = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,24 +241,39 @@ def imagereward(home:Path):
                "tokenizer_config.json": json.dumps(dict(do_lower_case=True)).encode()},
                absent=["model.safetensors", "pytorch_model.bin", "tokenizer.json", "README.md", ".gitattributes"])
 
+# files transformers asks the hub for when it loads a model and that these repositories do not have: a first online
+# load leaves a `.no_exist` marker for each, and with the hub unreachable the marker is what answers at once
+PROBED = ("adapter_config.json",)
+
+def clip_files(seed:int)->dict:
+    "A tiny transformers CLIP in the hub's layout: model, `preprocessor_config.json`, and the tokenizer's files (vocab and merges too)."
+    import tempfile
+    from transformers import CLIPImageProcessor
+    from imagerefl.mini.components import clip_tokenizer, clip_tokenizer_files
+    from imagerefl.testing import tiny_clip_folder
+    with tempfile.TemporaryDirectory(prefix="standin-") as d:
+        files = {k: v for k, v in folder_files(tiny_clip_folder(Path(d)/"m", seed=seed)).items() if k in ("config.json", "model.safetensors")}
+        t = Path(d)/"t"
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(t)
+        clip_tokenizer().save_pretrained(t); clip_tokenizer_files(t)
+        (t/"special_tokens_map.json").write_text(json.dumps(dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                                                 unk_token="<|endoftext|>", pad_token="<|endoftext|>")))
+        files.update(folder_files(t))
+    return files
+
 def clip_repo(home:Path, repo_id:str, seed:int, processor_only:bool=False):
     "A transformers CLIP repository (model, processor, tokenizer), tiny."
-    from imagerefl.testing import tiny_clip_folder
-    with tempfile.TemporaryDirectory(prefix="standin-") as d:
-        tiny_clip_folder(Path(d), seed=seed)
-        files = folder_files(Path(d))
+    files = clip_files(seed)
     if processor_only:              # LAION's ViT-H-14: what PickScore and MPS read from it is its processor
-        files = {k: v for k, v in files.items() if not k.endswith(".safetensors")}
+        files = {k: v for k, v in files.items() if k != "model.safetensors"}
     write_repo(home, repo_id, files, absent=["pytorch_model.bin", "README.md", ".gitattributes", "open_clip_pytorch_model.bin",
-                                             "tf_model.h5", "flax_model.msgpack"])
+                                             "tf_model.h5", "flax_model.msgpack"], no_exist=PROBED)
 
 def pickscore(home:Path):
-    "`yuvalkirstain/PickScore_v1` (a CLIPModel) and its processor repository `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`."
-    from imagerefl.testing import tiny_clip_folder
-    with tempfile.TemporaryDirectory(prefix="standin-") as d:
-        tiny_clip_folder(Path(d), seed=31)
-        files = {k: v for k, v in folder_files(Path(d)).items() if k in ("config.json", "model.safetensors")}
-    write_repo(home, "yuvalkirstain/PickScore_v1", files, absent=["README.md", ".gitattributes", "pytorch_model.bin"])
+    "`yuvalkirstain/PickScore_v1` (a CLIPModel, no processor: it reads LAION's) and `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`."
+    files = {k: v for k, v in clip_files(31).items() if k in ("config.json", "model.safetensors")}
+    write_repo(home, "yuvalkirstain/PickScore_v1", files, absent=["README.md", ".gitattributes", "pytorch_model.bin"],
+               no_exist=[*PROBED, "preprocessor_config.json", "processor_config.json"])
     clip_repo(home, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", 32, processor_only=True)
 
 def dino(home:Path):
@@ -271,7 +286,7 @@ def dino(home:Path):
                                image_size=32, patch_size=8))
     files = saved(m)
     files.update(saved(ViTImageProcessor(size={"height": 224, "width": 224})))
-    write_repo(home, "facebook/dino-vits16", files, absent=["pytorch_model.bin", "README.md", ".gitattributes"])
+    write_repo(home, "facebook/dino-vits16", files, absent=["pytorch_model.bin", "README.md", ".gitattributes"], no_exist=PROBED)
 
 # datasets --------------------------------------------------------------------------------------------------------
 
@@ -349,7 +364,9 @@ def build(home:str|Path,            # the HF_HOME to fill (created)
         if not force and stamp.exists() and json.loads(stamp.read_text()).get("version") == VERSION: return home
         if home.exists(): shutil.rmtree(home)
         home.mkdir(parents=True)
-        import torch
+        import torch, datasets
+        from imagerefl.core import quiet_loading
+        quiet_loading(); datasets.disable_progress_bars()
         with torch.random.fork_rng(devices=[]):
             for build_one in REPOS.values(): build_one(home)
         stamp.write_text(json.dumps(dict(version=VERSION, repos=sorted(REPOS))))
@@ -378,16 +395,30 @@ def environment(home:str|Path, mode:str, base:dict|None=None)->dict:
     else: env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", HF_DATASETS_OFFLINE="1")
     return env
 
-def execute(commands:list[str], # command lines: `imagerefl ...`, `papermill ...`, or `python: <code>`
+def _in_process_engine()->str:
+    "papermill's engine that runs each notebook in a fresh IPython shell of this process (`paper_figures/make.py`'s)."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("imagerefl_make", ROOT/"paper_figures"/"make.py")
+    make = importlib.util.module_from_spec(spec); spec.loader.exec_module(make)
+    return make.in_process_engine()
+
+def execute(commands:list[str], # command lines: `imagerefl ...`, `papermill ...`, `python: <code>` or `cd DIR`
             log_dir:Path|None=None, # each command's output goes to log_dir/<n>.log
+            in_process:bool=True,   # papermill runs each notebook in this process (a fresh IPython shell), not a kernel
            )->list[dict]:           # per command: the command, its exit status, seconds
     """Run command lines in this process, one after the other, as a user types them: `imagerefl` through its entry
-    point, `papermill` through its command line (each notebook in its own kernel), Python snippets with `exec`. This
-    process's environment is the one the commands see, so start it with `environment(home, mode)`."""
-    import contextlib, shlex, time, traceback
+    point, `papermill` through its command line, Python snippets with `exec`. This process's environment is the one
+    the commands see, so start it with `environment(home, mode)`. Starting a kernel and importing torch and diffusers
+    costs 10-15 s per notebook, so by default the notebooks run in this process, each in its own IPython shell."""
+    import contextlib, logging, shlex, time, traceback
+    class Retries(logging.Handler):              # huggingface_hub retries a refused call only when the cache lacks the file
+        def emit(self, record):
+            if "Retrying in" in record.getMessage(): self.count += 1
+    retries = Retries(); retries.count = 0
+    logging.getLogger("huggingface_hub").addHandler(retries)
     out = []
     for n, cmd in enumerate(commands):
-        log = io.StringIO(); t0 = time.time()
+        log = io.StringIO(); t0 = time.time(); retries.count = 0
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             try:
                 if cmd.startswith("cd "): os.chdir(cmd[3:].strip()); rc = 0
@@ -395,18 +426,19 @@ def execute(commands:list[str], # command lines: `imagerefl ...`, `papermill ...
                     exec(compile(cmd[len("python:"):], f"<snippet {n}>", "exec"), {"__name__": "__snippet__"}); rc = 0
                 else:
                     argv = shlex.split(cmd)
+                    if "accelerate.state" in sys.modules:       # a command starts with accelerate's state as a new process would
+                        sys.modules["accelerate.state"].AcceleratorState._reset_state()
                     if argv[0] == "imagerefl":
-                        if "accelerate.state" in sys.modules:   # a command starts with accelerate's state as a new process would
-                            sys.modules["accelerate.state"].AcceleratorState._reset_state()
                         from imagerefl.cli import main
                         rc = main(argv[1:])
                     elif argv[0] == "papermill":
                         from papermill.cli import papermill as papermill_cli
+                        if in_process: argv += ["--engine", _in_process_engine()]
                         papermill_cli.main(args=argv[1:], standalone_mode=False); rc = 0
                     else: raise ValueError(f"cannot run {argv[0]!r} here")
             except SystemExit as e: rc = e.code if isinstance(e.code, int) else 1
             except BaseException: traceback.print_exc(); rc = 1
-        out.append(dict(command=cmd, returncode=rc, seconds=round(time.time() - t0, 1)))
+        out.append(dict(command=cmd, returncode=rc, seconds=round(time.time() - t0, 1), hub_retries=retries.count))
         if log_dir is not None: Path(log_dir).mkdir(parents=True, exist_ok=True); (Path(log_dir)/f"{n:02d}.log").write_text(log.getvalue())
         print(f"[{rc}] {time.time() - t0:5.1f} s  {cmd[:150]}", file=sys.__stdout__, flush=True)
     return out

@@ -9,15 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 import torch, torch.nn.functional as F
 from torch import nn
-from ..core import UserError, check_source, source_file
+from ..core import UserError, check_source, error_line, hub_offline, source_file
 from .preprocess import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_image_processor, clip_processor_pixels,
                                           hps_eval_pixels)
 from .registry import Reward, register_reward, resolve_file
 
 # %% auto #0
-__all__ = ['OpenCLIPReward', 'open_clip_model', 'load_hps_state_dict', 'state_dict_mismatch', 'load_hps_v21', 'load_hps_v2',
-           'open_clip_architecture', 'processor_folder', 'hf_clip_parts', 'CLIPProcessorEvaluation', 'HFCLIPReward',
-           'load_pickscore', 'load_clip_score']
+__all__ = ['PROCESSOR_FILES', 'OpenCLIPReward', 'open_clip_model', 'load_hps_state_dict', 'state_dict_mismatch', 'load_hps_v21',
+           'load_hps_v2', 'open_clip_architecture', 'processor_folder', 'hf_clip_parts', 'CLIPProcessorEvaluation',
+           'HFCLIPReward', 'load_pickscore', 'load_clip_score']
 
 # %% ../../nbs/06_rewards_clip.ipynb #4fc988fd
 class OpenCLIPReward(Reward):
@@ -113,10 +113,23 @@ def _pooled(o): return o if torch.is_tensor(o) else o.pooler_output   # transfor
 
 def _has_processor(source): return any(source_file(source, f) for f in ("preprocessor_config.json", "processor_config.json"))
 
+PROCESSOR_FILES = ["*.json", "*.txt", "*.model", "*.jinja"]   # a processor's and tokenizer's files (no weights)
+
+def _hub_processor_files(repo_id:str)->str:
+    "The local snapshot of a hub repository's processor and tokenizer files: fetched once, then read from the cache."
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import IncompleteSnapshotError
+    try: return snapshot_download(repo_id, allow_patterns=PROCESSOR_FILES, local_files_only=hub_offline())
+    except IncompleteSnapshotError as e: return e.snapshot_path       # a cache filled by hand: what is there may do
+    except Exception as e:
+        raise UserError(f"could not get the processor files of hub repository '{repo_id}' ({error_line(e)}): download them "
+                        f"(hf download {repo_id} --include '*.json' '*.txt') or pass processor_path=<a local folder>") from None
+
 def processor_folder(source)->str:
-    "A CLIP processor folder or hub id (hub layout `preprocessor_config.json` or transformers 5 `processor_config.json`)."
+    "A local CLIP processor folder, from a folder or a hub id (hub layout `preprocessor_config.json` or transformers 5 `processor_config.json`)."
     what = "a CLIP processor folder (preprocessor_config.json + tokenizer files)"
     folder = check_source(source, what)
+    if not Path(folder).is_dir(): folder = _hub_processor_files(folder)   # tokenizers then load with no hub call at all
     if not _has_processor(folder): raise UserError(f"'{source}' is not {what}: pass processor_path=<such a folder>")
     return folder
 

@@ -118,9 +118,10 @@ def load_imagereward(path=None, # ImageReward.pt, a folder with it, or a hub id 
                     ):
     "ImageReward-v1.0 from the official `ImageReward.pt`, standardised as `ImageReward.score`."
     file = resolve_file(path, "THUDM/ImageReward", "ImageReward.pt", "the ImageReward checkpoint")
+    tok = bert_tokenizer(tokenizer_path or bert_vocab)
     try: official = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e: raise UserError(f"'{file}' is not a readable ImageReward.pt ({type(e).__name__}: {str(e)[:100]})") from None
-    r = ImageRewardReward(arch or imagereward_architecture(official), bert_tokenizer(tokenizer_path or bert_vocab))
+    r = ImageRewardReward(arch or imagereward_architecture(official), tok)
     try: sd = {imagereward_key(k): v for k, v in official.items()}
     except AssertionError as e: raise UserError(f"'{file}' is not an ImageReward.pt ({e})") from None
     sd.pop(None, None)
