@@ -92,7 +92,6 @@ def sized(cmd:str)->str:
     if argv[:2] == ["imagerefl", "train"]: return cmd + "".join(f" --set {s}" for s in TRAIN_SIZES)
     if argv[:2] == ["imagerefl", "sample"]: return cmd + " --steps 4 --original-unet-steps 3"
     if argv[:2] == ["imagerefl", "evaluate"]: return cmd + " --steps 4 --images-per-prompt 2 --batch-size 4"
-    if argv[:2] == ["imagerefl", "demo"]: return cmd + " --quick"
     if argv[0] == "papermill": return cmd + " " + NOTEBOOK_SIZES[Path(argv[1]).stem]
     raise AssertionError(f"no sizes for {cmd!r}")
 
@@ -120,8 +119,7 @@ def commands(mode:str)->list[str]:
     "Everything to run in one mode, in order (`cd DIR` changes the working directory)."
     check = ("import huggingface_hub.constants as c, os\n"
              f"assert c.HF_HUB_OFFLINE == {mode == 'offline'} and ('HF_HUB_OFFLINE' in os.environ) == {mode == 'offline'}\n")
-    readme = readme_commands()
-    if mode == "offline": readme = [c for c in readme if not c.startswith("imagerefl demo")]   # the mini world needs no hub
+    readme = [c for c in readme_commands() if not c.startswith("imagerefl demo")]   # the mini world needs no hub: test_demo.py runs it
     trained = {shlex.split(c)[3] for c in readme if c.startswith("imagerefl train --config")}
     configs = [f"imagerefl train --config {n}" for n in paper_configs() if n not in trained]
     if mode == "offline":        # one config of each other backbone family (the online run trains them all)
@@ -144,9 +142,10 @@ def test_the_commands_are_where_the_docs_write_them():
     assert bash.index('pip install -e ".[dev]"') > bash.index("pip install torch torchvision")                     # torch first
     assert "bash tools/test.sh" in bash and "tools/test.sh" in (ROOT/".ci"/"run").read_text()
     demo = [c for c in bash if c.startswith("imagerefl demo")]
-    assert demo == ["imagerefl demo --out demo"]
+    assert demo == ["imagerefl demo --out demo"]              # tests/test_demo.py runs it with --quick (and the full plan's units)
     from imagerefl.cli import parser, cmd_demo
     assert parser().parse_args(shlex.split(demo[0])[1:]).func is cmd_demo
+    assert '"demo", "--quick", "--out"' in (ROOT/"tests"/"test_demo.py").read_text()
     assert any(c.startswith("imagerefl train --config sd15_hps21_imagerefl") for c in bash)
     assert any(c.startswith("imagerefl sample --model runs/sd15_hps21_imagerefl/final/combined") for c in bash)
     assert "ControlGenAI/ImageReFL_HPS_SD" in readme_snippet() and len(readme_blocks("python")[0].strip().splitlines()) == 5
@@ -246,7 +245,7 @@ class TestOnline:
         row = pd.read_csv(nb/"results"/"sd15_imagerefl_k30"/"results.csv")
         assert row.reward_mean.notna().all() and {"reward_pickscore_mean", "reward_imagereward_mean"} <= set(row.columns)
         assert (nb/"colab.ipynb").is_file() and "released world on cpu" in (nb/"colab.ipynb").read_text()
-        assert (work/"demo"/"report.md").is_file() and (work/"eval"/"summary.csv").is_file()
+        assert (work/"eval"/"summary.csv").is_file()
 
     def test_no_hub_call_waited(self, ran):
         "A warm cache answers at once: no library retried a refused call (what a file missing from the stand-in causes, ~23 s each)."
