@@ -17,7 +17,7 @@ probe and the repository lacks. COCO is a processed `datasets` cache (`datasets/
   python tools/standin_hub.py env DIR MODE       # the environment lines for MODE: offline (HF_HUB_OFFLINE=1) or
                                                  # online (HF_HUB_OFFLINE unset, every hub call refused at once)
   python tools/standin_hub.py run DIR MODE -- imagerefl train --config sd15_hps21_imagerefl --set max_steps=1
-                                                 # run commands in that environment (imagerefl ... in one process)
+                                                 # one command in that environment (the stand-ins built first if needed)
 
 Tests import it (`tests/test_standin_hub.py` builds the stand-ins once per session).
 """
