@@ -216,7 +216,8 @@ def check_runs(work:Path, configs:list[str]):
 class TestOffline:
     "HF_HUB_OFFLINE=1: the README, the CLI page's examples and a config of each backbone family."
     @pytest.fixture(scope="class")
-    def ran(self, hub, tmp_path_factory):
+    @classmethod
+    def ran(cls, hub, tmp_path_factory):
         work = tmp_path_factory.mktemp("offline")/"work"
         return run_all(hub, "offline", work), work
 
@@ -230,7 +231,8 @@ class TestOffline:
 class TestOnline:
     "No offline switch, every hub call refused at once: everything above, every config, the notebooks and the Colab demo."
     @pytest.fixture(scope="class")
-    def ran(self, hub, tmp_path_factory):
+    @classmethod
+    def ran(cls, hub, tmp_path_factory):
         work = tmp_path_factory.mktemp("online")/"work"
         return run_all(hub, "online", work), work
 
