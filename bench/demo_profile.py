@@ -10,7 +10,6 @@ Report CPU time beside wall time there: other jobs share the cores.
 """
 from __future__ import annotations
 import argparse, cProfile, copy, os, pstats, re, resource, sys, tempfile, time
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 PARTS = {"UNet forward": r"unet_2d_condition.py:\d+\(forward\)", "backward": r"run_backward",

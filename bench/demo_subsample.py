@@ -11,9 +11,8 @@ gives the smaller plan's numbers without running it. Rewards come from `images.c
 saved PNGs with the mini feature network, as `evaluate` computes it. Used to choose the full plan (README, Measured).
 """
 from __future__ import annotations
-import argparse, math, os, sys
+import argparse, math, sys
 from pathlib import Path
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pandas as pd, torch
 
 def folder_name(row)->str:

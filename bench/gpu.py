@@ -17,9 +17,8 @@ the run (exit 1, the table says which); a configuration that does not fit in mem
     python bench/gpu.py --cpu-rehearsal --out /tmp/gpu.md   # the same code, tiny components, on the CPU (CI runs it)
 """
 from __future__ import annotations
-import argparse, copy, gc, os, platform, statistics, sys, tempfile, time, traceback
+import argparse, copy, gc, platform, statistics, sys, tempfile, time, traceback
 from pathlib import Path
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 import train_step as ts                                   # the reference-like vs ours setups, the SD1.5-size builders

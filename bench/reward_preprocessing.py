@@ -11,8 +11,7 @@ mean relative gap.
         --bert-vocab bert-base-uncased/vocab.txt --pickscore PickScore_v1 --processor CLIP-ViT-H-14-laion2B-s32B-b79K
 """
 from __future__ import annotations
-import argparse, os, platform
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import argparse, platform
 import numpy as np, pandas as pd, torch
 from PIL import Image
 from sklearn.datasets import load_sample_image

@@ -12,7 +12,6 @@ Peak memory is torch.cuda.max_memory_allocated per configuration (n/a on the CPU
 """
 from __future__ import annotations
 import argparse, gc, os, sys, tempfile, time
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 def sd15_pipeline():

@@ -1,4 +1,4 @@
-"""`imagerefl train | sample | evaluate | demo | mini pretrain`: thin callers of the library.
+"""`imagerefl train | configs | sample | evaluate | demo | mini pretrain | mini preference`: thin callers of the library.
 
 Docs: https://imagerefl.github.io/imagerefl/cli.html.md"""
 
@@ -12,8 +12,9 @@ from . import __version__
 from .core import SEED_RULE, Interrupted, UserError, as_os_error, error_line, is_seed, read_text, quiet_loading
 
 # %% auto #0
-__all__ = ['cmd_train', 'config_description', 'cmd_configs', 'load_any_pipeline', 'cmd_sample', 'cmd_evaluate', 'cmd_demo',
-           'cmd_mini_pretrain', 'cmd_mini_preference', 'parser', 'os_error_line', 'process_line', 'main']
+__all__ = ['REWARD_NAMES', 'FEATURE_NAMES', 'cmd_train', 'config_description', 'cmd_configs', 'load_any_pipeline', 'cmd_sample',
+           'cmd_evaluate', 'cmd_demo', 'cmd_mini_pretrain', 'cmd_mini_preference', 'parser', 'os_error_line',
+           'process_line', 'main']
 
 # %% ../nbs/26_cli.ipynb #93e16a83
 def cmd_train(a):
@@ -46,20 +47,21 @@ def cmd_configs(a):
 # %% ../nbs/26_cli.ipynb #1d1122d8
 def load_any_pipeline(path:str):
     "A combined pipeline if `path` holds one (two UNets), else a plain diffusers pipeline."
-    from imagerefl.core import check_source, loading_weights
-    p = Path(check_source(path, "a diffusers pipeline folder (with model_index.json)", "model_index.json"))
+    from imagerefl.core import check_source, loading_weights, source_file
+    p = check_source(path, "a diffusers pipeline folder (with model_index.json)", "model_index.json")
     quiet_loading()
-    index = json.loads(read_text(p/"model_index.json")) if (p/"model_index.json").exists() else {}
+    index_file = source_file(p, "model_index.json")         # a folder's, or a hub repository's (the authors' released model)
+    index = json.loads(read_text(index_file)) if index_file else {}
     if "original_unet" in index or "original_transformer" in index:
         from imagerefl.sampling import combined_class
         try:
-            with loading_weights(p): pipe = combined_class(index).from_pretrained(str(p))
+            with loading_weights(p): pipe = combined_class(index).from_pretrained(p)
         except UserError: raise
         except (OSError, ValueError, KeyError, RuntimeError) as e:   # truncated or mismatched weights, bad configs
             raise UserError(f"could not load the combined pipeline in '{path}' ({error_line(e)}): copy the folder again") from None
     else:
         from imagerefl.diffusion import load_pipeline
-        pipe = load_pipeline(str(p))
+        pipe = load_pipeline(p)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -110,19 +112,21 @@ def cmd_sample(a):
 # %% ../nbs/26_cli.ipynb #dab69027
 def cmd_evaluate(a):
     "imagerefl evaluate: sample, score rewards and diversity, write tables (`imagerefl.evaluate.evaluate`)."
+    from imagerefl.data import load_prompts
+    prompts = load_prompts(a.prompts)               # a bad prompt set fails before the pipeline and the rewards load
     from imagerefl.evaluate import evaluate, process_device
     from imagerefl.rewards import load_reward
     dev = process_device(a.device)                  # under `accelerate launch`: this process's GPU
     pipe = load_any_pipeline(a.model).to(dev)
     rewards = {r: load_reward(r, device=dev) for r in a.reward or []}
-    ev = evaluate(pipe, a.prompts, a.out, images_per_prompt=a.images_per_prompt, seeds=a.seed, batch_size=a.batch_size,
+    ev = evaluate(pipe, prompts, a.out, images_per_prompt=a.images_per_prompt, seeds=a.seed, batch_size=a.batch_size,
                   rewards=rewards, features=list(a.features or []) and {f: f for f in a.features},
                   sampler_kwargs=_call_kwargs(pipe, a), preprocessing=a.preprocessing)
     if int(os.environ.get("RANK", "0")) == 0: print(getattr(ev, "summary", ev))   # once, not once per process
     return 0
 
 def cmd_demo(a):
-    "imagerefl demo: the mini world's end-to-end demo (`imagerefl.sweeps.demo`)."
+    "imagerefl demo: the mini world's end-to-end demo (`imagerefl.mini.demo.demo`)."
     from imagerefl.mini.demo import demo
     quiet_loading()
     try: demo(a.out, quick=a.quick, seed=a.seed, workers=a.workers, reward=a.reward)
@@ -177,6 +181,15 @@ def _finite_float(s:str)->float:
     if not math.isfinite(v): raise argparse.ArgumentTypeError(f"{s} is not a finite number")
     return v
 
+# the registries' names, for --help and choices without importing torch (a test keeps them equal to the registries)
+REWARD_NAMES = ("hps-v2.1", "hps-v2", "imagereward", "pickscore", "clip-score", "mps", "mini-digits", "mini-preference")
+FEATURE_NAMES = ("dino", "clip", "mini")
+
+def _reward_name(s:str)->str:
+    "argparse type: a registered reward name or module:attribute."
+    if s in REWARD_NAMES or (":" in s and all(s.split(":", 1))): return s
+    raise argparse.ArgumentTypeError(f"{s!r} is not a reward: use one of {', '.join(REWARD_NAMES)}, or module:attribute for your own")
+
 def _sampling_args(p):
     p.add_argument("--model", required=True, help="pipeline folder: a run's final/combined, or any diffusers SD, SDXL, PixArt-α or SD3 folder")
     p.add_argument("--steps", type=_positive_int, default=40, help="num_inference_steps (default 40)")
@@ -208,8 +221,9 @@ def parser()->argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="rewards and diversity of a pipeline on a prompt set")
     _sampling_args(p)
     p.add_argument("--prompts", required=True, help="a prompt file or set (hpdv2, coco, mini-digits, ...)")
-    p.add_argument("--reward", action="append", help="reward name (repeatable), e.g. hps-v2.1, or module:attribute for your own")
-    p.add_argument("--features", action="append", help="feature network for diversity (repeatable): dino, clip, mini")
+    p.add_argument("--reward", action="append", type=_reward_name, metavar="REWARD",
+                   help=f"reward (repeatable): {', '.join(REWARD_NAMES)}, or module:attribute for your own")
+    p.add_argument("--features", action="append", choices=FEATURE_NAMES, help="feature network for diversity (repeatable)")
     p.add_argument("--images-per-prompt", type=_positive_int, default=5, help="images per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per pipeline call")
     p.add_argument("--preprocessing", choices=("evaluation", "training"), default="evaluation",
@@ -218,9 +232,9 @@ def parser()->argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("demo", help="the mini world's end-to-end demo on the CPU")
     p.add_argument("--out", default="imagerefl-demo", help="output folder; a rerun into it reuses finished training and evaluation")
-    p.add_argument("--quick", action="store_true", help="the smoke plan (one training seed, a few steps, about a minute) instead of the full demo")
+    p.add_argument("--quick", action="store_true", help="the smoke plan (one training seed, a few steps, about 20 s) instead of the full demo (about 3 minutes)")
     p.add_argument("--seed", type=_seed, default=0, help="evaluation seed; training seeds are SEED + the plan's seeds (0, 1, 2)")
-    p.add_argument("--reward", default="preference", help="the reward ReFL and ImageReFL train on and the claims are judged by: "
+    p.add_argument("--reward", default="preference", choices=("preference", "legibility"), help="the reward ReFL and ImageReFL train on and the claims are judged by: "
                    "preference (the learned appearance preference, the default) or legibility (the prompted digit's log-probability)")
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="processes, each training and evaluating whole runs with one torch thread (default: 2 for the full plan, 1 with --quick); the results do not depend on it")

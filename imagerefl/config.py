@@ -16,7 +16,7 @@ from .core import UserError, check_seed, load_yaml
 __all__ = ['CHOICES', 'MINIMA', 'RANGES', 'SEEDS', 'RENAMED', 'ModelConfig', 'RewardConfig', 'DataConfig', 'OptimizerConfig',
            'ValidationConfig', 'TrainConfig', 'build_section', 'check_values', 'resolve_objective', 'config_dir',
            'config_names', 'find_config', 'parse_override', 'apply_overrides', 'renamed_keys', 'load_config',
-           'config_yaml', 'model_source']
+           'config_yaml', 'model_source', 'parameter_list']
 
 # %% ../nbs/13_config.ipynb #4351ac4b
 @dataclass
@@ -311,3 +311,17 @@ def model_source(source:str)->str:
         from imagerefl.mini.nets import mini_base_path
         return str(mini_base_path())
     return source
+
+# %% ../nbs/13_config.ipynb #9f4b6c22
+def parameter_list(value,               # a list, a YAML list written as a string ("[max_steps=1, batch_size=2]"), one item, or None
+                   name:str="parameter", # its name, for the message
+                  )->list:
+    "A notebook's list parameter as papermill passes it: `-y` gives a list, `-p` a string."
+    if value is None: return []
+    if isinstance(value, (list, tuple)): return list(value)
+    if isinstance(value, str) and value.strip().startswith("["):
+        try: v = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"{name}={value!r} is not a YAML list ({str(e).splitlines()[0]}): write it as '[\"a=1\", \"b=2\"]' or use -y") from None
+        if isinstance(v, list): return v
+    return [value]

@@ -13,7 +13,7 @@ from pathlib import Path
 __all__ = ['SEED_MAX', 'SEED_RULE', 'WEIGHT_SUFFIXES', 'UserError', 'seed_everything', 'is_seed', 'check_seed', 'resolve_device',
            'umask', 'atomic_path', 'atomic_write_text', 'save_safetensors', 'as_os_error', 'error_line', 'read_text',
            'load_yaml', 'quiet_loading', 'looks_like_path', 'hub_offline', 'missing_components', 'check_source',
-           'weights_damage', 'loading_weights', 'Interrupted', 'interruptible']
+           'source_file', 'weights_damage', 'loading_weights', 'Interrupted', 'interruptible']
 
 # %% ../nbs/00_core.ipynb #5a75a4d9
 class UserError(ValueError):
@@ -150,6 +150,15 @@ def quiet_loading():
     from transformers.utils import logging as tlog
     dlog.disable_progress_bar(); tlog.disable_progress_bar()
 
+# %% ../nbs/00_core.ipynb #5c0a91d2
+def _in_hub_cache(repo_id:str, # a hub id
+                  filename:str|None=None, # a file it must hold; None: any of a pipeline's, model's or processor's
+                 )->bool:
+    "True if the local Hugging Face cache holds `filename` of hub repository `repo_id` (no network)."
+    from huggingface_hub import try_to_load_from_cache
+    names = [filename] if filename else ["model_index.json", "config.json", "preprocessor_config.json", "tokenizer_config.json"]
+    return any(isinstance(try_to_load_from_cache(repo_id, n), str) for n in names)
+
 # %% ../nbs/00_core.ipynb #fa16c697
 def looks_like_path(source:str) -> bool:
     "True if `source` is meant as a local path rather than a hub id."
@@ -188,14 +197,25 @@ def check_source(source:str|Path, # local path or hub id
         return str(p)
     if looks_like_path(s):
         raise UserError(f"'{s}' does not exist: expected {what}")
-    if hub_offline():
-        try:
-            from huggingface_hub import snapshot_download
-            return snapshot_download(s, local_files_only=True)
-        except Exception:
-            raise UserError(f"hub id '{s}' is not in the local cache and HF_HUB_OFFLINE=1: download it on a machine "
-                            f"with network (hf download {s}) or pass a local folder with {what}") from None
+    if hub_offline() and not _in_hub_cache(s, must_contain):
+        raise UserError(f"hub id '{s}' is not in the local cache and HF_HUB_OFFLINE=1: download it on a machine "
+                        f"with network (hf download {s}) or pass a local folder with {what}")
     return s
+
+# %% ../nbs/00_core.ipynb #7a2b13c5
+def source_file(source:str|Path, # a local folder or a hub id
+                filename:str,    # a file of it, e.g. "model_index.json"
+               )->Path|None:     # its local path; None if the source has no such file
+    "`filename` of a local folder, or of a hub repository (downloaded, or read from the cache offline)."
+    p = Path(str(source)).expanduser()
+    if p.exists() or looks_like_path(str(source)): return p/filename if (p/filename).is_file() else None
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.file_download import _CACHED_NO_EXIST
+    if try_to_load_from_cache(str(source), filename) is _CACHED_NO_EXIST: return None   # the hub said so before: no call
+    try: return Path(hf_hub_download(str(source), filename, local_files_only=hub_offline()))
+    except EntryNotFoundError: return None
+    except Exception as e: raise UserError(f"could not read {filename} of hub repository '{source}' ({error_line(e)})") from None
 
 # %% ../nbs/00_core.ipynb #d5982706
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")   # the files `loading_weights` looks at

@@ -199,22 +199,17 @@ def from_folder(cls:ImageCaptionDataset, path:str|Path,   # folder in the imagef
 
 # %% ../nbs/02_data.ipynb #d285f4b8
 def _hub_dataset(name:str, split:str|None, **kw):
-    "`datasets.load_dataset(name, split=split)`, or a one-line UserError when that cannot work."
+    "`datasets.load_dataset(name, split=split)`, or a one-line UserError that keeps the reason when that cannot work."
     try: import datasets
-    except ImportError: datasets = None
-    if hub_offline():
-        if datasets is not None:
-            try: return datasets.load_dataset(name, split=split, **kw)
-            except Exception: pass
-        raise UserError(f"dataset '{name}' is on the Hugging Face hub and HF_HUB_OFFLINE=1: pass a local folder "
-                        f"(imagefolder layout) or prompt file instead, or download it first with network "
-                        f"(datasets.load_dataset('{name}'))")
-    if datasets is None:
-        raise UserError(f"loading the hub dataset '{name}' needs the datasets package: pip install datasets "
-                        f"(or pass a local folder or prompt file)")
+    except ImportError:
+        raise UserError(f"the hub dataset '{name}' needs the datasets package, which the [paper] extra installs: "
+                        f"pip install -e \".[paper]\" (or pass a local folder or prompt file)") from None
     try: return datasets.load_dataset(name, split=split, **kw)
     except Exception as e:
-        raise UserError(f"could not load dataset '{name}' split '{split}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        hint = (f": download it once with network (datasets.load_dataset('{name}')), or pass a local folder "
+                "(imagefolder layout) or prompt file" if hub_offline() else "")
+        offline = " with HF_HUB_OFFLINE=1" if hub_offline() else ""
+        raise UserError(f"could not load dataset '{name}' split '{split}'{offline} ({error_line(e)}){hint}") from None
 
 class _Column(Sequence):
     "One column of a hub dataset (the rows `rows`), read row by row (so images decode only when asked for)."
@@ -246,7 +241,7 @@ def from_hub(cls:ImageCaptionDataset, name:str,            # hub dataset id, e.g
 
 # %% ../nbs/02_data.ipynb #bdbff6bf
 HUB_PROMPT_SETS = {
-    "hpdv2":    dict(repo="ymhao/HPDv2", split="test", column="prompt"),
+    "hpdv2":    dict(repo="ymhao/HPDv2", split="test", column="prompt", file="{split}.json"),  # a script dataset: its files
     "coco":     dict(repo="jxie/coco_captions", split="test", column="caption"),
     "pickapic": dict(repo="yuvalkirstain/pickapic_v2_no_images", split="test_unique", column="caption"),
 }
@@ -257,6 +252,22 @@ def _prompts_from_records(rows:list, where:str)->list[str|None]:
         col = _pick_column(set().union(*(r.keys() for r in rows if isinstance(r, dict))), "prompt", where, ("prompt", "text", "caption"))
         return [_caption(r.get(col)) if isinstance(r, dict) else None for r in rows]
     return [_caption(r) for r in rows]
+
+def _hub_file_prompts(repo:str,     # a hub dataset id
+                      filename:str, # a JSON file of it holding a list of prompts or of objects with a prompt key
+                     )->list[str|None]:
+    "The prompts of a JSON file of a hub dataset repository, read with huggingface_hub (downloaded, or from the cache offline)."
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    try: path = hf_hub_download(repo, filename, repo_type="dataset", local_files_only=hub_offline())
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE=1" if hub_offline() else "the hub cannot be reached"
+        raise UserError(f"{filename} of dataset '{repo}' is not in the local cache and {why}: download it with network "
+                        f"(hf download {repo} {filename} --repo-type dataset) or pass a prompt file") from None
+    except EntryNotFoundError: raise UserError(f"dataset '{repo}' has no {filename}: choose another split") from None
+    except Exception as e: raise UserError(f"could not read {filename} of dataset '{repo}' ({error_line(e)})") from None
+    try: return _prompts_from_records(json.loads(read_text(path, filename)), f"{repo}/{filename}")
+    except json.JSONDecodeError as e: raise UserError(f"{filename} of dataset '{repo}' is not valid JSON ({e.msg})") from None
 
 def _prompts_from_file(p:Path)->list[str|None]:
     ext = p.suffix.lower()
@@ -284,8 +295,9 @@ def load_prompts(source:str,          # hpdv2, coco, pickapic, mini-digits, a hu
         else: prompts = mini_digits(split).captions
     elif source in HUB_PROMPT_SETS:
         spec = HUB_PROMPT_SETS[source]
-        ds = _hub_dataset(spec["repo"], split or spec["split"])
-        prompts = list(dict.fromkeys(_caption(c) for c in ds[spec["column"]]))
+        if "file" in spec: prompts = _hub_file_prompts(spec["repo"], spec["file"].format(split=split or spec["split"]))
+        else: prompts = [_caption(c) for c in _hub_dataset(spec["repo"], split or spec["split"])[spec["column"]]]
+        prompts = list(dict.fromkeys(prompts))
     elif Path(source).expanduser().exists():
         prompts = _prompts_from_file(Path(source).expanduser())
     elif looks_like_path(source):

@@ -16,7 +16,7 @@ from diffusers import (DiffusionPipeline, PixArtAlphaPipeline, StableDiffusion3P
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from fastcore.basics import patch
-from .core import UserError, check_source, loading_weights
+from .core import UserError, check_source, loading_weights, source_file
 
 
 # %% auto #0
@@ -176,8 +176,8 @@ def load_pipeline(source:str|DiffusionPipeline, # pipeline object, local folder 
     "A diffusers pipeline (SD 1.x/2.x/XL, PixArt-α, SD3) from an object, a local folder or a hub id."
     if isinstance(source, DiffusionPipeline): return source
     path = check_source(source, "a diffusers pipeline folder (with model_index.json)", "model_index.json")
-    index = Path(path)/"model_index.json"       # no safety checker: passed only to pipelines that have one
-    extra = dict(safety_checker=None) if not index.exists() or "safety_checker" in index.read_text() else {}
+    index = source_file(path, "model_index.json")   # no safety checker: passed only to pipelines that have one
+    extra = dict(safety_checker=None) if index is None or "safety_checker" in index.read_text() else {}
     try:
         with loading_weights(path): pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, **extra)
     except UserError: raise

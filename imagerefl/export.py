@@ -61,8 +61,8 @@ def save_tuned(unet:nn.Module,      # the trained denoiser (with its LoRA adapte
     return unet
 
 def export_base(pipe, unet:nn.Module, lora:bool, base_source:str|None=None, original_unet:nn.Module|None=None):
-    "The base pipeline of the combined folder: re-loaded from `base_source`, else `pipe` with the original denoiser."
-    if base_source is not None: return load_pipeline(base_source)
+    "The base pipeline of the combined folder, with `pipe`'s scheduler: re-loaded from `base_source`, else `pipe` with the original denoiser."
+    if base_source is not None: return pipe_like(load_pipeline(base_source), scheduler=copy.deepcopy(pipe.scheduler))
     if original_unet is None:
         if not lora: raise UserError("exporting a full fine-tuning run needs base_source (where the base model loads from)")
         original_unet = strip_lora(unet, merge=False)

@@ -361,6 +361,13 @@ def load_config(cls:_Combined, *args, **kwargs):
     if isinstance(cfg, dict) and isinstance(cfg.get("_class_name"), (list, tuple)): cfg["_class_name"] = cls.__name__
     return out
 
+@patch(cls_method=True)
+def _dict_from_json_file(cls:_Combined, json_file):
+    "diffusers' reader of `model_index.json` with a remote-code `_class_name` replaced by this class (its `download` reads it so too)."
+    cfg = super(_Combined, cls)._dict_from_json_file(json_file)
+    if isinstance(cfg.get("_class_name"), (list, tuple)): cfg["_class_name"] = cls.__name__
+    return cfg
+
 # %% ../nbs/10_sampling.ipynb #801cf988
 class CombinedStableDiffusionPipeline(_Combined, StableDiffusionPipeline):
     "Combined generation on Stable Diffusion: base UNet for the first `original_unet_steps` steps, fine-tuned UNet after."

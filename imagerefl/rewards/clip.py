@@ -9,15 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 import torch, torch.nn.functional as F
 from torch import nn
-from ..core import UserError, check_source, loading_weights
+from ..core import UserError, check_source, error_line, hub_offline, loading_weights, source_file
 from .preprocess import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_image_processor, clip_processor_pixels,
                                           hps_eval_pixels)
 from .registry import Reward, register_reward, resolve_file
 
 # %% auto #0
-__all__ = ['OpenCLIPReward', 'open_clip_model', 'load_hps_state_dict', 'state_dict_mismatch', 'load_hps_v21', 'load_hps_v2',
-           'processor_folder', 'hf_clip_parts', 'CLIPProcessorEvaluation', 'HFCLIPReward', 'load_pickscore',
-           'load_clip_score']
+__all__ = ['PROCESSOR_FILES', 'OpenCLIPReward', 'open_clip_model', 'load_hps_state_dict', 'state_dict_mismatch', 'load_hps_v21',
+           'load_hps_v2', 'open_clip_architecture', 'processor_folder', 'hf_clip_parts', 'CLIPProcessorEvaluation',
+           'HFCLIPReward', 'load_pickscore', 'load_clip_score']
 
 # %% ../../nbs/06_rewards_clip.ipynb #4fc988fd
 class OpenCLIPReward(Reward):
@@ -62,11 +62,12 @@ def state_dict_mismatch(model:nn.Module, sd:dict)->str:
 
 def _load_hps(path, arch, filename):
     file = resolve_file(path, "xswu/HPSv2", filename, "the HPS checkpoint")
-    model, tok = open_clip_model(arch or "ViT-H-14")
     with loading_weights(file): sd = load_hps_state_dict(file)
+    arch = arch or open_clip_architecture(sd)
+    model, tok = open_clip_model(arch)
     try: model.load_state_dict(sd, strict=True)
     except RuntimeError:
-        raise UserError(f"'{file}' does not fit open_clip {arch if isinstance(arch, str) else 'ViT-H-14' if arch is None else 'arch'} "
+        raise UserError(f"'{file}' does not fit open_clip {arch if isinstance(arch, str) else 'arch'} "
                         f"({state_dict_mismatch(model, sd)}): pass an HPS checkpoint ({filename})") from None
     import open_clip
     cfg = open_clip.get_model_preprocess_cfg(model)
@@ -75,7 +76,7 @@ def _load_hps(path, arch, filename):
 
 @register_reward("hps-v2.1")
 def load_hps_v21(path=None, # HPS_v2.1_compressed.pt, a folder with it, or a hub id (default xswu/HPSv2)
-                 arch=None, # open_clip config name or dict; default "ViT-H-14"
+                 arch=None, # open_clip config name or dict; None: the checkpoint's (ViT-H-14 for the published ones)
                 ):
     "HPSv2.1 (Wu et al. 2023): open_clip ViT-H-14 with `HPS_v2.1_compressed.pt`."
     return _load_hps(path, arch, "HPS_v2.1_compressed.pt")
@@ -85,15 +86,50 @@ def load_hps_v2(path=None, arch=None):
     "HPSv2: open_clip ViT-H-14 with `HPS_v2_compressed.pt`."
     return _load_hps(path, arch, "HPS_v2_compressed.pt")
 
+# %% ../../nbs/06_rewards_clip.ipynb #1c8f5d32
+def open_clip_architecture(sd:dict, # an HPS state dict, `module.` stripped
+                          )->str|dict: # "ViT-H-14", or an `open_clip.CLIP` config dict
+    "The open_clip architecture an HPS checkpoint's tensors describe: ViT-H-14 when they have its sizes."
+    import open_clip
+    def count(prefix): return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+    try:
+        conv, tok = sd["visual.conv1.weight"], sd["token_embedding.weight"]
+        width, patch, twidth = conv.shape[0], conv.shape[-1], tok.shape[1]
+        vision = dict(image_size=round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5) * patch, patch_size=patch,
+                      layers=count("visual.transformer.resblocks."), width=width,
+                      mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width)
+        text = dict(context_length=sd["positional_embedding"].shape[0], vocab_size=tok.shape[0], width=twidth,
+                    layers=count("transformer.resblocks."), mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / twidth)
+        embed_dim = sd["visual.proj"].shape[1]
+    except (KeyError, IndexError): return "ViT-H-14"                       # not an open_clip CLIP: refused on loading
+    h = open_clip.get_model_config("ViT-H-14")
+    same = lambda cfg, ours: all(cfg.get(k, 4.0 if k == "mlp_ratio" else None) == v for k, v in ours.items())
+    if embed_dim == h["embed_dim"] and same(h["vision_cfg"], vision) and same(h["text_cfg"], text): return "ViT-H-14"
+    return dict(embed_dim=embed_dim, vision_cfg=dict(vision, head_width=min(64, width)),
+                text_cfg=dict(text, heads=max(1, twidth // 64)))
+
 # %% ../../nbs/06_rewards_clip.ipynb #5e597746
 def _pooled(o): return o if torch.is_tensor(o) else o.pooler_output   # transformers 5 returns an output object
 
-def _has_processor(folder): return any((Path(folder)/f).exists() for f in ("preprocessor_config.json", "processor_config.json"))
+def _has_processor(source): return any(source_file(source, f) for f in ("preprocessor_config.json", "processor_config.json"))
+
+PROCESSOR_FILES = ["*.json", "*.txt", "*.model", "*.jinja"]   # a processor's and tokenizer's files (no weights)
+
+def _hub_processor_files(repo_id:str)->str:
+    "The local snapshot of a hub repository's processor and tokenizer files: fetched once, then read from the cache."
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import IncompleteSnapshotError
+    try: return snapshot_download(repo_id, allow_patterns=PROCESSOR_FILES, local_files_only=hub_offline())
+    except IncompleteSnapshotError as e: return e.snapshot_path       # a cache filled by hand: what is there may do
+    except Exception as e:
+        raise UserError(f"could not get the processor files of hub repository '{repo_id}' ({error_line(e)}): download them "
+                        f"(hf download {repo_id} --include '*.json' '*.txt') or pass processor_path=<a local folder>") from None
 
 def processor_folder(source)->str:
-    "A local CLIP processor folder (hub layout `preprocessor_config.json` or transformers 5 `processor_config.json`)."
+    "A local CLIP processor folder, from a folder or a hub id (hub layout `preprocessor_config.json` or transformers 5 `processor_config.json`)."
     what = "a CLIP processor folder (preprocessor_config.json + tokenizer files)"
     folder = check_source(source, what)
+    if not Path(folder).is_dir(): folder = _hub_processor_files(folder)   # tokenizers then load with no hub call at all
     if not _has_processor(folder): raise UserError(f"'{source}' is not {what}: pass processor_path=<such a folder>")
     return folder
 

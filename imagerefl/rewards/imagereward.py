@@ -15,7 +15,7 @@ from .registry import Reward, register_reward, resolve_file
 
 # %% auto #0
 __all__ = ['IMAGEREWARD_MEAN', 'IMAGEREWARD_STD', 'IMAGEREWARD_VISION', 'IMAGEREWARD_TEXT', 'imagereward_mlp', 'imagereward_key',
-           'ImageRewardReward', 'bert_tokenizer', 'load_imagereward']
+           'ImageRewardReward', 'imagereward_architecture', 'bert_tokenizer', 'load_imagereward']
 
 # %% ../../nbs/07_rewards_imagereward.ipynb #f4899a43
 IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072
@@ -72,6 +72,25 @@ class ImageRewardReward(Reward):
     def score(self, pixel_values, prompts):
         return (self.raw(pixel_values, prompts) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
 
+# %% ../../nbs/07_rewards_imagereward.ipynb #4f1c8065
+def imagereward_architecture(official:dict, # the tensors of an ImageReward.pt (its own key names)
+                            )->dict:        # `ImageRewardReward`'s `arch`; {} (the defaults) if the keys are not BLIP's
+    "The BLIP vision and text sizes an `ImageReward.pt` describes."
+    v, t = "blip.visual_encoder.", "blip.text_encoder."
+    def count(prefix): return len({k[len(prefix):].split(".")[0] for k in official if k.startswith(prefix)})
+    try:
+        patch, words = official[v + "patch_embed.proj.weight"], official[t + "embeddings.word_embeddings.weight"]
+        vh, th = patch.shape[0], words.shape[1]
+        vision = dict(hidden_size=vh, intermediate_size=official[v + "blocks.0.mlp.fc1.weight"].shape[0],
+                      num_hidden_layers=count(v + "blocks."), num_attention_heads=max(1, vh // 64), patch_size=patch.shape[-1],
+                      image_size=round((official[v + "pos_embed"].shape[1] - 1) ** 0.5) * patch.shape[-1])
+        text = dict(vocab_size=words.shape[0], hidden_size=th, num_hidden_layers=count(t + "encoder.layer."),
+                    encoder_hidden_size=official[t + "encoder.layer.0.crossattention.self.key.weight"].shape[1],
+                    intermediate_size=official[t + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+                    num_attention_heads=max(1, th // 64), max_position_embeddings=official[t + "embeddings.position_embeddings.weight"].shape[0])
+    except (KeyError, IndexError): return {}
+    return dict(vision=vision, text=text)
+
 # %% ../../nbs/07_rewards_imagereward.ipynb #76e018c5
 def bert_tokenizer(vocab:str|Path|None=None # vocab.txt or a folder with it; None: look for bert-base-uncased
                   ):
@@ -93,20 +112,23 @@ def bert_tokenizer(vocab:str|Path|None=None # vocab.txt or a folder with it; Non
 
 @register_reward("imagereward")
 def load_imagereward(path=None, # ImageReward.pt, a folder with it, or a hub id (default THUDM/ImageReward)
-                     arch:dict|None=None, # {"vision": BlipVisionConfig kwargs, "text": BlipTextConfig kwargs} overrides
+                     arch:dict|None=None, # {"vision": BlipVisionConfig kwargs, "text": BlipTextConfig kwargs}; None: the checkpoint's
                      tokenizer_path=None, # bert-base-uncased vocab.txt or its folder (default: the hub cache)
                      bert_vocab=None,     # alias of `tokenizer_path`
                     ):
     "ImageReward-v1.0 from the official `ImageReward.pt`, standardised as `ImageReward.score`."
     file = resolve_file(path, "THUDM/ImageReward", "ImageReward.pt", "the ImageReward checkpoint")
-    r = ImageRewardReward(arch, bert_tokenizer(tokenizer_path or bert_vocab))
+    tok = bert_tokenizer(tokenizer_path or bert_vocab)
     try:
-        with loading_weights(file): sd = torch.load(file, map_location="cpu", weights_only=True)
+        with loading_weights(file): official = torch.load(file, map_location="cpu", weights_only=True)
     except UserError: raise
     except Exception as e: raise UserError(f"'{file}' is not a readable ImageReward.pt ({type(e).__name__}: {str(e)[:100]})") from None
-    sd = {imagereward_key(k): v for k, v in sd.items()}
+    r = ImageRewardReward(arch or imagereward_architecture(official), tok)
+    try: sd = {imagereward_key(k): v for k, v in official.items()}
+    except AssertionError as e: raise UserError(f"'{file}' is not an ImageReward.pt ({e})") from None
     sd.pop(None, None)
-    r.load_state_dict(sd, strict=True)
+    try: r.load_state_dict(sd, strict=True)
+    except RuntimeError as e: raise UserError(f"'{file}' does not fit ImageReward's BLIP ({str(e).splitlines()[0]}): pass ImageReward.pt") from None
     return r
 
 # %% ../../nbs/07_rewards_imagereward.ipynb #ddf5c1f2
