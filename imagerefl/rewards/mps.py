@@ -35,6 +35,7 @@ def _swiglu(x):
 class _SwiGLU(nn.Module):
     def forward(self, x): return _swiglu(x)
 
+# %% ../../nbs/08_rewards_mps.ipynb #2d713daf
 class _Rotary(nn.Module):
     def __init__(self, dim):
         super().__init__(); self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)))
@@ -49,6 +50,7 @@ def _rotate(pos, t):
 def _heads(t, h): return t.unflatten(-1, (h, -1)).transpose(1, 2)          # b n (h d) -> b h n d
 def _merge(t): return t.transpose(1, 2).flatten(-2)                          # b h n d -> b n (h d)
 
+# %% ../../nbs/08_rewards_mps.ipynb #7b094ef7
 class _CrossAttention(nn.Module):
     "Multi-query cross-attention (one key/value head) with a parallel SwiGLU feed-forward; `mask` is additive."
     def __init__(self, dim, dim_head, heads, ff_mult):
@@ -66,6 +68,7 @@ class _CrossAttention(nn.Module):
         attn = (torch.einsum("bhid,bjd->bhij", q, k) + mask[:, None]).softmax(dim=-1)
         return self.to_out(_merge(torch.einsum("bhij,bjd->bhid", attn, v))) + self.ff(x)
 
+# %% ../../nbs/08_rewards_mps.ipynb #fc1f1d13
 class _ParallelBlock(nn.Module):
     "Self-attention (multi-query, rotary) and a SwiGLU feed-forward computed in parallel from one projection."
     def __init__(self, dim, dim_head, heads, ff_mult):
@@ -83,6 +86,7 @@ class _ParallelBlock(nn.Module):
         attn = torch.einsum("bhid,bjd->bhij", q, k).softmax(dim=-1)
         return self.attn_out(_merge(torch.einsum("bhij,bjd->bhid", attn, v))) + self.ff_out(ff)
 
+# %% ../../nbs/08_rewards_mps.ipynb #de29f03c
 class MPSCrossModel(nn.Module):
     "MPS' cross model: image tokens attend to (masked) prompt tokens, `layer_num` times."
     def __init__(self, dim=1024, layer_num=4, dim_head=64, heads=16, ff_mult=4):
@@ -94,6 +98,7 @@ class MPSCrossModel(nn.Module):
         for cross, block in self.layers: query_tokens = block(cross(query_tokens, context_tokens, mask))
         return query_tokens
 
+# %% ../../nbs/08_rewards_mps.ipynb #f61f149e
 def mps_cross_model_dims(sd:dict)->dict:
     "`MPSCrossModel` arguments read off a state dict's shapes."
     p = "cross_model.layers.0.0.fn."
@@ -161,6 +166,7 @@ class _MPSUnpickler(pickle.Unpickler):
         raise UserError(f"the MPS checkpoint refers to {module}.{name}, which imagerefl will not unpickle; "
                         "load it with the official MPS code and save its state_dict() with safetensors")
 
+# %% ../../nbs/08_rewards_mps.ipynb #d60d09bd
 def _plain(x):
     if isinstance(x, _StubConfig): x = vars(x)
     if isinstance(x, dict): return {k: _plain(v) for k, v in x.items()}
@@ -178,6 +184,7 @@ def _clip_config_dict(cfg:dict)->dict:
                vision_config=pick(_plain(cfg.get("vision_config") or cfg.get("vision_config_dict") or {}), _CLIP_VISION_KEYS))
     return out | pick(cfg, ("projection_dim", "logit_scale_init_value"))
 
+# %% ../../nbs/08_rewards_mps.ipynb #907615e8
 def read_mps_pickle(src:str|Path)->tuple[dict, dict]:
     "Tensors and CLIP config of the official pickled MPS checkpoint (classes stubbed, no MPS code needed)."
     mod = types.SimpleNamespace(Unpickler=_MPSUnpickler, load=pickle.load, __name__="pickle")
