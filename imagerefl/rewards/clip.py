@@ -36,6 +36,7 @@ class OpenCLIPReward(Reward):
         txt = self.model.encode_text(self.tokenizer(prompts).to(pixel_values.device), normalize=True)
         return (img * txt).sum(-1)
 
+# %% ../../nbs/06_rewards_clip.ipynb #bab40274
 def open_clip_model(arch:str|dict):
     "An empty open_clip model and its tokenizer, from a registered config name or a config dict."
     import open_clip
@@ -47,6 +48,7 @@ def open_clip_model(arch:str|dict):
         tok = open_clip.get_tokenizer(arch)
     return model, tok
 
+# %% ../../nbs/06_rewards_clip.ipynb #baa5dccf
 def load_hps_state_dict(file:Path)->dict:
     "The tensors of an HPS checkpoint (`{'state_dict': {key: tensor}}`), any `module.` prefix stripped."
     try: sd = torch.load(file, map_location="cpu", weights_only=True)
@@ -60,6 +62,7 @@ def state_dict_mismatch(model:nn.Module, sd:dict)->str:
     shape = sum(1 for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape))
     return f"{len(own.keys() - sd.keys())} missing, {len(sd.keys() - own.keys())} unexpected, {shape} of another shape"
 
+# %% ../../nbs/06_rewards_clip.ipynb #435d997a
 def _load_hps(path, arch, filename):
     file = resolve_file(path, "xswu/HPSv2", filename, "the HPS checkpoint")
     with loading_weights(file): sd = load_hps_state_dict(file)
@@ -125,6 +128,7 @@ def _hub_processor_files(repo_id:str)->str:
         raise UserError(f"could not get the processor files of hub repository '{repo_id}' ({error_line(e)}): download them "
                         f"(hf download {repo_id} --include '*.json' '*.txt') or pass processor_path=<a local folder>") from None
 
+# %% ../../nbs/06_rewards_clip.ipynb #1e1b24b6
 def processor_folder(source)->str:
     "A local CLIP processor folder, from a folder or a hub id (hub layout `preprocessor_config.json` or transformers 5 `processor_config.json`)."
     what = "a CLIP processor folder (preprocessor_config.json + tokenizer files)"
@@ -133,6 +137,7 @@ def processor_folder(source)->str:
     if not _has_processor(folder): raise UserError(f"'{source}' is not {what}: pass processor_path=<such a folder>")
     return folder
 
+# %% ../../nbs/06_rewards_clip.ipynb #6ef417d5
 def hf_clip_parts(path, processor_path, default_processor:str, what:str):
     "A transformers `CLIPModel`, its tokenizer and preprocessing constants from local folders (or cached hub ids)."
     from transformers import CLIPModel, AutoTokenizer
@@ -147,6 +152,7 @@ def hf_clip_parts(path, processor_path, default_processor:str, what:str):
     crop = ip.crop_size["height"] if ip.do_center_crop else size
     return model, tok, dict(size=size, crop=crop, mean=ip.image_mean, std=ip.image_std, rounding="floor", processor=ip)
 
+# %% ../../nbs/06_rewards_clip.ipynb #75bfe642
 class CLIPProcessorEvaluation:
     "The evaluation path of the transformers CLIP rewards: their processor (PIL backend), as the official code calls it."
     @property
@@ -157,6 +163,7 @@ class CLIPProcessorEvaluation:
         if self.processor is None: self.processor = clip_image_processor(size=self.size, crop=self.crop, mean=self.mean, std=self.std)
         return clip_processor_pixels(images, self.processor)
 
+# %% ../../nbs/06_rewards_clip.ipynb #15157e8a
 class HFCLIPReward(CLIPProcessorEvaluation, Reward):
     "A transformers CLIP scored by `variant`: logit_scale.exp()*cos (PickScore), cos, clip-s or torchmetrics."
     variants = ("pickscore", "cosine", "clip-s", "torchmetrics")
@@ -176,6 +183,7 @@ class HFCLIPReward(CLIPProcessorEvaluation, Reward):
         if self.variant == "torchmetrics": return (100 * cos).clamp(min=0)
         return cos
 
+# %% ../../nbs/06_rewards_clip.ipynb #76b01bd9
 @register_reward("pickscore")
 def load_pickscore(path=None, # PickScore_v1 folder or hub id (default yuvalkirstain/PickScore_v1)
                    arch=None, processor_path=None, # processor folder; default: `path` if it has one, else the LAION ViT-H-14 one
