@@ -38,12 +38,14 @@ def check_preprocessing(preprocessing:str)->str:
         raise UserError(f"preprocessing={preprocessing!r} is not a preprocessing path: use one of {', '.join(PREPROCESSING)}")
     return preprocessing
 
+# %% ../../nbs/04_reward_preprocessing.ipynb #f8166337
 def to_uint8_pil(images:Tensor # (B,3,H,W) float in [0,1]
                 )->list:       # B RGB PIL images
     "The 8-bit RGB images a saved PNG holds: clamped to [0, 1], `round(255 x)` (as `imagerefl.evaluate` writes them)."
     a = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(x) for x in a]
 
+# %% ../../nbs/04_reward_preprocessing.ipynb #4e85524c
 def hps_eval_pixels(images:list, # PIL images, any size
                     size:int=224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
                    )->Tensor:    # (B,3,size,size) float32, normalised
@@ -61,6 +63,7 @@ def hps_eval_pixels(images:list, # PIL images, any size
         out.append(TF.normalize(x, mean, std))
     return torch.stack(out)
 
+# %% ../../nbs/04_reward_preprocessing.ipynb #a1eb9a39
 def imagereward_eval_pixels(images:list, # PIL images, any size
                             size:int=224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
                            )->Tensor:    # (B,3,size,size) float32, normalised
@@ -70,6 +73,7 @@ def imagereward_eval_pixels(images:list, # PIL images, any size
                    T.Lambda(lambda im: im.convert("RGB")), T.ToTensor(), T.Normalize(mean, std)])
     return torch.stack([t(im) for im in images])
 
+# %% ../../nbs/04_reward_preprocessing.ipynb #c36732ad
 def _pil_clip_processor_class():
     import transformers
     return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor   # transformers 5 / 4
@@ -83,9 +87,9 @@ def clip_image_processor(folder=None,     # a processor folder (preprocessor_con
     return cls(size={"shortest_edge": size}, crop_size={"height": crop, "width": crop}, do_center_crop=True,
                resample=Image.BICUBIC, image_mean=list(mean), image_std=list(std))
 
+# %% ../../nbs/04_reward_preprocessing.ipynb #740e1d87
 def clip_processor_pixels(images:list, # PIL images, any size
                           processor,   # from `clip_image_processor`
                          )->Tensor:    # (B,3,crop,crop) float32, normalised
     "`processor(images=...)`'s pixels, as the official PickScore / CLIP score / MPS scorers compute them."
     return processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values.float()
-
