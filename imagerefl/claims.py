@@ -28,6 +28,7 @@ def claim_verdict(low:float, high:float, # interval of the effect
     lo, hi = (low, high) if direction > 0 else (-high, -low)
     return "held" if lo > 0 else "did not hold" if hi < 0 else "inconclusive"
 
+# %% ../nbs/18_claims.ipynb #f74a533d
 def _interval(effects:dict, halfwidths:dict|None=None)->tuple:
     "(mean, low, high, how): a t-interval across seeds, or with one seed the prompt-level half-width."
     v = np.array([effects[s] for s in sorted(effects)], float); v = v[np.isfinite(v)]
@@ -59,6 +60,7 @@ def _half(r, m)->float: return float(r[f"{m}_ci_high"] - r[f"{m}_ci_low"]) / 2
 
 def _same(a, b)->bool: return bool(np.isclose(a, b)) if np.isfinite(a) and np.isfinite(b) else False
 
+# %% ../nbs/18_claims.ipynb #71cd43a0
 def _at(rows:pd.DataFrame, column:str, g:float)->pd.DataFrame:
     "The rows whose `column` (a guidance scale) equals `g`."
     return rows[rows[column].apply(lambda x: _same(x, g))]
@@ -87,6 +89,7 @@ def _training_effect(df, model, label, g, control_rows, control, metric, directi
     detail = f"{metric}: base {b[f'{metric}_mean']:.3f}; {label} {np.mean([b[f'{metric}_mean'] + e for e in eff.values()]):.3f} (per seed: {vals})"
     return _claim(claim, control, metric, eff, direction, half, detail=detail)
 
+# %% ../nbs/18_claims.ipynb #4412b2ba
 MODELS = (("refl", "ReFL"), ("imagerefl", "ImageReFL"))
 
 def claim_training_effect(df:pd.DataFrame)->list[dict]:
@@ -104,6 +107,7 @@ def claim_training_effect(df:pd.DataFrame)->list[dict]:
                     detail=f"no base row at CFG {g:g}: comparing across guidance scales measures guidance, not training"))
     return out
 
+# %% ../nbs/18_claims.ipynb #6fb3aefa
 def claim_paper_framing(df:pd.DataFrame)->list[dict]:
     "The paper's framing: each tuned model without CFG against the base at combined generation's CFG."
     comb = df[df.method.str.endswith("+combined")]
@@ -130,6 +134,7 @@ def _range_levels(curves:list, fractions)->list:
     lo, hi = max(c[0].min() for c in curves), min(c[0].max() for c in curves)
     return [lo + f*(hi - lo) for f in fractions] if lo < hi else []
 
+# %% ../nbs/18_claims.ipynb #cfaf8fd6
 def shared_levels(curves_a:dict, curves_b:dict, # seed -> (rewards, diversities) of the claimed method and of its control
                   fractions=(1/3, 2/3),         # where in the range to compare
                  )->list:                       # reward levels
@@ -142,6 +147,7 @@ def control_levels(curves_a:dict, curves_b:dict, # seed -> (rewards, diversities
     "Levels at `fractions` of the reward range every curve of the control (`curves_b`) reaches: the claimed method's results play no part."
     return _range_levels(list(curves_b.values()), fractions)
 
+# %% ../nbs/18_claims.ipynb #bf1d0faf
 def _diversity_at(curve:tuple, r:float)->float:
     "Diversity at reward `r`, linearly interpolated on a curve; NaN where the curve does not reach `r`."
     x, y = curve
@@ -157,6 +163,7 @@ def matched_diversity(curves_a:dict, curves_b:dict, # seed -> (rewards, diversit
     return [(r, {s: _diversity_at(curves_a[s], r) - _diversity_at(curves_b[s], r) for s in seeds})
             for r in levels(curves_a, curves_b)]
 
+# %% ../nbs/18_claims.ipynb #a1b409c4
 def _matched_claims(claim, control, curves_a, curves_b, levels=shared_levels):
     found = matched_diversity(curves_a, curves_b, levels)
     if not found:
@@ -167,6 +174,7 @@ def _matched_claims(claim, control, curves_a, curves_b, levels=shared_levels):
                    detail=f"reward {r:.3f}: diversity difference per seed {per_seed(eff)}")
             for r, eff in found]
 
+# %% ../nbs/18_claims.ipynb #97e363cd
 def method_curves(df:pd.DataFrame, method:str, model:str, with_ends:bool=True)->dict:
     "Seed -> the curve of `method`'s rows, closed (`with_ends`) by the tuned model alone and the base at its CFG."
     res = {}
@@ -189,7 +197,6 @@ def training_curves(df:pd.DataFrame, model:str)->dict:
     rows = _at(df[(df.model == model) & (df.sampler == "tuned")], "tuned_guidance", 1.0)
     return {s: _curve(pd.concat([_per_seed(rows, s), _base_at(df, 1.0)])) for s in _seeds(rows)}
 
-
 # %% ../nbs/18_claims.ipynb #2cf02175
 def _has(df, *methods)->bool: return all((df.method == m).any() for m in methods)
 
@@ -203,6 +210,7 @@ def claim_combined_vs_aig(df:pd.DataFrame, levels=shared_levels)->list[dict]:
     return _matched_claims("Combined generation keeps more diversity than AIG at equal reward (after ReFL)", control,
                            method_curves(df, "refl+combined", "refl"), method_curves(df, "refl+aig", "refl", with_ends=False), levels)
 
+# %% ../nbs/18_claims.ipynb #57d1d271
 def claim_combined_vs_aig_same_guidance(df:pd.DataFrame, levels=shared_levels)->list[dict]:
     "The same, with both samplers at one guidance: both curves run between the same two ends (base and ReFL)."
     if not _has(df, NO_CFG_COMBINED, "refl+aig"): return []
@@ -213,6 +221,7 @@ def claim_combined_vs_aig_same_guidance(df:pd.DataFrame, levels=shared_levels)->
                            "curves closed by the base and ReFL alone at that CFG",
                            method_curves(df, NO_CFG_COMBINED, "refl"), method_curves(df, "refl+aig", "refl"), levels)
 
+# %% ../nbs/18_claims.ipynb #ead166c3
 def claim_imagerefl_combined(df:pd.DataFrame, levels=shared_levels)->list[dict]:
     "ImageReFL + combined generation keeps more diversity than ReFL + combined at equal reward."
     if not _has(df, "refl+combined", "imagerefl+combined"): return []
@@ -227,6 +236,7 @@ def claim_imagerefl_training(df:pd.DataFrame, levels=shared_levels)->list[dict]:
                            "ReFL checkpoints along training (both without CFG; step 0 = base at CFG 1)",
                            training_curves(df, "imagerefl"), training_curves(df, "refl"), levels)
 
+# %% ../nbs/18_claims.ipynb #cbe890f1
 MATCHED_CLAIMS = [claim_combined_vs_aig, claim_combined_vs_aig_same_guidance, claim_imagerefl_combined, claim_imagerefl_training]
 CLAIMS = [claim_training_effect, claim_paper_framing, *MATCHED_CLAIMS]
 
@@ -242,4 +252,3 @@ def judge_claims(results:pd.DataFrame, # a results table with sampler settings (
     "Judge the paper's claims on a results table, each against the control that isolates it."
     df = _with_columns(results)
     return pd.DataFrame([row for claim in claims for row in claim(df)])
-
