@@ -101,6 +101,7 @@ def tiny_t5_tokenizer(model_max_length:int=120, # PixArt-α uses 120 tokens, SD3
     return T5Tokenizer(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
                        model_max_length=model_max_length)
 
+# %% ../nbs/25_testing.ipynb #967849f7
 def _tiny_t5(tok)->T5EncoderModel:
     return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                    relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
@@ -125,6 +126,7 @@ def tiny_pixart_pipeline(seed:int=0,        # weights seed
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
+# %% ../nbs/25_testing.ipynb #f2f2158e
 def tiny_sd3_pipeline(seed:int=0,      # weights seed
                       resolution:int=64, # default image size in pixels
                       shift:float=3.0, # the flow schedule's shift (SD3's value)
@@ -146,7 +148,6 @@ def tiny_sd3_pipeline(seed:int=0,      # weights seed
                                     text_encoder_3=te3, tokenizer_3=tok3)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
 
 # %% ../nbs/25_testing.ipynb #7dbd4231
 def tiny_clip_folder(folder:Path, seed:int=0, pad_token:str="<|endoftext|>")->Path:
@@ -206,6 +207,7 @@ class Brightness(nn.Module):
         chars = torch.tensor([len(p) for p in prompts], dtype=torch.float32, device=images.device)
         return self.gain * images.float().mean((1, 2, 3)) + self.per_char * chars
 
+# %% ../nbs/25_testing.ipynb #ecb7e24c
 class PadBrightness(Reward):
     "A toy `Reward` with two paths: training = mean of the normalised training-path pixels; evaluation = mean of the 8-bit image padded with black to twice its width."
     evaluation_path = "8-bit, padded with black to twice the width"
@@ -230,6 +232,7 @@ def official_hps_pixels(im, size:int=224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP
     canvas[..., top:top + nh, left:left + nw] = a
     return _normalised(canvas[0].double().numpy(), mean, std)
 
+# %% ../nbs/25_testing.ipynb #fbd964bb
 def official_crop_pixels(im, size:int=224, crop:int|None=None, rounding:str="round", mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)->torch.Tensor:
     "Pillow bicubic resize of the shorter side (long side `int(size*long/short)`), centre crop (`round`: torchvision, ImageReward; `floor`: transformers), /255, normalise."
     import numpy as np
@@ -240,4 +243,3 @@ def official_crop_pixels(im, size:int=224, crop:int|None=None, rounding:str="rou
     off = (lambda v: int(round(v))) if rounding == "round" else (lambda v: int(np.floor(v)))
     top, left = off((nh - crop) / 2), off((nw - crop) / 2)
     return _normalised(a[top:top + crop, left:left + crop].transpose(2, 0, 1), mean, std)
-
