@@ -8,6 +8,7 @@ Docs: https://imagerefl.github.io/imagerefl/runfolder.html.md"""
 from __future__ import annotations
 import contextlib, fnmatch, hashlib, json, os, shutil, socket, subprocess, sys, time
 from pathlib import Path
+from fastcore.basics import patch
 from .core import UserError, atomic_write_text
 
 # %% auto #0
@@ -16,14 +17,6 @@ __all__ = ['MANIFEST', 'PACKAGES', 'RUN_FILES', 'RunLock', 'write_manifest', 've
            'check_resume_config', 'git_commit', 'provenance', 'record_provenance', 'run_files', 'atomic_dir']
 
 # %% ../nbs/01_runfolder.ipynb #rf000006
-def _alive(pid:int)->bool:
-    "Whether process `pid` exists on this host."
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True
-    except OSError: return False
-    return True
-
 class RunLock:
     "The lock of run folder `folder`: `.lock` with the owner's pid and host; a context manager."
     name = ".lock"
@@ -39,41 +32,57 @@ class RunLock:
         except (OSError, ValueError): return {}
         return d if isinstance(d, dict) and isinstance(d.get("pid"), int) else {}
 
-    def busy(self)->str|None:
-        "Why the folder cannot be locked now (a live owner), or None."
-        o = self.owner()
-        if not o or (o["pid"] == os.getpid() and o.get("host") == socket.gethostname()): return None   # this process
-        if o.get("host") == socket.gethostname() and not _alive(o["pid"]): return None
-        return (f"{self.folder} is in use by another run (pid {o['pid']} on {o.get('host')}, since {o.get('since')}): "
-                f"wait for it, choose another out_dir, or delete {self.path} if that process is gone")
+# %% ../nbs/01_runfolder.ipynb #2c1c836c
+def _alive(pid:int)->bool:
+    "Whether process `pid` exists on this host."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    except OSError: return False
+    return True
 
-    def acquire(self)->RunLock:
-        "Take the lock, taking over a stale one (with a message); a one-line `UserError` if another run holds it."
-        self.folder.mkdir(parents=True, exist_ok=True)
-        me = dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime("%Y-%m-%d %H:%M:%S"))
-        tmp = self.folder/f".lock.{me['pid']}.{me['host']}"
-        tmp.write_text(json.dumps(me))
-        try:
-            for _ in range(3):
-                try: os.link(tmp, self.path); self.held = True; return self
-                except FileExistsError: pass
-                o = self.owner()
-                if o and o["pid"] == os.getpid() and o.get("host") == me["host"]: return self   # held by this process already
-                if why := self.busy(): raise UserError(why)
-                o = self.owner()
-                self.say(f"{self.folder}: took over a stale lock" + (f" (pid {o['pid']} on {o.get('host')} no longer runs)" if o else " (unreadable)"))
-                with contextlib.suppress(FileNotFoundError): self.path.unlink()
-        finally: tmp.unlink()
-        raise UserError(f"could not lock {self.folder}: another run keeps taking it; choose another out_dir")
+@patch
+def busy(self:RunLock)->str|None:
+    "Why the folder cannot be locked now (a live owner), or None."
+    o = self.owner()
+    if not o or (o["pid"] == os.getpid() and o.get("host") == socket.gethostname()): return None   # this process
+    if o.get("host") == socket.gethostname() and not _alive(o["pid"]): return None
+    return (f"{self.folder} is in use by another run (pid {o['pid']} on {o.get('host')}, since {o.get('since')}): "
+            f"wait for it, choose another out_dir, or delete {self.path} if that process is gone")
 
-    def release(self):
-        "Remove the lock if this process holds it."
-        if self.held and (self.owner() or {}).get("pid") == os.getpid():
+# %% ../nbs/01_runfolder.ipynb #e22b6bb4
+@patch
+def acquire(self:RunLock)->RunLock:
+    "Take the lock, taking over a stale one (with a message); a one-line `UserError` if another run holds it."
+    self.folder.mkdir(parents=True, exist_ok=True)
+    me = dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime("%Y-%m-%d %H:%M:%S"))
+    tmp = self.folder/f".lock.{me['pid']}.{me['host']}"
+    tmp.write_text(json.dumps(me))
+    try:
+        for _ in range(3):
+            try: os.link(tmp, self.path); self.held = True; return self
+            except FileExistsError: pass
+            o = self.owner()
+            if o and o["pid"] == os.getpid() and o.get("host") == me["host"]: return self   # held by this process already
+            if why := self.busy(): raise UserError(why)
+            o = self.owner()
+            self.say(f"{self.folder}: took over a stale lock" + (f" (pid {o['pid']} on {o.get('host')} no longer runs)" if o else " (unreadable)"))
             with contextlib.suppress(FileNotFoundError): self.path.unlink()
-        self.held = False
+    finally: tmp.unlink()
+    raise UserError(f"could not lock {self.folder}: another run keeps taking it; choose another out_dir")
 
-    def __enter__(self): return self.acquire()
-    def __exit__(self, *exc): self.release()
+# %% ../nbs/01_runfolder.ipynb #23d22076
+@patch
+def release(self:RunLock):
+    "Remove the lock if this process holds it."
+    if self.held and (self.owner() or {}).get("pid") == os.getpid():
+        with contextlib.suppress(FileNotFoundError): self.path.unlink()
+    self.held = False
+
+@patch
+def __enter__(self:RunLock): return self.acquire()
+@patch
+def __exit__(self:RunLock, *exc): self.release()
 
 # %% ../nbs/01_runfolder.ipynb #rf000010
 MANIFEST = "manifest.json"
@@ -88,6 +97,7 @@ def write_manifest(folder:str|Path)->Path:
              if p.is_file() and p.name != MANIFEST}
     return atomic_write_text(folder/MANIFEST, json.dumps(dict(files=files), indent=1))
 
+# %% ../nbs/01_runfolder.ipynb #654d0abe
 def verify_checkpoint(folder:str|Path)->str|None:
     "What is wrong with checkpoint `folder` (missing, truncated or changed files), or None if it is intact."
     folder = Path(folder)
@@ -113,6 +123,7 @@ def checkpoints(root:str|Path)->list[Path]:
     found = [(s, not p.name.startswith(".old-"), p) for p in Path(root).glob("*") if (s := checkpoint_step(p)) is not None] if Path(root).is_dir() else []
     return [p for *_, p in sorted(found, reverse=True)]
 
+# %% ../nbs/01_runfolder.ipynb #d5d7954b
 def find_checkpoint(root:str|Path, # the run's checkpoints folder
                     say=print,     # where the messages about skipped checkpoints go
                    )->Path|None:
@@ -123,6 +134,7 @@ def find_checkpoint(root:str|Path, # the run's checkpoints folder
         say(f"skipping {p}: {why}")
     return None
 
+# %% ../nbs/01_runfolder.ipynb #12511b32
 def commit_checkpoint(tmp:str|Path,   # a completely written checkpoint folder
                       final:str|Path, # its name, `checkpoints/checkpoint-<step>`
                      )->Path:
@@ -136,6 +148,7 @@ def commit_checkpoint(tmp:str|Path,   # a completely written checkpoint folder
     shutil.rmtree(old, ignore_errors=True)
     return final
 
+# %% ../nbs/01_runfolder.ipynb #cdab6c63
 def rotate_checkpoints(root:str|Path, keep:int):
     "Keep the newest `keep` checkpoints; remove older ones and leftovers of interrupted saves."
     real = [p for p in checkpoints(root) if not p.name.startswith(".old-")]
@@ -153,6 +166,7 @@ def flat_items(d:dict, prefix:str="")->dict:
         else: out[prefix + str(k)] = v
     return out
 
+# %% ../nbs/01_runfolder.ipynb #b32dfdc4
 def check_resume_config(saved:dict,     # the config the checkpoint was written with
                         new:dict,       # the config of the resuming run
                         may_change:list[str], # keys (fnmatch patterns) that may differ on resume
@@ -184,6 +198,7 @@ def git_commit(path:str|Path|None=None)->dict|None:
         return dict(commit=head.stdout.strip(), dirty=dirty)
     except (OSError, subprocess.SubprocessError): return None
 
+# %% ../nbs/01_runfolder.ipynb #358e6ebd
 def provenance(**extra)->dict:
     "What produced a run: time, host, command line, Python, package versions, git commit; plus `extra`."
     from importlib.metadata import version, PackageNotFoundError
@@ -193,6 +208,7 @@ def provenance(**extra)->dict:
     return dict(time=time.strftime("%Y-%m-%d %H:%M:%S %z"), host=socket.gethostname(), command=list(sys.argv), cwd=os.getcwd(),
                 python=sys.version.split()[0], packages={p: v(p) for p in PACKAGES}, git=git_commit(), **extra)
 
+# %% ../nbs/01_runfolder.ipynb #fd5d0ef5
 def record_provenance(folder:str|Path, **extra)->Path:
     "Append this process's `provenance(**extra)` to `folder/provenance.json`."
     path = Path(folder)/"provenance.json"
@@ -208,6 +224,7 @@ def run_files(folder:str|Path)->list[str]:
     folder = Path(folder)
     return [n for n in RUN_FILES if (folder/n).exists() and not ((folder/n).is_dir() and not any((folder/n).iterdir()))]
 
+# %% ../nbs/01_runfolder.ipynb #1f574cda
 @contextlib.contextmanager
 def atomic_dir(path:str|Path):
     "Yield a temporary folder beside `path`; on success it replaces `path`, on error it is removed."
