@@ -30,6 +30,7 @@ def imagereward_mlp(width:int)->nn.Sequential:
     return nn.Sequential(nn.Linear(width, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
                          nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
 
+# %% ../../nbs/07_rewards_imagereward.ipynb #ce3b3297
 def imagereward_key(k:str)->str|None:
     "Map an `ImageReward.pt` key to ours (`vision.*`, `text.*`, `mlp.layers.*`); None for keys ImageReward never uses."
     if k.startswith(("blip.vision_proj.", "blip.text_proj.")) or k.endswith("position_ids"): return None
@@ -110,6 +111,7 @@ def bert_tokenizer(vocab:str|Path|None=None # vocab.txt or a folder with it; Non
     tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     return tok
 
+# %% ../../nbs/07_rewards_imagereward.ipynb #e67c70ce
 @register_reward("imagereward")
 def load_imagereward(path=None, # ImageReward.pt, a folder with it, or a hub id (default THUDM/ImageReward)
                      arch:dict|None=None, # {"vision": BlipVisionConfig kwargs, "text": BlipTextConfig kwargs}; None: the checkpoint's
