@@ -110,6 +110,7 @@ def save_mini_net(net:nn.Module, # a `MiniDigitReward` or `MiniFeatureNet`
         cfg = dict(kind="features", width=net.encoder[0].out_channels, dim=net.dim)
     return save_safetensors(net.state_dict(), path, metadata=dict(config=json.dumps(cfg), **{k: str(v) for k, v in meta.items()}))
 
+# %% ../../nbs/22_mini_nets.ipynb #2b5e714e
 def _load_mini_net(path, default_name, kind, device, dtype):
     from safetensors import safe_open
     from safetensors.torch import load_file
