@@ -66,6 +66,7 @@ def _lr_lambda(steps, warmup=50):
         return 0.1 + 0.9*0.5*(1 + math.cos(math.pi*min(1., (i-warmup)/max(1, steps-warmup))))
     return f
 
+# %% ../../nbs/23_mini_pretrain.ipynb #099d7f65
 def train_reward_net(images:Tensor, labels:Tensor, # training digits (N,3,R,R) in [0,1] and their classes
                      steps:int=300, batch_size:int=64, lr:float=2e-3, seed:int=0,
                      temperature:float=4.0, # reward = log softmax(logits / temperature)[prompted digit]
@@ -97,6 +98,7 @@ def nt_xent(z1:Tensor, z2:Tensor, # (B,D) projections of two views of the same B
     target = torch.cat([torch.arange(B, 2*B), torch.arange(B)]).to(z.device)
     return F.cross_entropy(sim, target)
 
+# %% ../../nbs/23_mini_pretrain.ipynb #97ac49f1
 def train_feature_net(images:Tensor, # training digits (N,3,R,R) in [0,1]
                       steps:int=200, batch_size:int=64, lr:float=2e-3, seed:int=1,
                      )->MiniFeatureNet:
@@ -122,12 +124,14 @@ def mini_vae()->AutoencoderKL:
                          down_block_types=["DownEncoderBlock2D"]*2, up_block_types=["UpDecoderBlock2D"]*2,
                          layers_per_block=1, norm_num_groups=8, sample_size=MINI_RESOLUTION)
 
+# %% ../../nbs/23_mini_pretrain.ipynb #6feb8e59
 def mini_text_encoder()->CLIPTextModel:
     "A 2-layer CLIP text encoder, hidden size 32, with CLIP's vocabulary and 77 positions."
     return CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_attention_heads=4,
         num_hidden_layers=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
         projection_dim=32))
 
+# %% ../../nbs/23_mini_pretrain.ipynb #a3a131e4
 def mini_unet()->UNet2DConditionModel:
     "The mini world's `UNet2DConditionModel` on 4x16x16 latents, conditioned on 32-d text states."
     return UNet2DConditionModel(sample_size=MINI_RESOLUTION//2, in_channels=4, out_channels=4,
@@ -165,6 +169,7 @@ def encode_captions(tokenizer, text_encoder, captions:list[str])->Tensor:
                     return_tensors="pt").input_ids
     return text_encoder(ids.to(text_encoder.device))[0]
 
+# %% ../../nbs/23_mini_pretrain.ipynb #5ae25c0b
 def train_unet(vae:AutoencoderKL, images:Tensor, captions:list[str], # trained VAE, training digits and captions
                steps:int=1000, batch_size:int=64, lr:float=1e-3, seed:int=0,
                caption_dropout:float=0.1, # fraction of captions replaced by "" (for classifier-free guidance)
@@ -200,6 +205,7 @@ def mini_prompts(n:int)->list[str]:
     "`n` prompts cycling through the ten digits: 'a handwritten digit zero', ... "
     return [f"a handwritten digit {MINI_DIGIT_WORDS[i % 10]}" for i in range(n)]
 
+# %% ../../nbs/23_mini_pretrain.ipynb #960c3434
 @torch.no_grad()
 def sample_accuracy(pipe:StableDiffusionPipeline, # the text-to-image model
                     reward:MiniDigitReward,       # its classifier judges the samples
@@ -248,6 +254,7 @@ class PretrainConfig:
     @classmethod
     def quick(cls, seed=0): return cls(seed, vae_steps=2, unet_steps=2, reward_steps=2, feature_steps=2, eval_samples=2, eval_steps=2)
 
+# %% ../../nbs/23_mini_pretrain.ipynb #27b3ac77
 def pretrain(out_dir:str|Path|None=None, # where to write; None = the package's shipped assets folder
              quick:bool=False,           # a few steps of everything (tests, smoke runs)
              config:PretrainConfig|None=None, # steps and seed; overrides `quick`
