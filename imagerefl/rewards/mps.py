@@ -205,19 +205,9 @@ def convert_mps_checkpoint(src:str|Path, # the official MPS_overall_checkpoint.p
     sd, cfg = read_mps_pickle(src)
     return save_safetensors(sd, dst, metadata={"imagerefl": "mps", "clip_config": json.dumps(cfg)})
 
-# %% ../../nbs/08_rewards_mps.ipynb #57b2dea8
-@register_reward("mps")
-def load_mps(path=None, # MPS_overall_checkpoint.pth (needs allow_pickle) or its safetensors conversion
-             arch=None,
-             allow_pickle:bool=False, # opt in to unpickling the official .pth (its classes stubbed, `read_mps_pickle`)
-             processor_path=None, # CLIP processor folder or hub id (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K)
-             condition:str=MPS_CONDITION, # the aspect sentence of MPS' overall preference
-             condition_threshold:float=0.01, # prompt tokens kept for cross-attention (0.01 as in training; MPS eval: 0.3)
-            ):
-    "MPS overall preference (Zhang et al. 2024)."
-    from transformers import CLIPConfig, CLIPModel, AutoTokenizer
-    if arch is not None: raise UserError("mps takes no arch: the checkpoint carries its CLIP config")
-    if path is None: raise UserError("MPS has no hub copy: download MPS_overall_checkpoint.pth (link in the Kwai-Kolors/MPS README) and pass path=<file>")
+# %% ../../nbs/08_rewards_mps.ipynb #13a6b94e
+def _read_mps(path, allow_pickle:bool)->tuple[dict, dict]:
+    "Tensors and CLIP config of an MPS checkpoint: its safetensors conversion, or (opted in) the pickled official file."
     p = Path(str(path)).expanduser()
     if not p.is_file(): raise UserError(f"'{path}' does not exist: expected MPS_overall_checkpoint.pth or its .safetensors conversion")
     if p.suffix == ".safetensors":
@@ -231,6 +221,22 @@ def load_mps(path=None, # MPS_overall_checkpoint.pth (needs allow_pickle) or its
         raise UserError(f"'{p.name}' is a pickled module, which can run code when loaded: pass allow_pickle=True if you trust it, "
                         f"or convert it once with imagerefl.rewards.mps.convert_mps_checkpoint(src, dst) and pass the .safetensors")
     else: sd, cfg = read_mps_pickle(p)
+    return sd, cfg
+
+# %% ../../nbs/08_rewards_mps.ipynb #57b2dea8
+@register_reward("mps")
+def load_mps(path=None, # MPS_overall_checkpoint.pth (needs allow_pickle) or its safetensors conversion
+             arch=None,
+             allow_pickle:bool=False, # opt in to unpickling the official .pth (its classes stubbed, `read_mps_pickle`)
+             processor_path=None, # CLIP processor folder or hub id (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K)
+             condition:str=MPS_CONDITION, # the aspect sentence of MPS' overall preference
+             condition_threshold:float=0.01, # prompt tokens kept for cross-attention (0.01 as in training; MPS eval: 0.3)
+            ):
+    "MPS overall preference (Zhang et al. 2024)."
+    from transformers import CLIPConfig, CLIPModel, AutoTokenizer
+    if arch is not None: raise UserError("mps takes no arch: the checkpoint carries its CLIP config")
+    if path is None: raise UserError("MPS has no hub copy: download MPS_overall_checkpoint.pth (link in the Kwai-Kolors/MPS README) and pass path=<file>")
+    sd, cfg = _read_mps(path, allow_pickle)
     model = CLIPModel(CLIPConfig(**cfg))
     cross = MPSCrossModel(**mps_cross_model_dims(sd))
     proc = processor_folder(processor_path or "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
