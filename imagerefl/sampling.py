@@ -113,6 +113,7 @@ def _sample(self:_Combined, plan:Plan, prompt, kwargs:dict):
         if lora:
             for layer in self._lora_layers: layer.enable_adapters(True)    # the model as it was handed in: adapter on
 
+# %% ../nbs/10_sampling.ipynb #5ed7922c
 @patch
 def _check_lora(self:_Combined):
     "The LoRA form needs an adapter on the denoiser, and none on a text encoder (the prompt is encoded once for both)."
@@ -223,6 +224,7 @@ class CombinedStableDiffusionXLPipeline(_Combined, StableDiffusionXLPipeline):
         plan = CombinedPlan(original_unet_steps, guidance_scale, fine_tuned_guidance_scale, self.default_original_unet_fraction)
         return self._sample(plan, prompt, kwargs)
 
+# %% ../nbs/10_sampling.ipynb #01e1a0c0
 class AIGStableDiffusionXLPipeline(CombinedStableDiffusionXLPipeline):
     "ReFL+AIG baseline on SDXL: eps_i = (1-w_i) eps_base + w_i eps_tuned with w_i = (i/N)^aig_power."
     @delegates(StableDiffusionXLPipeline.__call__)
@@ -261,6 +263,7 @@ class CombinedPixArtAlphaPipeline(_Combined, PixArtAlphaPipeline):
         plan = _transformer_plan(self, original_transformer_steps, original_unet_steps, guidance_scale, fine_tuned_guidance_scale)
         return self._sample(plan, prompt, kwargs)
 
+# %% ../nbs/10_sampling.ipynb #92be7be1
 class AIGPixArtAlphaPipeline(CombinedPixArtAlphaPipeline):
     "ReFL+AIG baseline on PixArt-α: eps_i = (1-w_i) eps_base + w_i eps_tuned with w_i = (i/N)^aig_power."
     @delegates(PixArtAlphaPipeline.__call__)
@@ -295,6 +298,7 @@ class CombinedStableDiffusion3Pipeline(_Combined, StableDiffusion3Pipeline):
         plan = _transformer_plan(self, original_transformer_steps, original_unet_steps, guidance_scale, fine_tuned_guidance_scale)
         return self._sample(plan, prompt, kwargs)
 
+# %% ../nbs/10_sampling.ipynb #e4b3b811
 class AIGStableDiffusion3Pipeline(CombinedStableDiffusion3Pipeline):
     "ReFL+AIG baseline on SD3: v_i = (1-w_i) v_base + w_i v_tuned with w_i = (i/N)^aig_power."
     @delegates(StableDiffusion3Pipeline.__call__)
@@ -314,6 +318,7 @@ def pipe_like(pipe, **parts):
     out = type(pipe)(**{**kw, **parts}); out.set_progress_bar_config(disable=True)
     return out
 
+# %% ../nbs/10_sampling.ipynb #4a1f7d1c
 _CLASSES = {"sd": (CombinedStableDiffusionPipeline, AIGStableDiffusionPipeline),
             "sdxl": (CombinedStableDiffusionXLPipeline, AIGStableDiffusionXLPipeline),
             "pixart": (CombinedPixArtAlphaPipeline, AIGPixArtAlphaPipeline),
