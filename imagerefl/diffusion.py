@@ -58,32 +58,36 @@ class Conditioning:
     mask: Tensor|None = None             # PixArt-α: (B, L) T5 attention mask of the prompts
     negative_mask: Tensor|None = None    # PixArt-α: attention mask of the negatives
 
-    def unet_kwargs(self, cfg:bool=False)->dict:
-        "Keyword arguments for the UNet; with `cfg` the batch is `[negative, cond]` as in diffusers."
-        cat = (lambda n, c: torch.cat([n, c])) if cfg else (lambda n, c: c)
-        kw = dict(encoder_hidden_states=cat(self.negative, self.embeds))
-        if self.pooled is not None:
-            kw["added_cond_kwargs"] = dict(text_embeds=cat(self.negative_pooled, self.pooled),
-                                           time_ids=cat(self.time_ids, self.time_ids))
-        return kw
-
-    def pair(self, name:str, cfg:bool)->Tensor|None:
-        "Field `name` alone, or `[negative, cond]` stacked for CFG (the diffusers batch order)."
-        x = getattr(self, name)
-        if not cfg or x is None: return x
-        neg = dict(embeds="negative", pooled="negative_pooled", mask="negative_mask").get(name)
-        return torch.cat([getattr(self, neg), x]) if neg else torch.cat([x, x])
-
-    def conditional(self)->Conditioning:
-        "The same conditioning without its negatives (no CFG possible)."
-        return replace(self, negative=None, negative_pooled=None, negative_mask=None)
-
-    def rows(self, index:Tensor)->Conditioning:
-        "The conditioning of the rows `index` of the batch."
-        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self) if torch.is_tensor(getattr(self, f.name))})
-
     def __len__(self): return len(self.embeds)
 
+# %% ../nbs/03_diffusion.ipynb #87aabc22
+@patch
+def unet_kwargs(self:Conditioning, cfg:bool=False)->dict:
+    "Keyword arguments for the UNet; with `cfg` the batch is `[negative, cond]` as in diffusers."
+    cat = (lambda n, c: torch.cat([n, c])) if cfg else (lambda n, c: c)
+    kw = dict(encoder_hidden_states=cat(self.negative, self.embeds))
+    if self.pooled is not None:
+        kw["added_cond_kwargs"] = dict(text_embeds=cat(self.negative_pooled, self.pooled),
+                                       time_ids=cat(self.time_ids, self.time_ids))
+    return kw
+
+@patch
+def pair(self:Conditioning, name:str, cfg:bool)->Tensor|None:
+    "Field `name` alone, or `[negative, cond]` stacked for CFG (the diffusers batch order)."
+    x = getattr(self, name)
+    if not cfg or x is None: return x
+    neg = dict(embeds="negative", pooled="negative_pooled", mask="negative_mask").get(name)
+    return torch.cat([getattr(self, neg), x]) if neg else torch.cat([x, x])
+
+@patch
+def conditional(self:Conditioning)->Conditioning:
+    "The same conditioning without its negatives (no CFG possible)."
+    return replace(self, negative=None, negative_pooled=None, negative_mask=None)
+
+@patch
+def rows(self:Conditioning, index:Tensor)->Conditioning:
+    "The conditioning of the rows `index` of the batch."
+    return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self) if torch.is_tensor(getattr(self, f.name))})
 
 # %% ../nbs/03_diffusion.ipynb #fccb9609
 class Backbone:

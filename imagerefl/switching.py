@@ -102,6 +102,7 @@ def _forward_params(cls)->tuple:
     names = list(inspect.signature(cls.forward).parameters)[1:]     # without self
     return names[0], names.index("timestep")
 
+# %% ../nbs/09a_switching.ipynb #342004d3
 class DenoiserCall:
     "One call of the stock pipeline to its denoiser: the arguments as given, and the pipeline's CFG at that step."
     def __init__(self, pipe, args:tuple, kwargs:dict):
