@@ -58,32 +58,36 @@ class Conditioning:
     mask: Tensor|None = None             # PixArt-α: (B, L) T5 attention mask of the prompts
     negative_mask: Tensor|None = None    # PixArt-α: attention mask of the negatives
 
-    def unet_kwargs(self, cfg:bool=False)->dict:
-        "Keyword arguments for the UNet; with `cfg` the batch is `[negative, cond]` as in diffusers."
-        cat = (lambda n, c: torch.cat([n, c])) if cfg else (lambda n, c: c)
-        kw = dict(encoder_hidden_states=cat(self.negative, self.embeds))
-        if self.pooled is not None:
-            kw["added_cond_kwargs"] = dict(text_embeds=cat(self.negative_pooled, self.pooled),
-                                           time_ids=cat(self.time_ids, self.time_ids))
-        return kw
-
-    def pair(self, name:str, cfg:bool)->Tensor|None:
-        "Field `name` alone, or `[negative, cond]` stacked for CFG (the diffusers batch order)."
-        x = getattr(self, name)
-        if not cfg or x is None: return x
-        neg = dict(embeds="negative", pooled="negative_pooled", mask="negative_mask").get(name)
-        return torch.cat([getattr(self, neg), x]) if neg else torch.cat([x, x])
-
-    def conditional(self)->Conditioning:
-        "The same conditioning without its negatives (no CFG possible)."
-        return replace(self, negative=None, negative_pooled=None, negative_mask=None)
-
-    def rows(self, index:Tensor)->Conditioning:
-        "The conditioning of the rows `index` of the batch."
-        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self) if torch.is_tensor(getattr(self, f.name))})
-
     def __len__(self): return len(self.embeds)
 
+# %% ../nbs/03_diffusion.ipynb #87aabc22
+@patch
+def unet_kwargs(self:Conditioning, cfg:bool=False)->dict:
+    "Keyword arguments for the UNet; with `cfg` the batch is `[negative, cond]` as in diffusers."
+    cat = (lambda n, c: torch.cat([n, c])) if cfg else (lambda n, c: c)
+    kw = dict(encoder_hidden_states=cat(self.negative, self.embeds))
+    if self.pooled is not None:
+        kw["added_cond_kwargs"] = dict(text_embeds=cat(self.negative_pooled, self.pooled),
+                                       time_ids=cat(self.time_ids, self.time_ids))
+    return kw
+
+@patch
+def pair(self:Conditioning, name:str, cfg:bool)->Tensor|None:
+    "Field `name` alone, or `[negative, cond]` stacked for CFG (the diffusers batch order)."
+    x = getattr(self, name)
+    if not cfg or x is None: return x
+    neg = dict(embeds="negative", pooled="negative_pooled", mask="negative_mask").get(name)
+    return torch.cat([getattr(self, neg), x]) if neg else torch.cat([x, x])
+
+@patch
+def conditional(self:Conditioning)->Conditioning:
+    "The same conditioning without its negatives (no CFG possible)."
+    return replace(self, negative=None, negative_pooled=None, negative_mask=None)
+
+@patch
+def rows(self:Conditioning, index:Tensor)->Conditioning:
+    "The conditioning of the rows `index` of the batch."
+    return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self) if torch.is_tensor(getattr(self, f.name))})
 
 # %% ../nbs/03_diffusion.ipynb #fccb9609
 class Backbone:
@@ -116,48 +120,28 @@ class Backbone:
         self.resolution = resolution or self.denoiser.config.sample_size * self.vae_scale_factor
         self.set_timesteps(num_inference_steps)
 
-    @property
-    def unet(self):
-        "The denoiser under its SD name (on PixArt-α and SD3 it is a transformer)."
-        return self.denoiser
-    @property
-    def transformer(self):
-        "The denoiser under its PixArt-α / SD3 name."
-        return self.denoiser
-    @property
-    def device(self): return self.denoiser.device
-    @property
-    def is_flow(self)->bool: return is_flow_scheduler(self.scheduler)
-    @property
-    def prediction_type(self)->str:
-        "What the denoiser predicts: epsilon, v_prediction or flow (the velocity ε - x_0)."
-        return "flow" if self.is_flow else self.scheduler.config.prediction_type
-    @property
-    def frozen_modules(self):
-        "The modules that are never trained: VAE and text encoder(s)."
-        names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-        return [m for m in (getattr(self.pipe, n, None) for n in names) if m is not None]
-
-    def set_timesteps(self, num_inference_steps:int):
-        "Set the sampling schedule to `num_inference_steps` steps."
-        check_steps(self.scheduler, num_inference_steps)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device, **self._schedule_kwargs())
-        self.timesteps, self.num_inference_steps = self.scheduler.timesteps, num_inference_steps
-        params = inspect.signature(self.scheduler.step).parameters
-        self._step_kwargs = dict(eta=0.0) if "eta" in params else {}
-        self._step_takes_generator = "generator" in params
-
-    def _schedule_kwargs(self)->dict: return {}
-
-    def begin(self, index:int=0):
-        "Reset the scheduler's state for a chain that starts at schedule position `index`."
-        self.set_timesteps(self.num_inference_steps)
-        if hasattr(self.scheduler, "set_begin_index"): self.scheduler.set_begin_index(index)
-
-    def timestep(self, index:int)->Tensor:
-        "The scheduler timestep at schedule position `index` (0 = noisiest)."
-        return self.timesteps[index]
-
+# %% ../nbs/03_diffusion.ipynb #186558a1
+@patch(as_prop=True)
+def unet(self:Backbone):
+    "The denoiser under its SD name (on PixArt-α and SD3 it is a transformer)."
+    return self.denoiser
+@patch(as_prop=True)
+def transformer(self:Backbone):
+    "The denoiser under its PixArt-α / SD3 name."
+    return self.denoiser
+@patch(as_prop=True)
+def device(self:Backbone): return self.denoiser.device
+@patch(as_prop=True)
+def is_flow(self:Backbone)->bool: return is_flow_scheduler(self.scheduler)
+@patch(as_prop=True)
+def prediction_type(self:Backbone)->str:
+    "What the denoiser predicts: epsilon, v_prediction or flow (the velocity ε - x_0)."
+    return "flow" if self.is_flow else self.scheduler.config.prediction_type
+@patch(as_prop=True)
+def frozen_modules(self:Backbone):
+    "The modules that are never trained: VAE and text encoder(s)."
+    names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+    return [m for m in (getattr(self.pipe, n, None) for n in names) if m is not None]
 
 # %% ../nbs/03_diffusion.ipynb #93e825b1
 def check_steps(scheduler,           # a diffusers scheduler
@@ -168,6 +152,31 @@ def check_steps(scheduler,           # a diffusers scheduler
     most = scheduler.config.get("num_train_timesteps")
     if most and n > most: raise UserError(f"{what}={n} is more than the {most} timesteps this model's scheduler has: use at most {most}")
     return n
+
+# %% ../nbs/03_diffusion.ipynb #18258a9b
+@patch
+def set_timesteps(self:Backbone, num_inference_steps:int):
+    "Set the sampling schedule to `num_inference_steps` steps."
+    check_steps(self.scheduler, num_inference_steps)
+    self.scheduler.set_timesteps(num_inference_steps, device=self.device, **self._schedule_kwargs())
+    self.timesteps, self.num_inference_steps = self.scheduler.timesteps, num_inference_steps
+    params = inspect.signature(self.scheduler.step).parameters
+    self._step_kwargs = dict(eta=0.0) if "eta" in params else {}
+    self._step_takes_generator = "generator" in params
+
+@patch
+def _schedule_kwargs(self:Backbone)->dict: return {}
+
+@patch
+def begin(self:Backbone, index:int=0):
+    "Reset the scheduler's state for a chain that starts at schedule position `index`."
+    self.set_timesteps(self.num_inference_steps)
+    if hasattr(self.scheduler, "set_begin_index"): self.scheduler.set_begin_index(index)
+
+@patch
+def timestep(self:Backbone, index:int)->Tensor:
+    "The scheduler timestep at schedule position `index` (0 = noisiest)."
+    return self.timesteps[index]
 
 # %% ../nbs/03_diffusion.ipynb #8d673ebc
 def load_pipeline(source:str|DiffusionPipeline, # pipeline object, local folder or hub id
@@ -186,12 +195,13 @@ def load_pipeline(source:str|DiffusionPipeline, # pipeline object, local folder 
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
-@classmethod
-def _from_pretrained(cls, source, torch_dtype=None, **kwargs):
+# %% ../nbs/03_diffusion.ipynb #6a3d6ecc
+@patch(cls_method=True)
+def from_pretrained(cls:Backbone, source,  # pipeline object, local folder or hub id
+                    torch_dtype=None,      # dtype to load weights in
+                    **kwargs):             # `Backbone`'s own arguments
     "Build a `Backbone` from a pipeline object, a local folder or a hub id."
     return cls(load_pipeline(source, torch_dtype), **kwargs)
-Backbone.from_pretrained = _from_pretrained
-
 
 # %% ../nbs/03_diffusion.ipynb #ee3b9409
 def _check_prompts(prompts)->list[str]:
@@ -293,6 +303,7 @@ def predict(self:Backbone, denoiser, latents:Tensor, # (B,C,h,w) latents at posi
     out = self._call(denoiser, x, t, cond, cfg)
     return combine_cfg(out, guidance_scale, guidance_rescale) if cfg else out
 
+# %% ../nbs/03_diffusion.ipynb #f5c2c82c
 def combine_cfg(out:Tensor,                 # a denoiser output on `[uncond, cond]` inputs, stacked on the batch
                 guidance_scale:float,       # CFG scale g
                 guidance_rescale:float=0.0, # CFG rescale (Lin et al. 2023), 0 = off
@@ -302,6 +313,7 @@ def combine_cfg(out:Tensor,                 # a denoiser output on `[uncond, con
     out = uncond + guidance_scale * (text - uncond)
     return rescale_noise_cfg(out, text, guidance_rescale=guidance_rescale) if guidance_rescale > 0 else out
 
+# %% ../nbs/03_diffusion.ipynb #62bf9f4c
 @patch
 def step(self:Backbone, model_output:Tensor, index:int, latents:Tensor,
          generator:torch.Generator|None=None, # for stochastic schedulers (DDPM)
@@ -312,7 +324,6 @@ def step(self:Backbone, model_output:Tensor, index:int, latents:Tensor,
     x0 = getattr(out, "pred_original_sample", None)
     if x0 is None: x0 = self.scheduler.model_outputs[-1]   # DPM-Solver++: the converted output is x̂0
     return out.prev_sample.to(latents.dtype), x0.to(latents.dtype)
-
 
 # %% ../nbs/03_diffusion.ipynb #86223b78
 @patch
@@ -421,7 +432,7 @@ def _call(self:PixArtBackbone, denoiser, x:Tensor, t:Tensor, cond:Conditioning, 
                    timestep=t, added_cond_kwargs=added, return_dict=False)[0]
     return out.chunk(2, dim=1)[0] if out.shape[1] == 2 * x.shape[1] else out
 
-
+# %% ../nbs/03_diffusion.ipynb #3b3f6ce0
 class SD3Backbone(Backbone):
     "Stable Diffusion 3: a flow-matching transformer conditioned on two CLIP encoders and T5."
     pipeline_classes, denoiser_name = (StableDiffusion3Pipeline,), "transformer"
@@ -440,6 +451,7 @@ class SD3Backbone(Backbone):
         "The noise level σ at schedule position `index` (1 = pure noise)."
         return self.scheduler.sigmas[index]
 
+# %% ../nbs/03_diffusion.ipynb #1f7e4893
 @patch
 @torch.no_grad()
 def encode_prompt(self:SD3Backbone, prompts:list[str], cfg:bool=False, negative_prompts:list[str]|None=None)->Conditioning:
@@ -457,6 +469,7 @@ def _call(self:SD3Backbone, denoiser, x:Tensor, t:Tensor, cond:Conditioning, cfg
     return denoiser(hidden_states=x, timestep=t, encoder_hidden_states=cond.pair("embeds", cfg),
                     pooled_projections=cond.pair("pooled", cfg), return_dict=False)[0]
 
+# %% ../nbs/03_diffusion.ipynb #ef24c026
 @patch
 def add_noise(self:SD3Backbone, latents:Tensor, noise:Tensor, index:int)->Tensor:
     "x_t = (1 - σ) x_0 + σ ε at schedule position `index` (the scheduler's `scale_noise`)."
@@ -474,4 +487,3 @@ def step(self:SD3Backbone, model_output:Tensor, index:int, latents:Tensor, gener
     prev = self.scheduler.step(model_output, self.timestep(index), latents, generator=generator, return_dict=False)[0]
     x0 = latents.float() - self.sigma(index).to(latents.device) * model_output.float()
     return prev.to(latents.dtype), x0.to(latents.dtype)
-

@@ -6,234 +6,24 @@ Docs: https://imagerefl.github.io/imagerefl/sampling.html.md"""
 
 # %% ../nbs/10_sampling.ipynb #c84fa192
 from __future__ import annotations
-import copy, functools, hashlib, inspect, operator
-from collections import OrderedDict
+import inspect
 from pathlib import Path
-import numpy as np, torch
 from fastcore.basics import patch
 from fastcore.meta import delegates
 from diffusers import (DiffusionPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline)
 from .core import UserError, check_source, loading_weights
-from .diffusion import combine_cfg
+from .switching import AIGPlan, BaseStepsCache, CombinedPlan, DenoiserCall, Plan, SwitchingDenoiser
+from .switching import aig_weights, check_original_unet_steps
+_all_ = ["check_original_unet_steps", "Plan", "CombinedPlan", "aig_weights", "AIGPlan", "DenoiserCall",
+         "SwitchingDenoiser", "BaseStepsCache"]   # their home is `switching`; importable from here as before
 
 # %% auto #0
-__all__ = ['check_original_unet_steps', 'Plan', 'CombinedPlan', 'aig_weights', 'AIGPlan', 'DenoiserCall', 'SwitchingDenoiser',
-           'BaseStepsCache', 'CombinedStableDiffusionPipeline', 'AIGStableDiffusionPipeline',
-           'CombinedStableDiffusionXLPipeline', 'AIGStableDiffusionXLPipeline', 'CombinedPixArtAlphaPipeline',
-           'AIGPixArtAlphaPipeline', 'CombinedStableDiffusion3Pipeline', 'AIGStableDiffusion3Pipeline', 'pipe_like',
-           'combined_class', 'combined_pipeline']
-
-# %% ../nbs/10_sampling.ipynb #aaa1d92e
-def check_original_unet_steps(original_unet_steps:int, # base-model steps asked for
-                              num_inference_steps:int, # steps in the schedule, N
-                             )->int:
-    "`original_unet_steps` as an int in [0, N], or a one-line `UserError`."
-    try:
-        if isinstance(original_unet_steps, bool): raise TypeError
-        k = operator.index(original_unet_steps)
-    except TypeError: k = None
-    if k is None or not 0 <= k <= num_inference_steps:
-        raise UserError(f"original_unet_steps={original_unet_steps!r} is outside the schedule: give an integer from 0 "
-                        f"(fine-tuned model only) to num_inference_steps={num_inference_steps} (base model only)")
-    return k
-
-# %% ../nbs/10_sampling.ipynb #6547bc01
-class Plan:
-    "What every plan shares: the schedule it was checked against and the step each denoiser call belongs to."
-    def start(self): self.step, self._last = -1, None
-    def step_of(self, t:float, scheduler)->int:
-        "The step of a call at timestep `t`: the next one at a first-order call at a new timestep or after a corrector."
-        first = getattr(scheduler, "state_in_first_order", True)
-        if self.step == -1 and isinstance(getattr(scheduler, "num_inference_steps", None), int):
-            self.check(scheduler.num_inference_steps)
-        if first and self._last != (t, True): self.step += 1
-        self._last = (t, first)
-        return self.step
-
-# %% ../nbs/10_sampling.ipynb #fc16868b
-class CombinedPlan(Plan):
-    "Base model (CFG `guidance_scale`) for steps [0, k), fine-tuned model (CFG `fine_tuned_guidance_scale`) for [k, N)."
-    def __init__(self, original_unet_steps:int|None, # k; None: `default_fraction` of the steps
-                 guidance_scale:float,               # CFG scale of the base phase
-                 fine_tuned_guidance_scale:float,    # CFG scale of the tuned phase (1: no CFG, as in the paper)
-                 default_fraction:float=0.75):       # k = round(fraction * N) when k is None
-        self.k, self.g, self.g_ft, self.fraction = original_unet_steps, guidance_scale, fine_tuned_guidance_scale, default_fraction
-    def check(self, n:int):
-        "Validate against the schedule length `n`; set the stock pipeline's guidance scale."
-        self.k = check_original_unet_steps(round(self.fraction * n) if self.k is None else self.k, n)
-        guides = [g for g, runs in ((self.g, self.k > 0), (self.g_ft, self.k < n)) if runs and g > 1]
-        self.pipeline_g = guides[0] if guides else (self.g if self.k > 0 else self.g_ft)
-    def __call__(self, step:int, predict):
-        "The prediction at `step`; `predict(tuned, g)` runs one model."
-        tuned = step >= self.k
-        return predict(tuned, self.g_ft if tuned else self.g)
-
-# %% ../nbs/10_sampling.ipynb #93eb047d
-def aig_weights(n:int,     # steps in the schedule, N
-                p:float,   # AIG power
-               )->list:    # weight of the fine-tuned prediction at each step
-    "AIG's tuned-model weights w_i = (i/N)^p, i = 0..N-1."
-    return [(i / n) ** p for i in range(n)]
-
-class AIGPlan(Plan):
-    "AIG: eps = (1-w_i) eps_base + w_i eps_tuned at every step, both with CFG `guidance_scale` (1: none, as in the reference)."
-    def __init__(self, aig_power:float, guidance_scale:float): self.p, self.pipeline_g = aig_power, guidance_scale
-    def check(self, n:int):
-        if isinstance(self.p, bool) or not (isinstance(self.p, (int, float)) and self.p >= 0):
-            raise UserError(f"aig_power={self.p!r} is invalid: give a number >= 0 (0: tuned model only; larger: more base model)")
-        self.n = n
-    def __call__(self, step:int, predict):
-        w = aig_weights(self.n, self.p)[step]
-        if w in (0, 1): return predict(w == 1, self.pipeline_g)
-        base, tuned = predict(False, self.pipeline_g), predict(True, self.pipeline_g)
-        return _with_sample(tuned, (1 - w) * base[0] + w * tuned[0])
-
-# %% ../nbs/10_sampling.ipynb #64bcdd05
-def _half(x, b:int):
-    "The conditional half of whatever the pipeline batched as [uncond, cond] (tensors whose first dim is 2b)."
-    if torch.is_tensor(x): return x[b:] if x.ndim and x.shape[0] == 2 * b else x
-    if isinstance(x, dict): return {k: _half(v, b) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return type(x)(_half(v, b) for v in x)
-    return x
-
-def _with_sample(out, x):
-    "A denoiser output (a tuple or a diffusers output class) with its first entry replaced by `x`."
-    if isinstance(out, tuple): return (x, *out[1:])
-    return type(out)(**{**out, next(iter(out.keys())): x})
-
-# %% ../nbs/10_sampling.ipynb #a96a3d9d
-@functools.lru_cache(maxsize=None)
-def _forward_params(cls)->tuple:
-    "The name of a denoiser class's first `forward` argument (the noisy sample) and the position of `timestep`."
-    names = list(inspect.signature(cls.forward).parameters)[1:]     # without self
-    return names[0], names.index("timestep")
-
-class DenoiserCall:
-    "One call of the stock pipeline to its denoiser: the arguments as given, and the pipeline's CFG at that step."
-    def __init__(self, pipe, args:tuple, kwargs:dict):
-        first, i_t = _forward_params(type(getattr(pipe.base_denoiser, "_orig_mod", pipe.base_denoiser)))  # (compiled: its module)
-        self.pipe, self.args, self.kwargs = pipe, args, kwargs
-        self.sample = args[0] if args else kwargs[first]
-        t = kwargs["timestep"] if "timestep" in kwargs else args[i_t]
-        self.t = float(t.reshape(-1)[0]) if torch.is_tensor(t) else float(t)
-        self.g = pipe._plan.pipeline_g
-        # batched as [uncond, cond] when the pipeline guides; SD3's skip-layer guidance calls again, on cond only
-        self.batched = getattr(pipe, "do_classifier_free_guidance", self.g > 1) and "skip_layers" not in kwargs
-
-    def __call__(self, model, g:float):
-        "What `model` at CFG scale `g` hands back, so that the pipeline's own guidance makes it that prediction."
-        args, kwargs = self.args, self._guidance_embedding(model, g)
-        if not self.batched or g == self.g: return model(*args, **kwargs)          # the pipeline guides, as stock
-        if g > 1:
-            out = model(*args, **kwargs)
-            x = combine_cfg(out[0], g, getattr(self.pipe, "guidance_rescale", 0.0))
-        else:
-            b = len(self.sample) // 2
-            out = model(*_half(args, b), **_half(kwargs, b)); x = out[0]
-        return _with_sample(out, torch.cat([x, x]))                                 # x + g (x - x) = x
-
-    def _guidance_embedding(self, model, g:float)->dict:
-        "The keyword arguments, with a guidance-distilled UNet's `timestep_cond` for scale `g`."
-        cond = self.kwargs.get("timestep_cond")
-        if cond is None or g == self.g: return self.kwargs
-        w = torch.full((len(cond),), g - 1.0)
-        emb = self.pipe.get_guidance_scale_embedding(w, embedding_dim=model.config.time_cond_proj_dim)
-        return {**self.kwargs, "timestep_cond": emb.to(cond)}
-
-# %% ../nbs/10_sampling.ipynb #3cc76249
-class SwitchingDenoiser:
-    "The stock pipeline's denoiser: a call runs the model of the current step, a read reads the base model, changes reach both."
-    def __init__(self, pipe): object.__setattr__(self, "_pipe", pipe)
-
-    @property
-    def __class__(self): return type(self._pipe.base_denoiser)    # passes for the base model's class
-
-    def _models(self)->list:
-        base, tuned = self._pipe.base_denoiser, self._pipe.fine_tuned_denoiser
-        return [base] if tuned is None else [base, tuned]
-
-    def __getattr__(self, name):
-        if name.startswith("__") or name == "_pipe": raise AttributeError(name)    # (copy and pickle probe these)
-        value = getattr(self._pipe.base_denoiser, name)
-        if not inspect.ismethod(value) or len(self._models()) == 1: return value
-        def on_both(*args, **kwargs):
-            fresh = lambda a: copy.copy(a) if isinstance(a, (dict, list)) else a    # diffusers' setters consume dicts
-            for m in self._models()[1:]: getattr(m, name)(*map(fresh, args), **{k: fresh(v) for k, v in kwargs.items()})
-            return value(*args, **kwargs)
-        return on_both
-
-    def __setattr__(self, name, value):
-        for m in self._models(): setattr(m, name, value)
-
-    def __repr__(self): return f"SwitchingDenoiser(original and fine-tuned {type(self._pipe.base_denoiser).__name__})"
-
-# %% ../nbs/10_sampling.ipynb #77ce3d03
-@patch
-def __call__(self:SwitchingDenoiser, *args, **kwargs):
-    "The model of the current step under the running plan; the base model outside a combined call."
-    pipe = self._pipe
-    if pipe._plan is None: return pipe.base_denoiser(*args, **kwargs)
-    call = DenoiserCall(pipe, args, kwargs)
-    step = pipe._plan.step_of(call.t, pipe.scheduler)
-    return pipe._plan(step, lambda tuned, g: pipe._predict(tuned, g, call))
-SwitchingDenoiser.forward = SwitchingDenoiser.__call__
-
-@patch
-def _load_ip_adapter_weights(self:SwitchingDenoiser, *args, **kwargs):
-    "Load an IP-Adapter into the base model and let the fine-tuned one share its parts: one scale then sets both."
-    base, *rest = self._models()
-    base._load_ip_adapter_weights(*args, **kwargs)           # (diffusers' loader consumes the state dict)
-    for m in rest:
-        m.set_attn_processor(base.attn_processors)
-        for part in ("encoder_hid_proj", "image_proj", "text_encoder_hid_proj"):
-            if hasattr(base, part): setattr(m, part, getattr(base, part))
-        if "encoder_hid_dim_type" in base.config: m.config.encoder_hid_dim_type = base.config.encoder_hid_dim_type
-
-# %% ../nbs/10_sampling.ipynb #08a76ae0
-def _fingerprint(h, x)->bool:
-    "Feed `x` (tensors, arrays, generators, numbers, strings, lists, dicts) into the hash `h`; False if it holds anything else."
-    if isinstance(x, torch.Generator): h.update(f"G{x.device};".encode()); x = x.get_state()
-    if isinstance(x, torch.Tensor):
-        t = x.detach().reshape(-1).contiguous().cpu()
-        h.update(f"T{t.dtype}{tuple(x.shape)}{x.device.type};".encode()); h.update(t.view(torch.uint8).numpy().tobytes())
-        return True
-    if isinstance(x, np.ndarray): h.update(f"A{x.dtype}{x.shape};".encode()); h.update(np.ascontiguousarray(x).tobytes()); return True
-    if x is None or isinstance(x, (bool, int, float, str, np.generic)): h.update(f"{type(x).__name__}:{x!r};".encode()); return True
-    if isinstance(x, (list, tuple)): h.update(f"L{len(x)};".encode()); return all(_fingerprint(h, v) for v in x)
-    if isinstance(x, dict):
-        h.update(f"D{len(x)};".encode())
-        return all(_fingerprint(h, str(k)) and _fingerprint(h, v) for k, v in sorted(x.items(), key=lambda kv: str(kv[0])))
-    return False
-
-class BaseStepsCache:
-    "The base model's predictions by everything they depend on, shared by calls that start alike: each base step runs once."
-    def __init__(self, max_bytes:int=2**30): # drop the oldest predictions beyond this many bytes
-        self.max_bytes, self.entries, self.steps_reused = max_bytes, OrderedDict(), 0
-
-    def key(self, model, g:float, call:DenoiserCall)->str|None:
-        "A hash of all the prediction depends on; None when something in the call cannot be hashed."
-        h, pipe = hashlib.blake2b(digest_size=20), call.pipe
-        weights = [(p.data_ptr(), p._version) for p in (*model.parameters(), *model.buffers())]
-        ok = all(_fingerprint(h, x) for x in (id(model), weights, pipe.fine_tuned_denoiser is None, float(g), float(call.g),
-                                              call.batched, float(getattr(pipe, "guidance_rescale", 0.0)),
-                                              call.args, call.kwargs, torch.get_num_threads(),
-                                              torch.is_autocast_enabled(call.sample.device.type)))
-        return h.hexdigest() if ok else None
-
-    def __call__(self, model, g:float, call:DenoiserCall):
-        "`call(model, g)`, or the stored prediction of an identical earlier call."
-        key = self.key(model, g, call)
-        if key is None: return call(model, g)
-        if key in self.entries:
-            self.entries.move_to_end(key); self.steps_reused += 1
-            stored = self.entries[key]
-            return _with_sample(stored, stored[0].to(call.sample.device, copy=True))
-        out = call(model, g)
-        self.entries[key] = _with_sample(out, out[0].detach().to("cpu", copy=True))
-        while sum(e[0].nbytes for e in self.entries.values()) > self.max_bytes and len(self.entries) > 1:
-            self.entries.popitem(last=False)
-        return out
+__all__ = ['CombinedStableDiffusionPipeline', 'AIGStableDiffusionPipeline', 'CombinedStableDiffusionXLPipeline',
+           'AIGStableDiffusionXLPipeline', 'CombinedPixArtAlphaPipeline', 'AIGPixArtAlphaPipeline',
+           'CombinedStableDiffusion3Pipeline', 'AIGStableDiffusion3Pipeline', 'pipe_like', 'combined_class',
+           'combined_pipeline', 'check_original_unet_steps', 'Plan', 'CombinedPlan', 'aig_weights', 'AIGPlan',
+           'DenoiserCall', 'SwitchingDenoiser', 'BaseStepsCache']
 
 # %% ../nbs/10_sampling.ipynb #461939b6
 def _lora_layers(model)->list:
@@ -323,6 +113,7 @@ def _sample(self:_Combined, plan:Plan, prompt, kwargs:dict):
         if lora:
             for layer in self._lora_layers: layer.enable_adapters(True)    # the model as it was handed in: adapter on
 
+# %% ../nbs/10_sampling.ipynb #5ed7922c
 @patch
 def _check_lora(self:_Combined):
     "The LoRA form needs an adapter on the denoiser, and none on a text encoder (the prompt is encoded once for both)."
@@ -433,6 +224,7 @@ class CombinedStableDiffusionXLPipeline(_Combined, StableDiffusionXLPipeline):
         plan = CombinedPlan(original_unet_steps, guidance_scale, fine_tuned_guidance_scale, self.default_original_unet_fraction)
         return self._sample(plan, prompt, kwargs)
 
+# %% ../nbs/10_sampling.ipynb #01e1a0c0
 class AIGStableDiffusionXLPipeline(CombinedStableDiffusionXLPipeline):
     "ReFL+AIG baseline on SDXL: eps_i = (1-w_i) eps_base + w_i eps_tuned with w_i = (i/N)^aig_power."
     @delegates(StableDiffusionXLPipeline.__call__)
@@ -471,6 +263,7 @@ class CombinedPixArtAlphaPipeline(_Combined, PixArtAlphaPipeline):
         plan = _transformer_plan(self, original_transformer_steps, original_unet_steps, guidance_scale, fine_tuned_guidance_scale)
         return self._sample(plan, prompt, kwargs)
 
+# %% ../nbs/10_sampling.ipynb #92be7be1
 class AIGPixArtAlphaPipeline(CombinedPixArtAlphaPipeline):
     "ReFL+AIG baseline on PixArt-α: eps_i = (1-w_i) eps_base + w_i eps_tuned with w_i = (i/N)^aig_power."
     @delegates(PixArtAlphaPipeline.__call__)
@@ -505,6 +298,7 @@ class CombinedStableDiffusion3Pipeline(_Combined, StableDiffusion3Pipeline):
         plan = _transformer_plan(self, original_transformer_steps, original_unet_steps, guidance_scale, fine_tuned_guidance_scale)
         return self._sample(plan, prompt, kwargs)
 
+# %% ../nbs/10_sampling.ipynb #e4b3b811
 class AIGStableDiffusion3Pipeline(CombinedStableDiffusion3Pipeline):
     "ReFL+AIG baseline on SD3: v_i = (1-w_i) v_base + w_i v_tuned with w_i = (i/N)^aig_power."
     @delegates(StableDiffusion3Pipeline.__call__)
@@ -524,6 +318,7 @@ def pipe_like(pipe, **parts):
     out = type(pipe)(**{**kw, **parts}); out.set_progress_bar_config(disable=True)
     return out
 
+# %% ../nbs/10_sampling.ipynb #4a1f7d1c
 _CLASSES = {"sd": (CombinedStableDiffusionPipeline, AIGStableDiffusionPipeline),
             "sdxl": (CombinedStableDiffusionXLPipeline, AIGStableDiffusionXLPipeline),
             "pixart": (CombinedPixArtAlphaPipeline, AIGPixArtAlphaPipeline),
