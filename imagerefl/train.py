@@ -41,15 +41,15 @@ __all__ = ['prepare_trainable', 'make_optimizer', 'make_lr_schedule', 'Trainer',
 # %% ../nbs/16_train.ipynb #c5c3dbce
 def prepare_trainable(backbone, model:ModelConfig)->list[nn.Parameter]:
     "Make the denoiser, or a LoRA adapter on it, the only trainable part; return the trainable parameters."
-    unet = backbone.denoiser
+    denoiser = backbone.denoiser
     if model.lora_rank > 0:
-        unet.requires_grad_(False)
+        denoiser.requires_grad_(False)
         backbone.add_lora(LoraConfig(r=model.lora_rank, lora_alpha=model.lora_alpha or model.lora_rank,
                                      init_lora_weights="gaussian", target_modules=list(model.lora_targets)))
-    else: unet.requires_grad_(True)
+    else: denoiser.requires_grad_(True)
     if model.gradient_checkpointing: backbone.enable_memory_savings(unet_checkpointing=True, vae_checkpointing=True, sdpa=True)
-    unet.train()
-    return [p for p in unet.parameters() if p.requires_grad]
+    denoiser.train()
+    return [p for p in denoiser.parameters() if p.requires_grad]
 
 def make_optimizer(params, c:OptimizerConfig)->torch.optim.Optimizer:
     "The optimizer named in `c`."
@@ -71,7 +71,7 @@ class Trainer:
     "Reward fine-tuning with accelerate; the method is the `objective` object passed in."
     def __init__(self, config:TrainConfig,   # checked config (`load_config`)
                  backbone,                   # `imagerefl.diffusion.Backbone` of the model to tune
-                 objective,                  # callable (backbone, batch, reward, unet) -> (loss, logs), with `needs_images`
+                 objective,                  # callable (backbone, batch, reward, denoiser) -> (loss, logs), with `needs_images`
                  reward:nn.Module,           # images in [0,1], prompts -> (B,) rewards
                  data:torch.utils.data.Dataset, # items dict(caption, index[, image])
                  val_prompts:list[str]|None=None, # fixed validation prompts
@@ -110,7 +110,7 @@ class Trainer:
         v = c.validation
         self.combined_val = bool(v.every and v.original_unet_steps is not None and val_prompts)
         self.lora = c.model.lora_rank > 0
-        self.original_unet = (copy.deepcopy(backbone.denoiser).requires_grad_(False).eval().to(acc.device, self.frozen_dtype)
+        self.original_denoiser = (copy.deepcopy(backbone.denoiser).requires_grad_(False).eval().to(acc.device, self.frozen_dtype)
                               if self.combined_val and not self.lora else None)
         self.params = prepare_trainable(backbone, c.model)
         optimizer = make_optimizer(self.params, c.optimizer)
@@ -125,10 +125,10 @@ class Trainer:
         seed_everything(c.seed + acc.process_index)             # each process its own noise
 
     @property
-    def unet(self): return self.accelerator.unwrap_model(self.model)
+    def denoiser(self): return self.accelerator.unwrap_model(self.model)
     def named_trainable(self)->dict:
         "The trainable parameters by name (the full UNet, or the LoRA weights)."
-        return {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+        return {n: p for n, p in self.denoiser.named_parameters() if p.requires_grad}
 
 # %% ../nbs/16_train.ipynb #212b2d77
 @patch
@@ -260,23 +260,23 @@ def validate(self:Trainer)->dict:
     acc, v, bb = self.accelerator, self.config.validation, self.backbone
     logs = {}
     if self.val_prompts and (acc.is_main_process or self.fsdp):   # under FSDP every process takes part in each forward
-        unet = self.unet
+        denoiser = self.denoiser
         prompts = [p for p in self.val_prompts for _ in range(v.images_per_prompt)]
         ids = [i for i, _ in enumerate(self.val_prompts) for _ in range(v.images_per_prompt)]
         chunks = [prompts[i:i + v.batch_size] for i in range(0, len(prompts), v.batch_size)]
         n0 = bb.num_inference_steps; bb.set_timesteps(v.num_inference_steps)
         g = torch.Generator().manual_seed(v.seed)
-        with acc.autocast(): runs = dict(tuned=torch.cat([bb.sample(p, denoiser=unet, guidance_scale=v.fine_tuned_guidance_scale, generator=g) for p in chunks]))
+        with acc.autocast(): runs = dict(tuned=torch.cat([bb.sample(p, denoiser=denoiser, guidance_scale=v.fine_tuned_guidance_scale, generator=g) for p in chunks]))
         if self.combined_val:
-            base = pipe_like(bb.pipe, **{bb.denoiser_name: self.original_unet if not self.lora else unet}, scheduler=copy.deepcopy(bb.scheduler))
-            pipe = combined_pipeline(base, None if self.lora else unet)
+            base = pipe_like(bb.pipe, **{bb.denoiser_name: self.original_denoiser if not self.lora else denoiser}, scheduler=copy.deepcopy(bb.scheduler))
+            pipe = combined_pipeline(base, None if self.lora else denoiser)
             g = torch.Generator().manual_seed(v.seed)
             with acc.autocast():
                 runs["combined"] = torch.cat([pipe(p, num_inference_steps=v.num_inference_steps, original_unet_steps=v.original_unet_steps,
                                                    guidance_scale=v.base_guidance_scale, fine_tuned_guidance_scale=v.fine_tuned_guidance_scale,
                                                    height=bb.resolution, width=bb.resolution, generator=g, output_type="pt").images.float().cpu()
                                                for p in chunks])
-            if self.lora and hasattr(unet, "enable_adapters"): unet.enable_adapters()
+            if self.lora and hasattr(denoiser, "enable_adapters"): denoiser.enable_adapters()
         bb.set_timesteps(n0)
         for name, images in runs.items():
             with acc.autocast():
@@ -443,13 +443,13 @@ def export(self:Trainer)->Path:
     if self.fsdp:      # every process sends its shards to the main process's CPU memory
         weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if acc.is_main_process:
-        unet = self.unet
+        denoiser = self.denoiser
         if self.fsdp:  # a plain denoiser of the same class holding them
-            unet = type(unet).from_config(unet.config); unet.load_state_dict(weights)
+            denoiser = type(denoiser).from_config(denoiser.config); denoiser.load_state_dict(weights)
         if self.ema is not None: self.ema.store(self.params); self.ema.copy_to(self.params)
         try:
-            tuned = save_tuned(unet, self.backbone.pipe, final, lora=self.lora)
-            base = export_base(self.backbone.pipe, unet, self.lora, self.base_source, self.original_unet)
+            tuned = save_tuned(denoiser, self.backbone.pipe, final, lora=self.lora)
+            base = export_base(self.backbone.pipe, denoiser, self.lora, self.base_source, self.original_denoiser)
             save_combined(base, tuned, final)
         finally:
             if self.ema is not None: self.ema.restore(self.params)
