@@ -183,16 +183,16 @@ def test_deepspeed_and_fsdp1_lora_are_refused_before_any_step(tmp_path, kind, ov
 def test_validation_images_and_run_name_go_to_wandb(monkeypatch):
     "wandb is not a dependency (not installed here): the logging call is checked against a stand-in module and tracker."
     import sys, types
-    from imagerefl.train import _tracker_init
+    from imagerefl.tracking import tracker_init, log_images
     fake = types.ModuleType("wandb"); fake.Image = lambda a, caption=None: (a.shape, caption)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     logged = {}
     tracker = types.SimpleNamespace(name="wandb", log=lambda d, step: logged.update(d=d, step=step))
     trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(trackers=[tracker]), step=7)
-    Trainer._log_images(trainer, {"tuned": torch.rand(2, 3, 8, 8), "combined": torch.rand(2, 3, 8, 8)}, ["a cat", "a dog"])
+    log_images(trainer.accelerator.trackers, {"tuned": torch.rand(2, 3, 8, 8), "combined": torch.rand(2, 3, 8, 8)}, ["a cat", "a dog"], trainer.step)
     assert logged["step"] == 7 and set(logged["d"]) == {"val/tuned", "val/combined"}
     assert logged["d"]["val/combined"] == [((8, 8, 3), "combined: a cat"), ((8, 8, 3), "combined: a dog")]
-    kw = _tracker_init(load_config(dict(log_with="wandb", tracker_project_name="p", run_name="r", tracker_kwargs=dict(entity="me"))))
+    kw = tracker_init(load_config(dict(log_with="wandb", tracker_project_name="p", run_name="r", tracker_kwargs=dict(entity="me"))))
     assert kw["project_name"] == "p" and kw["init_kwargs"] == {"wandb": {"entity": "me", "name": "r"}}
 
 def test_validation_at_a_resolution_other_than_the_models(tmp_path):
