@@ -11,17 +11,18 @@ from dataclasses import asdict
 from pathlib import Path
 import numpy as np, torch, torch.distributed as dist
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from .config import TrainConfig
 from .core import UserError, load_yaml, loading_weights, save_safetensors
-from .runfolder import RunLock, check_resume_config, find_checkpoint, run_files, verify_checkpoint
+from .runfolder import RunLock, check_resume_config, checkpoint_step, checkpoints, find_checkpoint, run_files, verify_checkpoint
 
 # %% auto #0
 __all__ = ['TRAINABLE_FILE', 'RESUMABLE', 'save_state', 'load_state', 'shard_file', 'save_sharded', 'load_sharded',
-           'resume_point', 'check_resume', 'rng_state', 'set_rng_state']
+           'resume_point', 'check_resume', 'rng_state', 'set_rng_state', 'last_good_checkpoint']
 
 # %% ../nbs/14_checkpoint.ipynb #6c35f5bc
 TRAINABLE_FILE = "trainable.safetensors"  # a checkpoint's trainable weights (the UNet or its LoRA adapter; FSDP: shards instead)
@@ -46,6 +47,7 @@ def _unflatten(obj, tensors:dict):
     if "__tuple__" in obj: return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
     return {k: _unflatten(v, tensors) for k, v in obj["__dict__"]}
 
+# %% ../nbs/14_checkpoint.ipynb #72ac036d
 def save_state(state, path:str|Path)->Path:
     "Save a nested state (dicts, lists, tuples, numbers, tensors, arrays) as one safetensors file, atomically."
     tensors = {}; skeleton = _flatten(state, tensors, "s")
@@ -97,6 +99,7 @@ def _put(template, part, where:dict|None, name:str):
     with torch.no_grad(): local.copy_(part)
     return template
 
+# %% ../nbs/14_checkpoint.ipynb #3a069442
 def _check_trainable_names(folder:str|Path, # the checkpoint, for the message
                           saved:dict, # its trainable weights by name
                           model:dict, # this model's trainable weights by name
@@ -120,6 +123,7 @@ def save_sharded(model:nn.Module, # the FSDP model (FSDP2 `fully_shard`, or FSDP
     return [save_safetensors(weights, folder/shard_file("model", rank, world), metadata={"sharding": json.dumps(dict(head, shards=w_shards))}),
             save_state(dict(head, shards=o_shards, state=state, param_groups=osd["param_groups"]), folder/shard_file("optimizer", rank, world))]
 
+# %% ../nbs/14_checkpoint.ipynb #3d8a7017
 def load_sharded(model:nn.Module, # the FSDP model, sharded as when the checkpoint was written
                  optimizer,       # its torch optimizer
                  folder:str|Path, # a checkpoint folder holding what `save_sharded` wrote, and its manifest
@@ -181,6 +185,7 @@ def resume_point(cfg:TrainConfig,        # the run's config
         raise UserError(f"{out} already holds a run ({', '.join(held)}): pass --set resume=latest to continue it, or choose another out_dir")
     return None
 
+# %% ../nbs/14_checkpoint.ipynb #7170d7e3
 def check_resume(cfg:TrainConfig, checkpoint:Path, fallback:Path|None=None)->dict:
     "The config changes a resume from `checkpoint` allows (`{key: (old, new)}`); a one-line `UserError` for any other."
     saved = checkpoint/"config.yaml"
@@ -193,6 +198,7 @@ def check_resume(cfg:TrainConfig, checkpoint:Path, fallback:Path|None=None)->dic
                         f"the decay is laid out over max_steps={changed['max_steps'][0]}; keep it, or start a new run")
     return changed
 
+# %% ../nbs/14_checkpoint.ipynb #08c2eaa4
 def rng_state()->dict:
     "The state of every RNG a run draws from."
     return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
@@ -202,3 +208,14 @@ def set_rng_state(s:dict):
     "Restore what `rng_state` returned."
     random.setstate(s["python"]); np.random.set_state(s["numpy"]); torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
+
+# %% ../nbs/14_checkpoint.ipynb #fc4eb9bc
+def last_good_checkpoint(root:str|Path, # a run's checkpoints/ folder
+                         step:int,      # the current step (its weights gave only non-finite updates)
+                        )->Path|None:
+    "The newest intact checkpoint from before `step` whose weights are all finite (after a divergence)."
+    for p in checkpoints(Path(root)):
+        if checkpoint_step(p) < step and verify_checkpoint(p) is None and \
+           all(bool(t.isfinite().all()) for f in [*p.glob(TRAINABLE_FILE), *p.glob("model-rank*.safetensors")]
+               for t in load_file(str(f)).values()): return p
+    return None

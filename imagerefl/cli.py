@@ -75,6 +75,7 @@ def _call_kwargs(pipe, a)->dict:
         raise UserError("--original-unet-steps needs a combined pipeline folder (a run's final/combined)")
     return kw
 
+# %% ../nbs/26_cli.ipynb #b313bfbd
 def _save_png(image, path:Path, text:dict):
     "Save `image` as a PNG atomically, with `text` as its text chunks (what made it: prompt, seed, settings)."
     from PIL.PngImagePlugin import PngInfo
@@ -200,6 +201,7 @@ def _sampling_args(p):
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA if present)")
     p.add_argument("--out", required=True, help="output folder")
 
+# %% ../nbs/26_cli.ipynb #b4811a18
 def parser()->argparse.ArgumentParser:
     "The `imagerefl` argument parser."
     ap = argparse.ArgumentParser(prog="imagerefl", description="Reward fine-tuning that keeps diversity (ImageReFL, arXiv 2505.22569).")

@@ -22,7 +22,8 @@ from .metrics import (InceptionFeatures, fid_kid, _module_device, _tensor_batche
                                summarize)
 
 # %% auto #0
-__all__ = ['image_seed', 'model_id', 'reward_preprocessing', 'Processes', 'process_device', 'Evaluation', 'evaluate']
+__all__ = ['image_seed', 'model_id', 'reward_preprocessing', 'read_table', 'Processes', 'process_device', 'Evaluation',
+           'image_table', 'make_images', 'score_images', 'summarize_run', 'evaluate']
 
 # %% ../nbs/12_evaluate.ipynb #cf642843
 def image_seed(base_seed:int, # the run's seed
@@ -92,11 +93,11 @@ def reward_preprocessing(reward:nn.Module, # a reward module
     if isinstance(reward, Reward): return reward.preprocessing_record(preprocessing)
     return f"its own: {type(reward).__name__} is not an imagerefl Reward and preprocesses the images itself"
 
-def _check_run(out:Path, prompts:list, seeds, sampler_kwargs:dict, model:str|None, rewards:dict|None=None)->set:
+# %% ../nbs/12_evaluate.ipynb #c462a061
+def _check_run(out:Path, prompts:list, seeds, sampler_kwargs:dict, model:str|None):
     "Refuse to mix images of different models, seeds, sampler arguments or prompts in one folder; record this run's."
     cfg = dict(model=model, seeds=seeds, sampler_kwargs={k: repr(v) for k, v in sorted(sampler_kwargs.items())}, prompts=prompts)
-    rewards, before = dict(rewards or {}), {}
-    f = out/"run.json"
+    f, before = out/"run.json", {}
     if f.exists():
         old = _read_json(f)
         before = old.get("rewards") or {}
@@ -110,10 +111,15 @@ def _check_run(out:Path, prompts:list, seeds, sampler_kwargs:dict, model:str|Non
         if clash is not None:
             raise UserError(f"{out} holds images of another prompt list (prompt {clash}: {old['prompts'][clash]!r}): use a new out_dir")
         if len(old["prompts"]) > len(prompts): cfg["prompts"] = old["prompts"]
-    stale = {n for n, rec in rewards.items() if before.get(n) != rec}      # scored another way, or not recorded
+    atomic_write_text(f, json.dumps(dict(cfg, rewards=before), indent=1))     # the rewards' records are scoring's (below)
+
+def _stale_rewards(out:Path, records:dict)->set:
+    "The rewards whose values in `images.csv` were scored another way (or not recorded); their records dropped until rescored."
+    d = _read_json(out/"run.json"); before = d.get("rewards") or {}
+    stale = {n for n, rec in records.items() if before.get(n) != rec}
     # the new records are written once the values are (`_record_rewards`): a run stopped before that scores them again
-    cfg["rewards"] = {n: rec for n, rec in rewards.items() if n not in stale}
-    atomic_write_text(f, json.dumps(cfg, indent=1))
+    d["rewards"] = {n: rec for n, rec in records.items() if n not in stale}
+    atomic_write_text(out/"run.json", json.dumps(d, indent=1))
     return stale
 
 def _record_rewards(out:Path, rewards:dict):
@@ -121,18 +127,20 @@ def _record_rewards(out:Path, rewards:dict):
     d = _read_json(out/"run.json"); d["rewards"] = dict(rewards)
     atomic_write_text(out/"run.json", json.dumps(d, indent=1))
 
-def _read_table(f:Path, table:pd.DataFrame, rewards:list)->tuple[pd.DataFrame, set, int]:
-    "Whole rows of an earlier `images.csv` that match `table`; the paths of damaged rows; how many rows were damaged."
-    empty = pd.DataFrame(columns=["path", *rewards])
-    if not f.exists(): return empty, set(), 0
+# %% ../nbs/12_evaluate.ipynb #b7abe65f
+_IMAGE_COLUMNS = ["prompt_id", "prompt", "sample", "seed", "path"]
+
+def _read_table(f:Path, table:pd.DataFrame)->tuple[pd.DataFrame, set, int]:
+    "Whole rows of an earlier `images.csv` that match `table` (path and reward columns); the paths of damaged rows; how many."
+    if not f.exists(): return pd.DataFrame(columns=["path"]), set(), 0
     try: text = f.read_text()
     except UnicodeDecodeError: text = None
     if not text or not text.strip():
         warnings.warn(f"{f} is {'empty' if text is not None else 'not text'}: every image's rewards are computed again")
-        return empty, set(), 0
+        return pd.DataFrame(columns=["path"]), set(), 0
     rows = list(csv.reader(io.StringIO(text)))
     head, rows = rows[0], rows[1:]
-    want = table.set_index("path")
+    rewards, want = [h for h in head if h not in _IMAGE_COLUMNS], table.set_index("path")
     good, bad, n_bad = [], set(), 0
     for i, r in enumerate(rows):
         path = r[head.index("path")] if "path" in head and head.index("path") < len(r) else None
@@ -146,7 +154,28 @@ def _read_table(f:Path, table:pd.DataFrame, rewards:list)->tuple[pd.DataFrame, s
         except Exception:                                                   # cut or garbled: dropped, made again
             n_bad += 1
             if path in want.index: bad.add(path)
-    return (pd.DataFrame(good, columns=["path", *rewards]) if good else empty), bad, n_bad
+    return pd.DataFrame(good, columns=["path", *rewards]), bad, n_bad
+
+def _write_table(out:Path, table:pd.DataFrame, prev:pd.DataFrame, blank:set):
+    "`images.csv`: `table`'s rows, with the reward values of `prev` except for the images in `blank` (about to be made)."
+    prev, t = prev.set_index("path"), table.copy()
+    for name in prev.columns:
+        t[name] = [np.nan if p in blank or p not in prev.index else prev.at[p, name] for p in t.path]
+    atomic_write_text(out/"images.csv", t.to_csv(index=False))
+
+def read_table(f:str|Path, # `images.csv` or `diversity.csv` of a run folder
+              )->pd.DataFrame:
+    "A table `evaluate` wrote, its numbers read back exactly (ids and counts as integers, text as text, the rest as floats)."
+    f = Path(f)
+    if not f.exists(): raise UserError(f"{f} does not exist: make the images first (`make_images`, or `evaluate`)")
+    try:
+        head, *rows = list(csv.reader(io.StringIO(f.read_text())))
+        cols = {h: [r[j] for r in rows] for j, h in enumerate(head)}
+        return pd.DataFrame({h: [int(x) for x in v] if h in ("prompt_id", "sample", "seed", "n_images") else v
+                             if h in ("prompt", "path") else [float(x) if x != "" else np.nan for x in v]
+                             for h, v in cols.items()}, columns=head)
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is damaged ({type(e).__name__}): make the images again (`make_images` drops damaged rows)") from None
 
 # %% ../nbs/12_evaluate.ipynb #c2744f06
 def _launched_processes()->int:
@@ -197,6 +226,7 @@ class Processes:
         if error is not None: raise error
         if errs: raise (UserError if errs[0][0] else RuntimeError)(f"another process failed: {errs[0][1]}")
 
+# %% ../nbs/12_evaluate.ipynb #23aca8fe
 def process_device(device:str|torch.device|None=None, # an explicit device, or None/"auto"
                   )->torch.device:
     "This process's device: under `accelerate launch` on GPUs, its own GPU (`cuda:LOCAL_RANK`); else `resolve_device`."
@@ -207,13 +237,27 @@ def process_device(device:str|torch.device|None=None, # an explicit device, or N
 # %% ../nbs/12_evaluate.ipynb #765ca38b
 @dataclass
 class Evaluation:
-    "What `evaluate` wrote: the per-image table, the per-prompt diversity and the run summary."
+    "What an evaluation wrote: the per-image table, the per-prompt diversity and the run summary."
     images:pd.DataFrame; diversity:pd.DataFrame; summary:pd.DataFrame; out_dir:Path
 
-def _generate(sampler, table:pd.DataFrame, out:Path, batch_size:int, sampler_kwargs:dict, progress:bool,
-              procs:Processes, redo:set=frozenset())->set:
-    "Sample every image of `table` not readable on disk (or in `redo`), shared between processes; return the paths made."
-    todo = procs.on_main(lambda: [r.path for r in table.itertuples() if r.path in redo or _verify_file(out/r.path) is not None])
+def image_table(prompts:Sequence[str]|str, # prompts, or a source for `load_prompts`
+                images_per_prompt:int=5,   # images per prompt
+                seeds:int|Sequence[int]=0, # base seed, or one seed per sample index shared by all prompts
+               )->tuple[list, int|list, pd.DataFrame]: # the prompts, the seeds, one row per image
+    "The images of a run: one row per (prompt, sample) with its seed and its PNG's path in the run folder."
+    prompts = load_prompts(prompts) if isinstance(prompts, (str, Path)) else [str(p) for p in prompts]
+    if not prompts: raise UserError("the prompt list is empty: give at least one prompt")
+    if images_per_prompt < 1: raise UserError("images_per_prompt and batch_size must be at least 1")
+    if not isinstance(seeds, int):
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != images_per_prompt: raise UserError(f"seeds has {len(seeds)} entries; give one per sample ({images_per_prompt}) or one base seed")
+    table = pd.DataFrame([dict(prompt_id=i, prompt=p, sample=s, seed=image_seed(seeds, i, s) if isinstance(seeds, int) else seeds[s],
+                               path=f"images/p{i:05d}_s{s:03d}.png") for i, p in enumerate(prompts) for s in range(images_per_prompt)])
+    return prompts, seeds, table[_IMAGE_COLUMNS]
+
+# %% ../nbs/12_evaluate.ipynb #c8023b6f
+def _generate(sampler, table:pd.DataFrame, todo:list, out:Path, batch_size:int, sampler_kwargs:dict, progress:bool, procs:Processes):
+    "Sample the images `todo` names, in the batches one process would make, shared between processes."
     rows = table.set_index("path").loc[todo].reset_index()
     mine = procs.mine([rows.iloc[k:k+batch_size] for k in range(0, len(rows), batch_size)])   # same batches as one process
     bar = tqdm(total=sum(map(len, mine)), desc="images", unit="img", disable=not (progress and procs.main))
@@ -229,7 +273,36 @@ def _generate(sampler, table:pd.DataFrame, out:Path, batch_size:int, sampler_kwa
     except BaseException as e: err = e
     finally: bar.close()
     procs.all_ok(err)
-    return set(todo)
+
+# %% ../nbs/12_evaluate.ipynb #388b2742
+def make_images(out_dir:str|Path,           # run folder: images/, run.json, images.csv
+                sampler:Callable,            # sampler(prompt=list, generator=list, output_type="pt", **kw).images
+                prompts:Sequence[str]|str,   # prompts, or a source for `load_prompts`
+                images_per_prompt:int=5,     # images per prompt (the paper: 5)
+                seeds:int|Sequence[int]=0,   # base seed, or one seed per sample index shared by all prompts
+                batch_size:int=8,            # images per sampler call
+                sampler_kwargs:dict|None=None, # extra sampler arguments (num_inference_steps, guidance_scale, ...)
+                progress:bool=True,          # show a tqdm bar
+                model:str|None=None,         # what identifies the model in run.json; None: `model_id(sampler)`
+               )->pd.DataFrame:              # the run's images, one row each
+    "Stage 1: check the folder is this model's, then make every image not on disk (the work shared between processes)."
+    prompts, seeds, table = image_table(prompts, images_per_prompt, seeds)
+    if batch_size < 1: raise UserError("images_per_prompt and batch_size must be at least 1")
+    out, sampler_kwargs, procs = Path(out_dir).expanduser(), dict(sampler_kwargs or {}), Processes()
+    def start():
+        (out/"images").mkdir(parents=True, exist_ok=True)
+        mid = model if model is not None else model_id(sampler)
+        if mid is None: warnings.warn("the sampler's model cannot be identified (no pipeline or module in it): pass model= "
+                                      "so that run.json can tell this model's images from another's")
+        _check_run(out, prompts, seeds, sampler_kwargs, mid)
+        prev, bad, n_bad = _read_table(out/"images.csv", table)
+        if n_bad: warnings.warn(f"{out/'images.csv'}: {n_bad} damaged row(s) (cut or garbled) dropped: their images "
+                                f"are scored again, and the {len(bad)} image(s) they still name made again")
+        todo = [r.path for r in table.itertuples() if r.path in bad or _verify_file(out/r.path) is not None]
+        _write_table(out, table, prev, blank=set(todo))      # earlier reward values kept, but not those of images made again
+        return todo
+    _generate(sampler, table, procs.on_main(start), out, batch_size, sampler_kwargs, progress, procs)
+    return table
 
 # %% ../nbs/12_evaluate.ipynb #3f84dceb
 def _score(table:pd.DataFrame, out:Path, batch_size:int, rewards:dict, features:dict, fid_features, progress:bool,
@@ -258,36 +331,83 @@ def _score(table:pd.DataFrame, out:Path, batch_size:int, rewards:dict, features:
     procs.all_ok(err)
     return sorted((r for part in procs.gather(res) for r in part), key=lambda r: r["start"])
 
-# %% ../nbs/12_evaluate.ipynb #8d41dcf7
-def _finish(table:pd.DataFrame, parts:list, out:Path, rewards:list, features:list, ff, reference_images,
-            batch_size:int, kid_subset_size:int, kid_seed:int=0)->Evaluation:
-    "Merge the scored batches (in table order), then diversity, FID/KID and the three tables, written atomically."
-    for r in parts:
-        for name, (idx, vals) in r["rewards"].items(): table.loc[idx, name] = vals
-    atomic_write_text(out/"images.csv", table.to_csv(index=False))
+# %% ../nbs/12_evaluate.ipynb #af779625
+def _diversity(table:pd.DataFrame, parts:list, features:list)->pd.DataFrame:
+    "One row per prompt: its number of images and, per feature network, the mean pairwise distance of its images."
     div = table.groupby("prompt_id", sort=True).agg(prompt=("prompt", "first"), n_images=("path", "size")).reset_index()
     for name in features:
         f = torch.cat([r["features"][name] for r in parts])
         d = pairwise_diversity(f, table.prompt_id.tolist()).set_index("prompt_id")
         div[f"diversity_{name}"] = d.loc[div.prompt_id, "diversity"].to_numpy()
-    atomic_write_text(out/"diversity.csv", div.to_csv(index=False))
+    return div
 
-    rows = []
-    per_prompt = table.groupby("prompt_id", sort=True)
-    for name in rewards:
-        rows.append(dict(metric=name, **summarize(per_prompt[name].mean().to_numpy())._asdict()))
-    for name in features:
-        rows.append(dict(metric=f"diversity_{name}", **summarize(div[f"diversity_{name}"].to_numpy())._asdict()))
-    if ff is not None:
-        with torch.no_grad():
-            ref = [ff(b.to(_module_device(ff), torch.float32)).float().cpu()
-                   for b in _tensor_batches(reference_images, batch_size, _load_png(out/table.path[0]).shape[-1])]
-        d, nan = fid_kid([r["fid"] for r in parts], ref, kid_subset_size=kid_subset_size, seed=kid_seed), float("nan")
-        rows.append(dict(metric="fid", mean=d["fid"], ci_low=nan, ci_high=nan, n=len(table), std=nan))
-        rows.append(dict(metric="kid", mean=d["kid"], ci_low=nan, ci_high=nan, n=len(table), std=d["kid_std"]))
-    summary = pd.DataFrame(rows, columns=["metric", "mean", "ci_low", "ci_high", "n", "std"])
-    atomic_write_text(out/"summary.csv", summary.to_csv(index=False))
-    return Evaluation(table, div, summary, out)
+def _fid(parts:list, ff, reference_images, first:Path, batch_size:int, kid_subset_size:int, kid_seed:int)->dict:
+    "FID and KID of the scored images' features against those of `reference_images` (resized to the images' size)."
+    with torch.no_grad():
+        ref = [ff(b.to(_module_device(ff), torch.float32)).float().cpu()
+               for b in _tensor_batches(reference_images, batch_size, _load_png(first).shape[-1])]
+    return fid_kid([r["fid"] for r in parts], ref, kid_subset_size=kid_subset_size, seed=kid_seed)
+
+# %% ../nbs/12_evaluate.ipynb #e4039414
+def score_images(out_dir:str|Path,            # run folder with images/ and images.csv (`make_images`)
+                 rewards:dict|None=None,       # name -> reward module, reward(images [0,1], prompts) -> (B,)
+                 features:dict|None=None,      # name -> feature module (images -> (B,D)) or a `FEATURES` name, for diversity
+                 reference_images=None,        # real images for FID/KID (tensor, Dataset, folder, files); None: no FID/KID
+                 fid_features:nn.Module|None=None, # feature module for FID/KID; None: the standard Inception
+                 batch_size:int=8,             # images per metric batch
+                 kid_subset_size:int=1000,     # KID subset size (capped at the number of images)
+                 kid_seed:int=0,               # seed of KID's random subsets
+                 preprocessing:str="evaluation", # rewards' path: "evaluation" (each official scorer's) or "training"
+                 progress:bool=True,           # show a tqdm bar
+                )->dict|None:                  # fid, kid, kid_std, ... (None without reference images)
+    "Stage 2: score the rewards not yet in `images.csv`, measure diversity per prompt (`diversity.csv`) and FID/KID."
+    check_preprocessing(preprocessing)
+    rewards = {n: reward_contract(r, n) for n, r in (rewards or {}).items()}
+    features = {n: (load_features(f, device=process_device()) if isinstance(f, str) else f) for n, f in (features or {}).items()}
+    out, procs = Path(out_dir).expanduser(), Processes()
+    records = {n: reward_preprocessing(r, preprocessing) for n, r in rewards.items()}
+    def start():
+        table = read_table(out/"images.csv")
+        if features and (n := int(table.groupby("prompt_id").size().min())) < 2:
+            raise UserError(f"diversity is measured between the images of one prompt, so it needs images_per_prompt >= 2 (got "
+                            f"{n}): raise it (--images-per-prompt), or measure no diversity (no --features)")
+        stale = _stale_rewards(out, records)
+        again = sorted(n for n in stale if n in table and table[n].notna().any())
+        if again: warnings.warn(f"{out/'images.csv'}: {', '.join(again)} scored with another preprocessing (or one run.json "
+                                f"does not record): scored again, {preprocessing} path")
+        for name in rewards: table[name] = table[name] if name in table and name not in stale else np.nan
+        return table[[*_IMAGE_COLUMNS, *rewards]]
+    table = procs.on_main(start)
+    ff = None
+    if reference_images is not None: ff = fid_features if fid_features is not None else InceptionFeatures()
+    parts = _score(table, out, batch_size, rewards, features, ff, progress, procs, preprocessing)
+    def finish():
+        for r in parts:                                       # the scored batches, in table order
+            for name, (idx, vals) in r["rewards"].items(): table.loc[idx, name] = vals
+        atomic_write_text(out/"images.csv", table.to_csv(index=False))
+        atomic_write_text(out/"diversity.csv", _diversity(table, parts, list(features)).to_csv(index=False))
+        _record_rewards(out, records)
+        return None if ff is None else _fid(parts, ff, reference_images, out/table.path[0], batch_size, kid_subset_size, kid_seed)
+    return procs.on_main(finish)
+
+# %% ../nbs/12_evaluate.ipynb #8d41dcf7
+def summarize_run(out_dir:str|Path,    # run folder with images.csv and diversity.csv (`score_images`)
+                  fid:dict|None=None,  # what `score_images` returned: FID/KID rows; None: none
+                 )->Evaluation:
+    "Stage 3: one row per metric (Student-t 95 % interval over the prompts' means) into `summary.csv`; the three tables."
+    out = Path(out_dir).expanduser()
+    def finish():
+        table, div = read_table(out/"images.csv"), read_table(out/"diversity.csv")
+        per_prompt, nan = table.groupby("prompt_id", sort=True), float("nan")
+        rows = [dict(metric=n, **summarize(per_prompt[n].mean().to_numpy())._asdict()) for n in table.columns if n not in _IMAGE_COLUMNS]
+        rows += [dict(metric=n, **summarize(div[n].to_numpy())._asdict()) for n in div.columns if n.startswith("diversity_")]
+        if fid is not None:
+            rows.append(dict(metric="fid", mean=fid["fid"], ci_low=nan, ci_high=nan, n=len(table), std=nan))
+            rows.append(dict(metric="kid", mean=fid["kid"], ci_low=nan, ci_high=nan, n=len(table), std=fid["kid_std"]))
+        summary = pd.DataFrame(rows, columns=["metric", "mean", "ci_low", "ci_high", "n", "std"])
+        atomic_write_text(out/"summary.csv", summary.to_csv(index=False))
+        return Evaluation(table, div, summary, out)
+    return Processes().on_main(finish)
 
 # %% ../nbs/12_evaluate.ipynb #4a3fd6a8
 def evaluate(sampler:Callable,            # sampler(prompt=list, generator=list, output_type="pt", **kw).images
@@ -307,51 +427,16 @@ def evaluate(sampler:Callable,            # sampler(prompt=list, generator=list,
              model:str|None=None,          # what identifies the model in run.json; None: `model_id(sampler)`
              preprocessing:str="evaluation", # rewards' path: "evaluation" (each official scorer's) or "training"
             )->Evaluation:
-    "Sample, save PNGs, score rewards, diversity and FID/KID; write per-image, per-prompt and summary tables."
-    prompts = load_prompts(prompts) if isinstance(prompts, (str, Path)) else [str(p) for p in prompts]
-    if not prompts: raise UserError("the prompt list is empty: give at least one prompt")
+    "The three stages in turn: make the images, score them, summarise; every setting checked before the first image."
+    prompts, seeds, _ = image_table(prompts, images_per_prompt, seeds)
     check_preprocessing(preprocessing)
-    if images_per_prompt < 1 or batch_size < 1: raise UserError("images_per_prompt and batch_size must be at least 1")
+    if batch_size < 1: raise UserError("images_per_prompt and batch_size must be at least 1")
     if features and images_per_prompt < 2:
         raise UserError(f"diversity is measured between the images of one prompt, so it needs images_per_prompt >= 2 (got "
                         f"{images_per_prompt}): raise it (--images-per-prompt), or measure no diversity (no --features)")
-    if not isinstance(seeds, int):
-        seeds = [int(s) for s in seeds]
-        if len(seeds) != images_per_prompt: raise UserError(f"seeds has {len(seeds)} entries; give one per sample ({images_per_prompt}) or one base seed")
-    rewards, sampler_kwargs = {n: reward_contract(r, n) for n, r in (rewards or {}).items()}, dict(sampler_kwargs or {})
+    rewards = {n: reward_contract(r, n) for n, r in (rewards or {}).items()}
     features = {n: (load_features(f, device=process_device()) if isinstance(f, str) else f) for n, f in (features or {}).items()}
-    procs = Processes()
-    out = Path(out_dir).expanduser()
-    table = pd.DataFrame([dict(prompt_id=i, prompt=p, sample=s, path=f"images/p{i:05d}_s{s:03d}.png",
-                               seed=image_seed(seeds, i, s) if isinstance(seeds, int) else seeds[s])
-                          for i, p in enumerate(prompts) for s in range(images_per_prompt)])
-    table = table[["prompt_id", "prompt", "sample", "seed", "path"]]
-
-    def start():
-        (out/"images").mkdir(parents=True, exist_ok=True)
-        mid = model if model is not None else model_id(sampler)
-        if mid is None: warnings.warn("the sampler's model cannot be identified (no pipeline or module in it): pass model= "
-                                      "so that run.json can tell this model's images from another's")
-        stale = _check_run(out, prompts, seeds, sampler_kwargs, mid, records)
-        prev, bad, n_bad = _read_table(out/"images.csv", table, list(rewards))
-        if n_bad: warnings.warn(f"{out/'images.csv'}: {n_bad} damaged row(s) (cut or garbled) dropped: their images "
-                                f"are scored again, and the {len(bad)} image(s) they still name made again")
-        again = sorted(n for n in stale if prev[n].notna().any())
-        if again: warnings.warn(f"{out/'images.csv'}: {', '.join(again)} scored with another preprocessing (or one run.json "
-                                f"does not record): scored again, {preprocessing} path")
-        return prev, bad, stale
-    records = {n: reward_preprocessing(r, preprocessing) for n, r in rewards.items()}
-    prev, bad, stale = procs.on_main(start)
-    made = _generate(sampler, table, out, batch_size, sampler_kwargs, progress, procs, redo=bad)
-    # reward values of images already scored by an earlier run are kept, unless the image was just (re)made
-    prev = prev.set_index("path")
-    for name in rewards:
-        table[name] = [np.nan if p in made or p not in prev.index or name in stale else prev.at[p, name] for p in table.path]
-    ff = None
-    if reference_images is not None: ff = fid_features if fid_features is not None else InceptionFeatures()
-    parts = _score(table, out, batch_size, rewards, features, ff, progress, procs, preprocessing)
-    def finish():
-        ev = _finish(table, parts, out, list(rewards), list(features), ff, reference_images, batch_size, kid_subset_size, kid_seed)
-        _record_rewards(out, records)
-        return ev
-    return procs.on_main(finish)
+    make_images(out_dir, sampler, prompts, images_per_prompt, seeds, batch_size, sampler_kwargs, progress, model)
+    fid = score_images(out_dir, rewards, features, reference_images, fid_features, batch_size, kid_subset_size, kid_seed,
+                       preprocessing, progress)
+    return summarize_run(out_dir, fid)

@@ -6,9 +6,9 @@ Docs: https://imagerefl.github.io/imagerefl/objectives.html.md"""
 
 # %% ../nbs/09_objectives.ipynb #7beb3ce5
 from __future__ import annotations
-import warnings
 from dataclasses import dataclass
 import torch
+from fastcore.basics import patch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from .core import UserError
@@ -34,11 +34,6 @@ class RewardLoss:
     def check(self):
         "A one-line `UserError` for settings the method cannot run; the config itself otherwise."
         return self
-
-    def validate(self):
-        "The old name of `check`."
-        warnings.warn(f"{type(self).__name__}.validate() is now called check()", FutureWarning, stacklevel=2)
-        return self.check()
 
 # %% ../nbs/09_objectives.ipynb #deca8819
 def draw_mid_index(low:int, high:int, # draw uniformly in [low, high)
@@ -189,7 +184,9 @@ class ImageReFL(Objective):
         return k is not None and self.calls % k == 0
 
 # %% ../nbs/09_objectives.ipynb #937454cb
-def _imagerefl_call(self:ImageReFL, backbone:Backbone, batch:dict, reward:nn.Module, denoiser=None)->tuple[Tensor, dict]:
+@patch
+def __call__(self:ImageReFL, backbone:Backbone, batch:dict, reward:nn.Module, denoiser=None)->tuple[Tensor, dict]:
+    "Loss and logs of one micro-batch: the real images noised to `start_index`, no-grad steps to `mid`, one step with gradient."
     c = self.config; denoiser = self._prepare(backbone, batch, denoiser)
     if self.is_refl_step():
         self.refl.shared_seed = self.shared_seed
@@ -223,9 +220,9 @@ def _imagerefl_call(self:ImageReFL, backbone:Backbone, batch:dict, reward:nn.Mod
     loss = c.loss_scale * loss
     logs["loss"] = loss.item(); self.last_images = images.detach()
     return loss, logs
-ImageReFL.__call__ = _imagerefl_call
 
 # %% ../nbs/09_objectives.ipynb #27e998ad
+@patch
 def _per_sample_x0(self:ImageReFL, backbone, denoiser, x_s, cond, mids):
     "x̂0 with a gradient step at each sample's own `mid`: one shared no-grad chain, one grad call per distinct `mid`."
     c, x, snaps = self.config, x_s, {}
@@ -239,7 +236,6 @@ def _per_sample_x0(self:ImageReFL, backbone, denoiser, x_s, cond, mids):
         _, x0_m = backbone.denoise(denoiser, xm[rows], sub, m, m + 1, grad=True, fresh=True)
         x0 = x0.index_put((rows,), x0_m)
     return x0
-ImageReFL._per_sample_x0 = _per_sample_x0
 
 # %% ../nbs/09_objectives.ipynb #9719447f
 @dataclass

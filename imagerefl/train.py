@@ -6,8 +6,7 @@ Docs: https://imagerefl.github.io/imagerefl/train.html.md"""
 
 # %% ../nbs/16_train.ipynb #413fff7f
 from __future__ import annotations
-import contextlib, copy, csv, json, math, os, shutil, signal, threading, time
-from dataclasses import asdict
+import contextlib, copy, json, math, os, shutil, signal, time
 from pathlib import Path
 import torch
 from accelerate import Accelerator
@@ -21,19 +20,19 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
-from .checkpoint import (TRAINABLE_FILE, _RESUME_FIX, _check_trainable_names, check_resume, load_sharded, load_state, resume_point,
-                                  rng_state, save_sharded, save_state, set_rng_state)
+from .checkpoint import (TRAINABLE_FILE, _RESUME_FIX, _check_trainable_names, check_resume, last_good_checkpoint, load_sharded,
+                                  load_state, resume_point, rng_state, save_sharded, save_state, set_rng_state)
 from .config import ModelConfig, OptimizerConfig, TrainConfig, config_yaml, load_config, model_source
-from .core import UserError, atomic_path, atomic_write_text, loading_weights, save_safetensors, seed_everything
+from .core import UserError, atomic_path, atomic_write_text, interruptible, loading_weights, save_safetensors, seed_everything
 from .data import EpochBatches, PromptDataset, collate_batch, load_image_captions, load_prompts
 from .diffusion import Backbone, check_steps
 from .export import export_base, save_combined, save_tuned, upload_to_hub
 from .metrics import feature_diversity, load_features
 from .objectives import make_objective
 from .rewards import load_reward, reward_contract
-from .runfolder import (RunLock, checkpoint_step, checkpoints, commit_checkpoint, find_checkpoint,
-                                 flat_items, record_provenance, rotate_checkpoints, verify_checkpoint)
+from .runfolder import RunLock, commit_checkpoint, find_checkpoint, record_provenance, rotate_checkpoints
 from .sampling import combined_pipeline, pipe_like
+from .tracking import append_log, cut_log, log_images, tracker_init
 
 # %% auto #0
 __all__ = ['prepare_trainable', 'make_optimizer', 'make_lr_schedule', 'Trainer', 'build_data', 'train']
@@ -41,15 +40,15 @@ __all__ = ['prepare_trainable', 'make_optimizer', 'make_lr_schedule', 'Trainer',
 # %% ../nbs/16_train.ipynb #c5c3dbce
 def prepare_trainable(backbone, model:ModelConfig)->list[nn.Parameter]:
     "Make the denoiser, or a LoRA adapter on it, the only trainable part; return the trainable parameters."
-    unet = backbone.denoiser
+    denoiser = backbone.denoiser
     if model.lora_rank > 0:
-        unet.requires_grad_(False)
+        denoiser.requires_grad_(False)
         backbone.add_lora(LoraConfig(r=model.lora_rank, lora_alpha=model.lora_alpha or model.lora_rank,
                                      init_lora_weights="gaussian", target_modules=list(model.lora_targets)))
-    else: unet.requires_grad_(True)
+    else: denoiser.requires_grad_(True)
     if model.gradient_checkpointing: backbone.enable_memory_savings(unet_checkpointing=True, vae_checkpointing=True, sdpa=True)
-    unet.train()
-    return [p for p in unet.parameters() if p.requires_grad]
+    denoiser.train()
+    return [p for p in denoiser.parameters() if p.requires_grad]
 
 def make_optimizer(params, c:OptimizerConfig)->torch.optim.Optimizer:
     "The optimizer named in `c`."
@@ -71,7 +70,7 @@ class Trainer:
     "Reward fine-tuning with accelerate; the method is the `objective` object passed in."
     def __init__(self, config:TrainConfig,   # checked config (`load_config`)
                  backbone,                   # `imagerefl.diffusion.Backbone` of the model to tune
-                 objective,                  # callable (backbone, batch, reward, unet) -> (loss, logs), with `needs_images`
+                 objective,                  # callable (backbone, batch, reward, denoiser) -> (loss, logs), with `needs_images`
                  reward:nn.Module,           # images in [0,1], prompts -> (B,) rewards
                  data:torch.utils.data.Dataset, # items dict(caption, index[, image])
                  val_prompts:list[str]|None=None, # fixed validation prompts
@@ -110,7 +109,7 @@ class Trainer:
         v = c.validation
         self.combined_val = bool(v.every and v.original_unet_steps is not None and val_prompts)
         self.lora = c.model.lora_rank > 0
-        self.original_unet = (copy.deepcopy(backbone.denoiser).requires_grad_(False).eval().to(acc.device, self.frozen_dtype)
+        self.original_denoiser = (copy.deepcopy(backbone.denoiser).requires_grad_(False).eval().to(acc.device, self.frozen_dtype)
                               if self.combined_val and not self.lora else None)
         self.params = prepare_trainable(backbone, c.model)
         optimizer = make_optimizer(self.params, c.optimizer)
@@ -124,11 +123,16 @@ class Trainer:
         self._batches, self._signal, self._old_handlers, self._saving, self._saved_step = None, None, {}, False, None
         seed_everything(c.seed + acc.process_index)             # each process its own noise
 
-    @property
-    def unet(self): return self.accelerator.unwrap_model(self.model)
-    def named_trainable(self)->dict:
-        "The trainable parameters by name (the full UNet, or the LoRA weights)."
-        return {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+# %% ../nbs/16_train.ipynb #041a1c07
+@patch(as_prop=True)
+def denoiser(self:Trainer):
+    "The denoiser being trained (UNet or transformer), unwrapped from DDP or FSDP."
+    return self.accelerator.unwrap_model(self.model)
+
+@patch
+def named_trainable(self:Trainer)->dict:
+    "The trainable parameters by name (the full denoiser, or the LoRA weights)."
+    return {n: p for n, p in self.denoiser.named_parameters() if p.requires_grad}
 
 # %% ../nbs/16_train.ipynb #212b2d77
 @patch
@@ -146,6 +150,7 @@ def _next_batch(self:Trainer)->dict:
         self.batch_in_epoch += 1
         return {k: v.to(acc.device) if torch.is_tensor(v) and k == "image" else v for k, v in b.items()}
 
+# %% ../nbs/16_train.ipynb #f849a79e
 @patch
 def update(self:Trainer)->dict|None:
     "One optimizer update over `gradient_accumulation_steps` micro-batches; its logs, or None if it was skipped."
@@ -216,6 +221,7 @@ def save_checkpoint(self:Trainer)->Path:
     finally: self._saving = False
     return final
 
+# %% ../nbs/16_train.ipynb #b8d6e9e9
 @patch
 def load_checkpoint(self:Trainer, path:str|Path):
     "Restore the whole training state from a checkpoint folder."
@@ -243,15 +249,6 @@ def load_checkpoint(self:Trainer, path:str|Path):
     self.step, self.epoch, self.batch_in_epoch, self.skipped = st["step"], st["epoch"], st["batch_in_epoch"], st["skipped_updates"]
     self._batches, self._saved_step = None, self.step
 
-@patch
-def last_good_checkpoint(self:Trainer)->Path|None:
-    "The newest intact checkpoint from before the current step whose weights are all finite (after a divergence)."
-    for p in checkpoints(self.out/"checkpoints"):        # the current step's weights gave only non-finite updates
-        if checkpoint_step(p) < self.step and verify_checkpoint(p) is None and \
-           all(bool(t.isfinite().all()) for f in [*p.glob(TRAINABLE_FILE), *p.glob("model-rank*.safetensors")]
-               for t in load_file(str(f)).values()): return p
-    return None
-
 # %% ../nbs/16_train.ipynb #87e92fbe
 @torch.no_grad()
 @patch
@@ -260,23 +257,23 @@ def validate(self:Trainer)->dict:
     acc, v, bb = self.accelerator, self.config.validation, self.backbone
     logs = {}
     if self.val_prompts and (acc.is_main_process or self.fsdp):   # under FSDP every process takes part in each forward
-        unet = self.unet
+        denoiser = self.denoiser
         prompts = [p for p in self.val_prompts for _ in range(v.images_per_prompt)]
         ids = [i for i, _ in enumerate(self.val_prompts) for _ in range(v.images_per_prompt)]
         chunks = [prompts[i:i + v.batch_size] for i in range(0, len(prompts), v.batch_size)]
         n0 = bb.num_inference_steps; bb.set_timesteps(v.num_inference_steps)
         g = torch.Generator().manual_seed(v.seed)
-        with acc.autocast(): runs = dict(tuned=torch.cat([bb.sample(p, denoiser=unet, guidance_scale=v.fine_tuned_guidance_scale, generator=g) for p in chunks]))
+        with acc.autocast(): runs = dict(tuned=torch.cat([bb.sample(p, denoiser=denoiser, guidance_scale=v.fine_tuned_guidance_scale, generator=g) for p in chunks]))
         if self.combined_val:
-            base = pipe_like(bb.pipe, **{bb.denoiser_name: self.original_unet if not self.lora else unet}, scheduler=copy.deepcopy(bb.scheduler))
-            pipe = combined_pipeline(base, None if self.lora else unet)
+            base = pipe_like(bb.pipe, **{bb.denoiser_name: self.original_denoiser if not self.lora else denoiser}, scheduler=copy.deepcopy(bb.scheduler))
+            pipe = combined_pipeline(base, None if self.lora else denoiser)
             g = torch.Generator().manual_seed(v.seed)
             with acc.autocast():
                 runs["combined"] = torch.cat([pipe(p, num_inference_steps=v.num_inference_steps, original_unet_steps=v.original_unet_steps,
                                                    guidance_scale=v.base_guidance_scale, fine_tuned_guidance_scale=v.fine_tuned_guidance_scale,
                                                    height=bb.resolution, width=bb.resolution, generator=g, output_type="pt").images.float().cpu()
                                                for p in chunks])
-            if self.lora and hasattr(unet, "enable_adapters"): unet.enable_adapters()
+            if self.lora and hasattr(denoiser, "enable_adapters"): denoiser.enable_adapters()
         bb.set_timesteps(n0)
         for name, images in runs.items():
             with acc.autocast():
@@ -288,72 +285,25 @@ def validate(self:Trainer)->dict:
             (self.out/"samples").mkdir(parents=True, exist_ok=True)
             with atomic_path(self.out/"samples"/f"step-{self.step}.png") as tmp:
                 save_image(torch.cat([x.float().cpu() for x in runs.values()]), tmp, nrow=min(len(prompts), 8), format="png")
-        self._log_images(runs, prompts)
+        log_images(acc.trackers, runs, prompts, self.step)
         self.log(logs)
     acc.wait_for_everyone()
     return logs
-
-@patch
-def _log_images(self:Trainer, runs:dict, prompts:list[str]):
-    "Validation images to the trackers, labelled: one tag per sampler (tuned, combined), the prompt on each image."
-    for t in self.accelerator.trackers:
-        if t.name == "tensorboard":
-            for name, images in runs.items(): t.writer.add_images(f"val/{name}", images.float().clamp(0, 1), self.step)
-            t.writer.add_text("val/prompts", "  \n".join(f"{i}: {p}" for i, p in enumerate(prompts)), self.step)
-        elif t.name == "wandb":
-            import wandb
-            t.log({f"val/{name}": [wandb.Image(x.float().clamp(0, 1).permute(1, 2, 0).numpy(), caption=f"{name}: {p}")
-                                   for x, p in zip(images, prompts)] for name, images in runs.items()}, step=self.step)
 
 # %% ../nbs/16_train.ipynb #a9d28c69
 @patch
 def log(self:Trainer, logs:dict):
     "Log scalars at the current step to the trackers and `train_log.csv` (main process)."
-    acc = self.accelerator
-    if not acc.is_main_process or not logs: return
-    acc.log(logs, step=self.step)
-    path = self.out/"train_log.csv"; new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.writer(f)
-        if new: w.writerow(["step", "name", "value"])
-        w.writerows([self.step, k, v] for k, v in logs.items())
-
-def _cut_csv(path:Path, step:int):
-    "Drop the rows logged after `step` (they belong to the part of the run a resume repeats)."
-    if not path.exists(): return
-    rows = list(csv.reader(path.open()))
-    keep = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f: csv.writer(f).writerows(keep)
-
-def _tracker_config(cfg:TrainConfig)->dict:
-    "The config flattened to scalars (what tensorboard's hparams accept)."
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_items(asdict(cfg)).items()}
-
-def _tracker_init(cfg:TrainConfig)->dict:
-    "Arguments of `Accelerator.init_trackers`: project, run name and the user's tracker kwargs."
-    kw = dict(cfg.tracker_kwargs)
-    if cfg.log_with == "wandb":
-        if cfg.run_name: kw.setdefault("name", cfg.run_name)
-        name = cfg.tracker_project_name
-    else: name = cfg.tracker_project_name + (f"/{cfg.run_name}" if cfg.run_name else "")
-    return dict(project_name=name, config=_tracker_config(cfg), init_kwargs={cfg.log_with: kw})
+    if not self.accelerator.is_main_process or not logs: return
+    self.accelerator.log(logs, step=self.step); append_log(self.out/"train_log.csv", self.step, logs)
 
 # %% ../nbs/16_train.ipynb #08e6206d
 @patch
-def _install_signals(self:Trainer):
-    self._signal, self._old_handlers, self._saving = None, {}, False
-    if threading.current_thread() is not threading.main_thread(): return
-    def handler(signum, frame):
-        if self._signal is None: self._signal = signum; return    # the first: finish the update, save, stop
-        if self._saving:                                            # a second during a save: finish the save first
-            print("finishing the checkpoint save, then stopping", flush=True); return
-        signal.signal(signum, self._old_handlers[signum]); signal.raise_signal(signum)   # otherwise it acts as usual
-    for s in (signal.SIGINT, signal.SIGTERM): self._old_handlers[s] = signal.signal(s, handler)
-
-@patch
-def _restore_signals(self:Trainer):
-    for s, h in self._old_handlers.items(): signal.signal(s, h)
-    self._old_handlers = {}
+def _on_signal(self:Trainer, signum:int):
+    "SIGINT/SIGTERM while training: the first is noted (finish the update, save, stop); a second waits for a save in flight, else acts as usual."
+    if self._signal is None: self._signal = signum; return
+    if self._saving: print("finishing the checkpoint save, then stopping", flush=True); return
+    signal.signal(signum, self._old_handlers[signum]); signal.raise_signal(signum)
 
 @patch
 def _signalled(self:Trainer)->bool:
@@ -361,6 +311,7 @@ def _signalled(self:Trainer)->bool:
     acc = self.accelerator
     return acc.reduce(torch.tensor(float(self._signal is not None), device=acc.device), "max").item() > 0
 
+# %% ../nbs/16_train.ipynb #cdc56283
 @patch
 def _start(self:Trainer, say)->Path|None:
     "Accept the start or resume (nothing written before), load the checkpoint, then write `config.yaml` and provenance."
@@ -373,7 +324,7 @@ def _start(self:Trainer, say)->Path|None:
     acc.wait_for_everyone()         # every process has read the folder before the main one writes to it (else a late one sees a run there)
     if acc.is_main_process:
         atomic_write_text(self.out/"config.yaml", config_yaml(c))
-        if start is not None: _cut_csv(self.out/"train_log.csv", self.step)
+        if start is not None: cut_log(self.out/"train_log.csv", self.step)
         record_provenance(self.out, event="resume" if start is not None else "start", step=self.step,
                           checkpoint=str(start) if start is not None else None)
     return start
@@ -389,6 +340,7 @@ def _lock(self:Trainer)->RunLock:
         raise err or UserError(f"{self.out} is in use by another run: choose another out_dir")
     return lock
 
+# %% ../nbs/16_train.ipynb #f1b2c3d4
 @patch
 def fit(self:Trainer, report:bool=True, # print the closing message
        )->dict:
@@ -398,32 +350,34 @@ def fit(self:Trainer, report:bool=True, # print the closing message
     lock = self._lock()
     try:
         self._start(say)
-        if c.log_with != "none": acc.init_trackers(**_tracker_init(c))
-        self._install_signals()
+        if c.log_with != "none": acc.init_trackers(**tracker_init(c))
+        self._signal, self._saving = None, False
+        self._old_handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not acc.is_local_main_process, desc=f"train {Path(c.out_dir).name}", unit="step")   # the run named: parallel runs share a terminal
         status, t0 = "finished", time.time()
         try:
-            if self.step == 0 and c.validation.every: self.validate()
-            while self.step < c.max_steps:
-                logs = self.update()
-                if logs is None:
-                    if self.bad_in_row >= c.max_bad_steps: status = "diverged"; break
-                else:
-                    self.step += 1; bar.update(1)
-                    logs["skipped_updates"] = self.skipped
-                    bar.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "reward", "diffusion_loss") if k in logs}, refresh=False)
-                    self.log(logs)
-                    if c.validation.every and self.step % c.validation.every == 0: self.validate()
-                    if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.max_steps: self.save_checkpoint()
-                if self._signalled(): status = "interrupted"; break
-            if status != "diverged" and self._saved_step != self.step: self.save_checkpoint()
-            if status == "finished" and c.export: self.export()
-            if status == "finished" and c.push_to_hub and acc.is_main_process: self.push_to_hub()
+            with interruptible(self._on_signal):           # SIGINT/SIGTERM: `_on_signal`; the old handlers after
+                if self.step == 0 and c.validation.every: self.validate()
+                while self.step < c.max_steps:
+                    logs = self.update()
+                    if logs is None:
+                        if self.bad_in_row >= c.max_bad_steps: status = "diverged"; break
+                    else:
+                        self.step += 1; bar.update(1)
+                        logs["skipped_updates"] = self.skipped
+                        bar.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "reward", "diffusion_loss") if k in logs}, refresh=False)
+                        self.log(logs)
+                        if c.validation.every and self.step % c.validation.every == 0: self.validate()
+                        if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.max_steps: self.save_checkpoint()
+                    if self._signalled(): status = "interrupted"; break
+                if status != "diverged" and self._saved_step != self.step: self.save_checkpoint()
+                if status == "finished" and c.export: self.export()
+                if status == "finished" and c.push_to_hub and acc.is_main_process: self.push_to_hub()
         finally:
-            self._restore_signals(); bar.close()
+            bar.close()
             if c.log_with != "none": acc.end_training()
         quiet = lambda *a: None
-        last = self.last_good_checkpoint() if status == "diverged" else find_checkpoint(self.out/"checkpoints", quiet)
+        last = last_good_checkpoint(self.out/"checkpoints", self.step) if status == "diverged" else find_checkpoint(self.out/"checkpoints", quiet)
         msg = {"finished": f"finished {self.step} steps in {time.time() - t0:.0f} s ({self.skipped} skipped updates); checkpoint {last}",
                "interrupted": f"interrupted at step {self.step}; saved {last}; continue with --set resume=latest",
                "diverged": f"stopped: {self.bad_in_row} updates in a row had a non-finite loss, gradient or weights (at step {self.step}); "
@@ -443,13 +397,13 @@ def export(self:Trainer)->Path:
     if self.fsdp:      # every process sends its shards to the main process's CPU memory
         weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if acc.is_main_process:
-        unet = self.unet
+        denoiser = self.denoiser
         if self.fsdp:  # a plain denoiser of the same class holding them
-            unet = type(unet).from_config(unet.config); unet.load_state_dict(weights)
+            denoiser = type(denoiser).from_config(denoiser.config); denoiser.load_state_dict(weights)
         if self.ema is not None: self.ema.store(self.params); self.ema.copy_to(self.params)
         try:
-            tuned = save_tuned(unet, self.backbone.pipe, final, lora=self.lora)
-            base = export_base(self.backbone.pipe, unet, self.lora, self.base_source, self.original_unet)
+            tuned = save_tuned(denoiser, self.backbone.pipe, final, lora=self.lora)
+            base = export_base(self.backbone.pipe, denoiser, self.lora, self.base_source, self.original_denoiser)
             save_combined(base, tuned, final)
         finally:
             if self.ema is not None: self.ema.restore(self.params)

@@ -84,16 +84,16 @@ def test_lora_trains_only_the_adapter_and_exports(tmp_path):
     assert tr.fit()["status"] == "finished"
     names = set(tr.named_trainable())
     assert names and all("lora" in n for n in names)
-    for n, p in tr.unet.named_parameters():                              # base weights untouched
+    for n, p in tr.denoiser.named_parameters():                              # base weights untouched
         if "lora" not in n: assert torch.equal(p, base_w[n.replace(".base_layer", "")])
     fresh = tiny_sd_pipeline(resolution=32); fresh.load_lora_weights(tmp_path/"run"/"final"/"lora")
     x, t = torch.randn(1, 4, 16, 16), torch.tensor(500)
     e = torch.randn(1, 77, 32)
     with torch.no_grad():
-        assert torch.allclose(fresh.unet(x, t, e).sample, tr.unet(x, t, e).sample, atol=1e-5)
+        assert torch.allclose(fresh.unet(x, t, e).sample, tr.denoiser(x, t, e).sample, atol=1e-5)
         from imagerefl.sampling import CombinedStableDiffusionPipeline
         comb = CombinedStableDiffusionPipeline.from_pretrained(tmp_path/"run"/"final"/"combined")
-        assert torch.allclose(comb.fine_tuned_unet(x, t, e).sample, tr.unet(x, t, e).sample, atol=1e-5)
+        assert torch.allclose(comb.fine_tuned_unet(x, t, e).sample, tr.denoiser(x, t, e).sample, atol=1e-5)
         assert torch.allclose(comb.original_unet(x, t, e).sample, tiny_sd_pipeline(resolution=32).unet(x, t, e).sample, atol=1e-6)
 
 WORKER = textwrap.dedent('''
@@ -183,16 +183,16 @@ def test_deepspeed_and_fsdp1_lora_are_refused_before_any_step(tmp_path, kind, ov
 def test_validation_images_and_run_name_go_to_wandb(monkeypatch):
     "wandb is not a dependency (not installed here): the logging call is checked against a stand-in module and tracker."
     import sys, types
-    from imagerefl.train import _tracker_init
+    from imagerefl.tracking import tracker_init, log_images
     fake = types.ModuleType("wandb"); fake.Image = lambda a, caption=None: (a.shape, caption)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     logged = {}
     tracker = types.SimpleNamespace(name="wandb", log=lambda d, step: logged.update(d=d, step=step))
     trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(trackers=[tracker]), step=7)
-    Trainer._log_images(trainer, {"tuned": torch.rand(2, 3, 8, 8), "combined": torch.rand(2, 3, 8, 8)}, ["a cat", "a dog"])
+    log_images(trainer.accelerator.trackers, {"tuned": torch.rand(2, 3, 8, 8), "combined": torch.rand(2, 3, 8, 8)}, ["a cat", "a dog"], trainer.step)
     assert logged["step"] == 7 and set(logged["d"]) == {"val/tuned", "val/combined"}
     assert logged["d"]["val/combined"] == [((8, 8, 3), "combined: a cat"), ((8, 8, 3), "combined: a dog")]
-    kw = _tracker_init(load_config(dict(log_with="wandb", tracker_project_name="p", run_name="r", tracker_kwargs=dict(entity="me"))))
+    kw = tracker_init(load_config(dict(log_with="wandb", tracker_project_name="p", run_name="r", tracker_kwargs=dict(entity="me"))))
     assert kw["project_name"] == "p" and kw["init_kwargs"] == {"wandb": {"entity": "me", "name": "r"}}
 
 def test_validation_at_a_resolution_other_than_the_models(tmp_path):
@@ -218,11 +218,11 @@ def test_bf16_frozen_parts_and_fp32_adapter(tmp_path, own_precision):
     tr = Trainer(cfg(tmp_path, "mixed_precision=bf16", "model.lora_rank=4", "max_steps=1", "gradient_accumulation_steps=1"), bb,
                  ImageReFL(ImageReFLConfig(num_inference_steps=6, start_index=3, max_mid_index=6, min_mid_index=3)), Brightness(), images_data())
     assert tr.frozen_dtype == torch.bfloat16 and bb.vae.dtype == torch.bfloat16 and bb.pipe.text_encoder.dtype == torch.bfloat16
-    lora = {n: p.detach().clone() for n, p in tr.unet.named_parameters() if p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in tr.denoiser.named_parameters() if p.requires_grad}
     assert lora and all(p.dtype == torch.float32 for p in lora.values())
     logs = tr.update()
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in logs.values() if isinstance(v, (int, float)))
-    assert max((p.detach() - lora[n]).abs().max().item() for n, p in tr.unet.named_parameters() if p.requires_grad) > 0
+    assert max((p.detach() - lora[n]).abs().max().item() for n, p in tr.denoiser.named_parameters() if p.requires_grad) > 0
 
 def test_consistency_term_from_a_config(tmp_path):
     "objective.consistency_weight > 0 names its feature network in the config; without one it is refused in one line."
