@@ -28,7 +28,7 @@ ORDER = [
     "imagerefl.config",
     "imagerefl.checkpoint",
     "imagerefl.export",
-    "imagerefl.loop",                  # placeholder: a module split from train.py, if one is
+    "imagerefl.tracking",              # the training log (split from train)
     "imagerefl.train",
     "imagerefl.sweeps",
     "imagerefl.claims",
