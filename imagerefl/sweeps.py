@@ -6,23 +6,19 @@ Docs: https://imagerefl.github.io/imagerefl/sweeps.html.md"""
 
 # %% ../nbs/17_sweeps.ipynb #bb39ffd1
 from __future__ import annotations
-import json, math
+import math
 from dataclasses import dataclass
 import torch
 from pathlib import Path
 import pandas as pd
-from torch import nn
-from .core import UserError, loading_weights
-from .diffusion import denoiser_name, load_pipeline
+from .core import UserError
+from .diffusion import denoiser_name
 from .evaluate import evaluate
-from .config import model_source
-from .export import strip_lora
 from .sampling import BaseStepsCache, check_original_unet_steps, combined_class
 
-
 # %% auto #0
-__all__ = ['DENOISER_CLASSES', 'Setting', 'make_sampler', 'sampler_settings', 'summary_row', 'evaluate_setting', 'combined_sweep',
-           'aig_sweep', 'switch_sweep_images', 'load_tuned_unet', 'load_models']
+__all__ = ['Setting', 'make_sampler', 'sampler_settings', 'summary_row', 'evaluate_setting', 'combined_sweep', 'aig_sweep',
+           'switch_sweep_images']
 
 # %% ../nbs/17_sweeps.ipynb #797426c0
 @dataclass
@@ -160,44 +156,3 @@ def switch_sweep_images(pipe,                              # a combined pipeline
     try: return {k: pipe(prompts, original_unet_steps=k, generator=torch.Generator(pipe.device).manual_seed(seed), **kwargs).images
                  for k in original_unet_steps_list}
     finally: pipe.base_steps_cache = own
-
-# %% ../nbs/17_sweeps.ipynb #882cc2e4
-DENOISER_CLASSES = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel")
-
-def load_tuned_unet(source:str|Path, # run folder, UNet/transformer folder, LoRA folder or combined pipeline folder
-                    base_pipe=None,  # needed for a LoRA: the base its adapter was trained on
-                   )->nn.Module:
-    "The fine-tuned denoiser (UNet or transformer) of a run or folder (a LoRA is merged into a copy of the base one)."
-    import copy, diffusers
-    p = Path(source).expanduser()
-    if not p.exists(): raise UserError(f"'{source}' does not exist: expected a training run or a tuned UNet folder")
-    for cand in (p/"final"/"combined", p/"final"/"unet", p/"final"/"transformer", p/"final"/"lora"):
-        if cand.exists(): p = cand; break
-    if (p/"model_index.json").exists():
-        with loading_weights(p): return combined_class(json.loads((p/"model_index.json").read_text())).from_pretrained(str(p)).fine_tuned_denoiser
-    if (p/"config.json").exists():
-        name = json.loads((p/"config.json").read_text()).get("_class_name")
-        if name not in DENOISER_CLASSES: raise UserError(f"'{source}' holds a {name}, not a UNet or transformer folder")
-        with loading_weights(p): return getattr(diffusers, name).from_pretrained(str(p), use_safetensors=True)
-    lora = (p/"pytorch_lora_weights.safetensors").exists()
-    if lora or (p/"adapter_config.json").exists():
-        if base_pipe is None: raise UserError(f"'{source}' is a LoRA: pass the base pipeline it was trained on")
-        if lora:
-            pipe = copy.deepcopy(base_pipe)
-            with loading_weights(p): pipe.load_lora_weights(str(p))
-            pipe.fuse_lora(); pipe.unload_lora_weights()
-            return pipe.components[denoiser_name(pipe)]
-        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict   # peft's layout (PixArt-α)
-        from safetensors.torch import load_file
-        model = inject_adapter_in_model(LoraConfig.from_pretrained(str(p)), copy.deepcopy(base_pipe.transformer))
-        with loading_weights(p): set_peft_model_state_dict(model, load_file(str(p/"adapter_model.safetensors")))
-        return strip_lora(model, merge=True)
-    raise UserError(f"'{source}' is not a run folder, UNet or transformer folder, LoRA folder or combined pipeline folder")
-
-def load_models(base:str="mini",     # base pipeline: "mini", a folder or a hub id
-                tuned:str|None=None, # a tuned model (see `load_tuned_unet`), or None
-               )->tuple:             # (base pipeline, tuned denoiser or None)
-    "The base pipeline and the tuned denoiser (UNet or transformer) to compare."
-    base_pipe = load_pipeline(model_source(base)); base_pipe.set_progress_bar_config(disable=True)
-    return base_pipe, (load_tuned_unet(tuned, base_pipe) if tuned is not None else None)
-

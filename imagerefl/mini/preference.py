@@ -71,7 +71,7 @@ def generated_digits(prompts:list[str], # prompts to sample
                      seed:int=0, num_inference_steps:int=20, batch_size:int=60,
                     )->Tensor: # (len(prompts),3,R,R) in [0,1]
     "The shipped base model's samples of `prompts`, the CFG cycling over `guidances`, seeded."
-    from imagerefl.sweeps import load_models
+    from imagerefl.export import load_models
     pipe, _ = load_models("mini")
     out = torch.zeros(len(prompts), 3, MINI_RESOLUTION, MINI_RESOLUTION)
     for j, g in enumerate(guidances):
