@@ -130,7 +130,9 @@ def load_tuned_denoiser(source:str|Path, # run folder, UNet/transformer folder, 
                         step:int|None=None, # read the run's checkpoint at this optimizer step (None: its final weights)
                        )->nn.Module:
     "The fine-tuned denoiser (UNet or transformer) of a run or folder (a LoRA is merged into a copy of the base one)."
-    if step is not None: return checkpoint_denoiser(source, step, base_pipe)
+    if step is not None:
+        if base_pipe is None: raise UserError(f"reading a checkpoint of '{source}' needs the base pipeline the run started from")
+        return checkpoint_denoiser(source, step, base_pipe)
     p = final_model_folder(source)
     if (p/"model_index.json").exists():
         with loading_weights(p): return combined_class(json.loads((p/"model_index.json").read_text())).from_pretrained(str(p)).fine_tuned_denoiser

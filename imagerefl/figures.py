@@ -44,6 +44,7 @@ def load_results(source:str|Path|pd.DataFrame|list, # results.csv, a folder hold
     if not metric_names(df): raise UserError("the results table has no metric columns (M_mean, M_ci_low, M_ci_high)")
     return df.reset_index(drop=True)
 
+# %% ../nbs/19_figures.ipynb #e33d9d8b
 def metric_names(results:pd.DataFrame)->list[str]:
     "The metrics `M` of a results table (those with `M_mean`, `M_ci_low` and `M_ci_high`)."
     return [c[:-5] for c in results.columns
@@ -168,6 +169,7 @@ def plot_tradeoff_curves(results:pd.DataFrame|str|Path, # results table with sam
     fig.tight_layout()
     return fig
 
+# %% ../nbs/19_figures.ipynb #f7fc28de
 def plot_training_curves(results:pd.DataFrame|str|Path, # results table with sampler settings (e.g. `mini.demo.seed_summary`)
                          metrics:Sequence[str]=("reward", "diversity")):
     "Reward and diversity of each tuned model (sampled without CFG) along training, step 0 = the base at CFG 1 (the paper's Fig. 1)."
@@ -207,6 +209,7 @@ def paper_table(results:pd.DataFrame|str|Path, # results table
                                 for a, h in zip(mean, half)]
     return pd.DataFrame(out, index=pd.Index([setting_label(r) for _, r in df.iterrows()], name="setting"))
 
+# %% ../nbs/19_figures.ipynb #64c62d19
 def markdown_table(df:pd.DataFrame)->str:
     "A GitHub markdown table of `df` (index included)."
     cols = [df.index.name or ""] + [str(c) for c in df.columns]
@@ -222,6 +225,7 @@ def load_train_log(run:str|Path)->pd.DataFrame:
     log = pd.read_csv(p)
     return log.pivot_table(index="step", columns="name", values="value", aggfunc="last").sort_index()
 
+# %% ../nbs/19_figures.ipynb #f12d1276
 def split_grid(grid:Image.Image, # an image grid written by `torchvision.utils.save_image`
                n:int,            # images in it
                nrow:int,         # images per row (save_image's `nrow`)
@@ -243,6 +247,7 @@ def validation_steps(run:str|Path)->list[int]:
     if not steps: raise UserError(f"no samples/step-<n>.png in {Path(run)}: the run needs validation.every > 0")
     return steps
 
+# %% ../nbs/19_figures.ipynb #36acff97
 def validation_samples(run:str|Path, # trainer run folder
                        step:int,     # a step of `validation_steps(run)`
                       )->dict:       # "tuned" (and "combined" if the run made it) -> list of PIL images, prompt-major
@@ -321,6 +326,7 @@ def image_grid(images:Sequence[Sequence],       # rows of PIL images (or (3,H,W)
     fig.tight_layout()
     return fig
 
+# %% ../nbs/19_figures.ipynb #d22611ae
 def comparison_grid(evals:dict,                 # method label -> `evaluate` output folder
                     prompts:int|Sequence[int]=2, # how many prompts (the first ones), or their prompt ids
                     n_samples:int=6,             # images per prompt and method

@@ -73,6 +73,7 @@ def make_sampler(base_pipe, tuned_unet, setting:Setting,
     pipe = combined_class(base_pipe).from_pipelines(base_pipe, tuned, base_steps_cache)
     return pipe, dict(num_inference_steps=N, original_unet_steps=k, guidance_scale=g, fine_tuned_guidance_scale=g_ft)
 
+# %% ../nbs/17_sweeps.ipynb #ee1559bc
 def sampler_settings(setting:Setting, sampler_kwargs:dict)->dict:
     "What a results row records of how it was sampled: the CFG each UNet ran with (NaN: that UNet ran no step), N, the AIG power, the training run (the switch point is the setting's `original_unet_steps`)."
     kw, nan = sampler_kwargs, math.nan
@@ -106,6 +107,7 @@ def summary_row(setting:Setting, summary:pd.DataFrame, # `evaluate`'s summary ta
     row["kid_std"] = float(s.loc["kid", "std"]) if "kid" in s.index else math.nan
     return row
 
+# %% ../nbs/17_sweeps.ipynb #f377c16f
 def evaluate_setting(base_pipe, tuned_unet, setting:Setting, prompts:list[str], out_dir:str|Path,
                      rewards:dict|None=None,     # name -> reward module (one named `accuracy` keeps that name in the row)
                      features:dict|None=None,    # name -> feature module, for diversity
@@ -135,6 +137,7 @@ def combined_sweep(base_pipe, tuned_unet, prompts:list[str], out_dir:str|Path,
             for k in original_unet_steps]
     return pd.DataFrame(rows)
 
+# %% ../nbs/17_sweeps.ipynb #7e5f73e0
 def aig_sweep(base_pipe, tuned_unet, prompts:list[str], out_dir:str|Path,
               aig_powers=(1, 1.25, 1.5, 2, 3, 4, 5), # AIG powers to measure (the reference's list)
               method:str="aig", model:str="tuned", **kwargs)->pd.DataFrame:
