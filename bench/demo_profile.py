@@ -53,7 +53,8 @@ def trainer(plan, model:str):
 
 def eval_setting(plan):
     "A closure that evaluates combined generation (base CFG `plan.base_guidance`, the middle switch step) into a fresh folder."
-    from imagerefl.sweeps import Setting, evaluate_setting, load_models
+    from imagerefl.export import load_models
+    from imagerefl.sweeps import Setting, evaluate_setting
     from imagerefl.mini.demo import DigitAccuracy
     from imagerefl.mini.nets import load_mini_features
     from imagerefl.rewards import load_reward

@@ -2,8 +2,9 @@
 
 Modules:
 
+- `imagerefl.explorer`: Base, tuned and combined generation side by side with their rewards: an ipywidgets explorer of the switch point and the two guidance scales.
 - `imagerefl.export`: What a finished run leaves for its users: the tuned UNet or LoRA adapter, a ready-to-load combined-generation folder, its model card, and the upload to the Hugging Face Hub.
-- `imagerefl.figures`: The paper's figures and tables from run outputs: the diversity collapse during training, the quality-diversity trade-off with its Pareto front, same-seed comparison grids, the results table, and an interactive explorer.
+- `imagerefl.figures`: The paper's figures and tables from run outputs: the diversity collapse during training, the quality-diversity trade-off with its Pareto front, same-seed comparison grids, and the results table.
 - `imagerefl.metrics`: Per-prompt diversity, FID/KID against real images, and an evaluation run that writes one table per image and a summary per run.
 - `imagerefl.mini.nets`: The reward ("human preference") and the independent feature network of the embedded digits world, and where their shipped weights live.
 - `imagerefl.mini.preference`: A small Bradley–Terry network trained on image pairs judged by a documented annotator rule that prefers crisp, solid strokes (an appearance the late denoising steps set) and, partly, the prompted digit.

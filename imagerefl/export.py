@@ -8,22 +8,25 @@ Docs: https://imagerefl.github.io/imagerefl/export.html.md"""
 # %% ../nbs/15_export.ipynb #ee613a80
 from __future__ import annotations
 import copy, json, shutil
+import diffusers
 from pathlib import Path
 from diffusers.utils import convert_state_dict_to_diffusers
 from huggingface_hub import HfApi
 from peft.utils import get_peft_model_state_dict
 from torch import nn
-from .config import TrainConfig, config_yaml
-from .core import UserError, atomic_write_text, error_line
+from .checkpoint import TRAINABLE_FILE
+from .config import TrainConfig, config_yaml, load_config, model_source
+from .core import UserError, atomic_write_text, error_line, loading_weights
 from .diffusion import denoiser_name, load_pipeline
 from .runfolder import atomic_dir
 from .sampling import (CombinedPixArtAlphaPipeline, CombinedStableDiffusion3Pipeline, CombinedStableDiffusionPipeline,
-                                CombinedStableDiffusionXLPipeline, combined_pipeline, pipe_like)
+                                CombinedStableDiffusionXLPipeline, combined_class, combined_pipeline, pipe_like)
 
 
 # %% auto #0
-__all__ = ['PIPELINES', 'strip_lora', 'save_tuned', 'export_base', 'save_combined', 'card_original_unet_steps', 'model_card',
-           'upload_to_hub']
+__all__ = ['DENOISER_CLASSES', 'PIPELINES', 'strip_lora', 'save_tuned', 'export_base', 'save_combined', 'final_model_folder',
+           'merged_lora', 'checkpoint_denoiser', 'load_tuned_denoiser', 'load_models', 'card_original_unet_steps',
+           'is_hub_id', 'model_card', 'upload_to_hub']
 
 # %% ../nbs/15_export.ipynb #8778159d
 def strip_lora(model:nn.Module,  # a denoiser with LoRA layers
@@ -40,6 +43,7 @@ def strip_lora(model:nn.Module,  # a denoiser with LoRA layers
     plain = type(model).from_config(model.config); plain.load_state_dict(weights)
     return plain.to(p.device, p.dtype)
 
+# %% ../nbs/15_export.ipynb #97e9eef9
 def save_tuned(unet:nn.Module,      # the trained denoiser (with its LoRA adapter, if any)
                pipe,                # the pipeline it was trained in (its class writes the LoRA file)
                final:Path,          # the run's `final` folder
@@ -60,6 +64,7 @@ def save_tuned(unet:nn.Module,      # the trained denoiser (with its LoRA adapte
     with atomic_dir(final/name) as d: unet.save_pretrained(d, safe_serialization=True)
     return unet
 
+# %% ../nbs/15_export.ipynb #8b01af6d
 def export_base(pipe, unet:nn.Module, lora:bool, base_source:str|None=None, original_unet:nn.Module|None=None):
     "The base pipeline of the combined folder, with `pipe`'s scheduler: re-loaded from `base_source`, else `pipe` with the original denoiser."
     if base_source is not None: return pipe_like(load_pipeline(base_source), scheduler=copy.deepcopy(pipe.scheduler))
@@ -68,6 +73,7 @@ def export_base(pipe, unet:nn.Module, lora:bool, base_source:str|None=None, orig
         original_unet = strip_lora(unet, merge=False)
     return pipe_like(pipe, **{denoiser_name(pipe): original_unet})
 
+# %% ../nbs/15_export.ipynb #e14a8706
 def save_combined(base, tuned:nn.Module, final:Path)->Path:
     "Write `final/combined`: the base pipeline with the tuned denoiser, in the base denoiser's exact config."
     ref = base.components[denoiser_name(base)]
@@ -77,6 +83,79 @@ def save_combined(base, tuned:nn.Module, final:Path)->Path:
         combined_pipeline(base, same.to(ref.device, ref.dtype)).save_pretrained(d, safe_serialization=True)
     return final/"combined"
 
+# %% ../nbs/15_export.ipynb #45bbdf93
+DENOISER_CLASSES = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel")
+
+def final_model_folder(source:str|Path)->Path:
+    "The folder a tuned model is read from: a run's `final/combined`, `final/unet`, `final/transformer` or `final/lora`, else `source`."
+    p = Path(source).expanduser()
+    if not p.exists(): raise UserError(f"'{source}' does not exist: expected a training run or a tuned UNet folder")
+    for cand in (p/"final"/"combined", p/"final"/"unet", p/"final"/"transformer", p/"final"/"lora"):
+        if cand.exists(): return cand
+    return p
+
+# %% ../nbs/15_export.ipynb #4fe1fffe
+def merged_lora(folder:Path, # a LoRA folder (diffusers' or peft's layout)
+                base_pipe,   # the pipeline the adapter was trained on
+               )->nn.Module:
+    "The base pipeline's denoiser with the adapter in `folder` merged into a copy."
+    if (folder/"pytorch_lora_weights.safetensors").exists():
+        pipe = copy.deepcopy(base_pipe)
+        with loading_weights(folder): pipe.load_lora_weights(str(folder))
+        pipe.fuse_lora(); pipe.unload_lora_weights()
+        return pipe.components[denoiser_name(pipe)]
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    model = inject_adapter_in_model(LoraConfig.from_pretrained(str(folder)), copy.deepcopy(base_pipe.components[denoiser_name(base_pipe)]))
+    with loading_weights(folder): set_peft_model_state_dict(model, load_file(str(folder/"adapter_model.safetensors")))
+    return strip_lora(model, merge=True)
+
+# %% ../nbs/15_export.ipynb #f0dc32f9
+def checkpoint_denoiser(run:str|Path, # a training run folder
+                        step:int,     # optimizer step of a checkpoint in `run/checkpoints/`
+                        base_pipe,    # the base pipeline the run started from
+                       )->nn.Module:
+    "The denoiser of a full fine-tuning run at a saved checkpoint."
+    from safetensors.torch import load_file
+    p = Path(run)/"checkpoints"/f"checkpoint-{step}"/TRAINABLE_FILE
+    if not p.is_file(): raise UserError(f"no checkpoint at step {step} in {run}: train with checkpoint_every dividing {step}")
+    with loading_weights(p): model, sd = copy.deepcopy(base_pipe.components[denoiser_name(base_pipe)]), load_file(str(p))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or not sd: raise UserError(f"{p} is not a full-UNet checkpoint of this base model (LoRA runs are not supported here)")
+    return model.eval()
+
+# %% ../nbs/15_export.ipynb #31a5176d
+def load_tuned_denoiser(source:str|Path, # run folder, UNet/transformer folder, LoRA folder or combined pipeline folder
+                        base_pipe=None,  # needed for a LoRA or a checkpoint: the base the run started from
+                        step:int|None=None, # read the run's checkpoint at this optimizer step (None: its final weights)
+                       )->nn.Module:
+    "The fine-tuned denoiser (UNet or transformer) of a run or folder (a LoRA is merged into a copy of the base one)."
+    if step is not None:
+        if base_pipe is None: raise UserError(f"reading a checkpoint of '{source}' needs the base pipeline the run started from")
+        return checkpoint_denoiser(source, step, base_pipe)
+    p = final_model_folder(source)
+    if (p/"model_index.json").exists():
+        with loading_weights(p): return combined_class(json.loads((p/"model_index.json").read_text())).from_pretrained(str(p)).fine_tuned_denoiser
+    if (p/"config.json").exists():
+        name = json.loads((p/"config.json").read_text()).get("_class_name")
+        if name not in DENOISER_CLASSES: raise UserError(f"'{source}' holds a {name}, not a UNet or transformer folder")
+        with loading_weights(p): return getattr(diffusers, name).from_pretrained(str(p), use_safetensors=True)
+    if (p/"pytorch_lora_weights.safetensors").exists() or (p/"adapter_config.json").exists():
+        if base_pipe is None: raise UserError(f"'{source}' is a LoRA: pass the base pipeline it was trained on")
+        return merged_lora(p, base_pipe)
+    raise UserError(f"'{source}' is not a run folder, UNet or transformer folder, LoRA folder or combined pipeline folder")
+
+# %% ../nbs/15_export.ipynb #2439077a
+def load_models(base:str|None,       # base pipeline: a folder, a hub id or a named source (`mini`); None = the source in `tuned`'s config.yaml
+                tuned:str|None=None, # a tuned model (see `load_tuned_denoiser`), or None
+               )->tuple:             # (base pipeline, tuned denoiser or None)
+    "The base pipeline and the tuned denoiser (UNet or transformer) to compare."
+    if base is None:
+        cfg = Path(tuned or ".").expanduser()/"config.yaml"
+        if tuned is None or not cfg.is_file(): raise UserError("name the base model: a folder, a hub id or a named source such as 'mini'")
+        base = load_config(cfg).model.source
+    base_pipe = load_pipeline(model_source(base)); base_pipe.set_progress_bar_config(disable=True)
+    return base_pipe, (load_tuned_denoiser(tuned, base_pipe) if tuned is not None else None)
 
 # %% ../nbs/15_export.ipynb #c9264fff
 PIPELINES = {c.__name__: c for c in (CombinedStableDiffusionPipeline, CombinedStableDiffusionXLPipeline,
@@ -88,6 +167,12 @@ def card_original_unet_steps(cfg:TrainConfig, pipeline_class:str)->int:
     if v.original_unet_steps is not None: return v.original_unet_steps
     return round(PIPELINES[pipeline_class].default_original_unet_fraction * v.num_inference_steps)
 
+# %% ../nbs/15_export.ipynb #f3a6166c
+def is_hub_id(source:str)->bool:
+    "Whether a model source looks like a Hub repository id (`owner/name`) rather than a folder or a named source."
+    return "/" in source and not source.startswith((".", "/", "~"))
+
+# %% ../nbs/15_export.ipynb #30332326
 def model_card(cfg:TrainConfig,          # the run's config
                pipeline_class:str,       # a `PIPELINES` name, e.g. CombinedStableDiffusionPipeline
                grid:str|None=None,       # file name of the validation grid beside the card, if any
@@ -97,7 +182,7 @@ def model_card(cfg:TrainConfig,          # the run's config
     base = cfg.model.source
     front = ["---", "library_name: diffusers", "pipeline_tag: text-to-image",
              "tags: [text-to-image, diffusers, imagerefl, reward-fine-tuning, " + o["name"] + "]",
-             *([f"base_model: {base}"] if base != "mini" and "/" in base and not base.startswith((".", "/", "~")) else []), "---"]
+             *([f"base_model: {base}"] if is_hub_id(base) else []), "---"]
     steps = card_original_unet_steps(cfg, pipeline_class)
     d = "transformer" if pipeline_class in (CombinedPixArtAlphaPipeline.__name__, CombinedStableDiffusion3Pipeline.__name__) else "unet"
     D = "UNet" if d == "unet" else "transformer"
@@ -123,6 +208,7 @@ def model_card(cfg:TrainConfig,          # the run's config
            "Rows: the tuned model alone, then combined generation, on the fixed validation prompts and seeds.", ""] if grid else []),
         "## Training config", "", "```yaml", config_yaml(cfg).rstrip(), "```", ""])
 
+# %% ../nbs/15_export.ipynb #3afd301b
 def upload_to_hub(out:Path,          # the run folder (its `final/combined` is uploaded)
                   cfg:TrainConfig,   # the run's config (`hub_model_id`, `hub_private`)
                   step:int,          # the optimizer step, for the commit message

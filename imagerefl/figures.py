@@ -1,5 +1,5 @@
 """The paper's figures and tables from run outputs: the diversity collapse during training, the quality-diversity
-trade-off with its Pareto front, same-seed comparison grids, the results table, and an interactive explorer.
+trade-off with its Pareto front, same-seed comparison grids, and the results table.
 
 Docs: https://imagerefl.github.io/imagerefl/figures.html.md"""
 
@@ -7,7 +7,7 @@ Docs: https://imagerefl.github.io/imagerefl/figures.html.md"""
 
 # %% ../nbs/19_figures.ipynb #65e426f8
 from __future__ import annotations
-import html, io, math
+import math
 from pathlib import Path
 from typing import Sequence
 import numpy as np
@@ -22,7 +22,7 @@ from .core import UserError, atomic_path
 __all__ = ['RESULT_COLUMNS', 'METRIC_LABELS', 'load_results', 'metric_names', 'setting_label', 'pareto_front', 'plot_tradeoff',
            'metric_label', 'save_figure', 'plot_tradeoff_curves', 'plot_training_curves', 'paper_table',
            'markdown_table', 'load_train_log', 'split_grid', 'validation_steps', 'validation_samples',
-           'plot_training_collapse', 'image_grid', 'comparison_grid', 'Explorer', 'make_explorer']
+           'plot_training_collapse', 'image_grid', 'comparison_grid']
 
 # %% ../nbs/19_figures.ipynb #ccb2fc07
 RESULT_COLUMNS = ["method", "model", "sampler", "original_unet_steps", "aig_power"]
@@ -44,6 +44,7 @@ def load_results(source:str|Path|pd.DataFrame|list, # results.csv, a folder hold
     if not metric_names(df): raise UserError("the results table has no metric columns (M_mean, M_ci_low, M_ci_high)")
     return df.reset_index(drop=True)
 
+# %% ../nbs/19_figures.ipynb #e33d9d8b
 def metric_names(results:pd.DataFrame)->list[str]:
     "The metrics `M` of a results table (those with `M_mean`, `M_ci_low` and `M_ci_high`)."
     return [c[:-5] for c in results.columns
@@ -168,6 +169,7 @@ def plot_tradeoff_curves(results:pd.DataFrame|str|Path, # results table with sam
     fig.tight_layout()
     return fig
 
+# %% ../nbs/19_figures.ipynb #f7fc28de
 def plot_training_curves(results:pd.DataFrame|str|Path, # results table with sampler settings (e.g. `mini.demo.seed_summary`)
                          metrics:Sequence[str]=("reward", "diversity")):
     "Reward and diversity of each tuned model (sampled without CFG) along training, step 0 = the base at CFG 1 (the paper's Fig. 1)."
@@ -207,6 +209,7 @@ def paper_table(results:pd.DataFrame|str|Path, # results table
                                 for a, h in zip(mean, half)]
     return pd.DataFrame(out, index=pd.Index([setting_label(r) for _, r in df.iterrows()], name="setting"))
 
+# %% ../nbs/19_figures.ipynb #64c62d19
 def markdown_table(df:pd.DataFrame)->str:
     "A GitHub markdown table of `df` (index included)."
     cols = [df.index.name or ""] + [str(c) for c in df.columns]
@@ -222,6 +225,7 @@ def load_train_log(run:str|Path)->pd.DataFrame:
     log = pd.read_csv(p)
     return log.pivot_table(index="step", columns="name", values="value", aggfunc="last").sort_index()
 
+# %% ../nbs/19_figures.ipynb #f12d1276
 def split_grid(grid:Image.Image, # an image grid written by `torchvision.utils.save_image`
                n:int,            # images in it
                nrow:int,         # images per row (save_image's `nrow`)
@@ -243,6 +247,7 @@ def validation_steps(run:str|Path)->list[int]:
     if not steps: raise UserError(f"no samples/step-<n>.png in {Path(run)}: the run needs validation.every > 0")
     return steps
 
+# %% ../nbs/19_figures.ipynb #36acff97
 def validation_samples(run:str|Path, # trainer run folder
                        step:int,     # a step of `validation_steps(run)`
                       )->dict:       # "tuned" (and "combined" if the run made it) -> list of PIL images, prompt-major
@@ -321,6 +326,7 @@ def image_grid(images:Sequence[Sequence],       # rows of PIL images (or (3,H,W)
     fig.tight_layout()
     return fig
 
+# %% ../nbs/19_figures.ipynb #d22611ae
 def comparison_grid(evals:dict,                 # method label -> `evaluate` output folder
                     prompts:int|Sequence[int]=2, # how many prompts (the first ones), or their prompt ids
                     n_samples:int=6,             # images per prompt and method
@@ -353,104 +359,3 @@ def comparison_grid(evals:dict,                 # method label -> `evaluate` out
         fig.axes[i * len(tables) * n_samples].set_title(f"“{first.loc[(pid, 0), 'prompt']}”", fontsize=9, loc="left")
     fig.tight_layout()
     return fig
-
-# %% ../nbs/19_figures.ipynb #dc0ba305
-def _combined_pipe(base_pipe, tuned_unet):
-    from imagerefl.sampling import combined_class      # here: the figures need diffusers only for the explorer
-    if tuned_unet is None:
-        if not {"original_unet", "original_transformer"} & set(base_pipe.components):
-            raise UserError("pass the tuned UNet (or transformer), or a combined pipeline as base_pipe")
-        return base_pipe
-    return combined_class(base_pipe).from_pipelines(base_pipe, tuned_unet)
-
-def _png(image:torch.Tensor)->bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()).save(buf, format="png")
-    return buf.getvalue()
-
-class Explorer:
-    "Base, tuned and combined images for one prompt and seed, side by side with their rewards (ipywidgets)."
-    def __init__(self, pipe,                       # a combined pipeline (`CombinedStableDiffusionPipeline`)
-                 reward=None,                      # reward(images [0,1], prompts) -> (B,); None = no scores
-                 prompt:str="a handwritten digit seven",
-                 seed:int=0,
-                 num_inference_steps:int=40,       # N
-                 original_unet_steps:int|None=None,# initial switch point; None = 3/4 of N
-                 guidance_scale:float=7.5,         # CFG of the base UNet
-                 fine_tuned_guidance_scale:float=1.0, # CFG of the tuned UNet (1 = none, as in the paper)
-                 auto:bool=True,                   # regenerate on every control change
-                ):
-        import ipywidgets as W
-        from imagerefl.rewards import reward_contract
-        self.pipe, self.n, self._cache = pipe, num_inference_steps, {}
-        self.reward = reward_contract(reward) if reward is not None else None   # one score per image, finite
-        k = round(.75 * num_inference_steps) if original_unet_steps is None else original_unet_steps
-        self.controls = dict(
-            prompt=W.Text(prompt, description="prompt", continuous_update=False, layout=W.Layout(width="60%")),
-            seed=W.BoundedIntText(seed, min=0, max=2**31 - 1, description="seed"),
-            original_unet_steps=W.IntSlider(k, min=0, max=num_inference_steps, description="base steps", continuous_update=False),
-            guidance_scale=W.FloatSlider(guidance_scale, min=1, max=15, step=.5, description="base CFG", continuous_update=False),
-            fine_tuned_guidance_scale=W.FloatSlider(fine_tuned_guidance_scale, min=1, max=15, step=.5, description="tuned CFG",
-                                                    continuous_update=False))
-        self.images = {n: W.Image(format="png", width=256) for n in ("base", "tuned", "combined")}
-        self.captions = {n: W.HTML() for n in self.images}
-        self.status = W.HTML()
-        self.widget = W.VBox([W.HBox([self.controls["prompt"], self.controls["seed"]]),
-                              W.HBox([self.controls[c] for c in ("original_unet_steps", "guidance_scale", "fine_tuned_guidance_scale")]),
-                              W.HBox([W.VBox([self.images[n], self.captions[n]]) for n in self.images]), self.status])
-        self.results = {}
-        if auto:
-            for c in self.controls.values(): c.observe(lambda change: self._on_change(), names="value")
-        self.refresh()
-
-    def _generate(self, k:int, g:float, g_ft:float)->torch.Tensor:
-        c = self.controls
-        key = (c["prompt"].value, c["seed"].value, k, g if k > 0 else None, g_ft if k < self.n else None)
-        if key not in self._cache:
-            gen = torch.Generator("cpu").manual_seed(int(c["seed"].value))
-            with torch.no_grad():
-                self._cache[key] = self.pipe(c["prompt"].value, num_inference_steps=self.n, original_unet_steps=k, guidance_scale=g,
-                                             fine_tuned_guidance_scale=g_ft, generator=gen, output_type="pt").images[0].float().cpu()
-        return self._cache[key]
-
-    def refresh(self)->dict:
-        "Generate (or reuse) the three images for the current controls, update the widgets; returns name -> (image, reward)."
-        c = self.controls
-        k, g, g_ft = int(c["original_unet_steps"].value), float(c["guidance_scale"].value), float(c["fine_tuned_guidance_scale"].value)
-        self.status.value = "generating…"
-        try:
-            ims = dict(base=self._generate(self.n, g, g_ft), tuned=self._generate(0, g, g_ft), combined=self._generate(k, g, g_ft))
-            scores = {}
-            if self.reward is not None:
-                dev = next(self.reward.parameters(), torch.tensor(0.)).device
-                with torch.no_grad(): r = self.reward(torch.stack(list(ims.values())).to(dev), [c["prompt"].value] * 3).float().cpu()
-                scores = dict(zip(ims, r.tolist()))
-        except Exception as e:
-            self.status.value = f"<span style='color:#b00020'>{html.escape(f'{type(e).__name__}: {e}')}</span>"
-            raise
-        for n, im in ims.items():
-            self.images[n].value = _png(im)
-            what = dict(base="base", tuned="tuned", combined=f"combined, base for {k} of {self.n} steps")[n]
-            self.captions[n].value = f"<b>{what}</b>" + (f"<br>reward {scores[n]:.3f}" if n in scores else "")
-        self.results = {n: (ims[n], scores.get(n)) for n in ims}
-        self.status.value = ""
-        return self.results
-
-    def _on_change(self):
-        "A control changed: regenerate; an error stays in the status line (a widget callback's exception is otherwise lost)."
-        try: self.refresh()
-        except Exception: pass
-
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
-
-def make_explorer(base_pipe,          # the base model's diffusers pipeline (or a combined pipeline, with tuned_unet None)
-                  tuned_unet=None,    # the reward-tuned UNet
-                  reward=None,        # reward module for the scores; None = no scores
-                  **kwargs,           # `Explorer` settings: prompt, seed, num_inference_steps, original_unet_steps, ...
-                 )->Explorer:
-    "An `Explorer` over combined generation of `base_pipe` and `tuned_unet`."
-    pipe = _combined_pipe(base_pipe, tuned_unet)
-    pipe.set_progress_bar_config(disable=True)
-    return Explorer(pipe, reward, **kwargs)

@@ -6,23 +6,19 @@ Docs: https://imagerefl.github.io/imagerefl/sweeps.html.md"""
 
 # %% ../nbs/17_sweeps.ipynb #bb39ffd1
 from __future__ import annotations
-import json, math
+import math
 from dataclasses import dataclass
 import torch
 from pathlib import Path
 import pandas as pd
-from torch import nn
-from .core import UserError, loading_weights
-from .diffusion import denoiser_name, load_pipeline
+from .core import UserError
+from .diffusion import denoiser_name
 from .evaluate import evaluate
-from .config import model_source
-from .export import strip_lora
 from .sampling import BaseStepsCache, check_original_unet_steps, combined_class
 
-
 # %% auto #0
-__all__ = ['DENOISER_CLASSES', 'Setting', 'make_sampler', 'sampler_settings', 'summary_row', 'evaluate_setting', 'combined_sweep',
-           'aig_sweep', 'switch_sweep_images', 'load_tuned_unet', 'load_models']
+__all__ = ['Setting', 'make_sampler', 'sampler_settings', 'summary_row', 'evaluate_setting', 'combined_sweep', 'aig_sweep',
+           'switch_sweep_images']
 
 # %% ../nbs/17_sweeps.ipynb #797426c0
 @dataclass
@@ -77,6 +73,7 @@ def make_sampler(base_pipe, tuned_unet, setting:Setting,
     pipe = combined_class(base_pipe).from_pipelines(base_pipe, tuned, base_steps_cache)
     return pipe, dict(num_inference_steps=N, original_unet_steps=k, guidance_scale=g, fine_tuned_guidance_scale=g_ft)
 
+# %% ../nbs/17_sweeps.ipynb #ee1559bc
 def sampler_settings(setting:Setting, sampler_kwargs:dict)->dict:
     "What a results row records of how it was sampled: the CFG each UNet ran with (NaN: that UNet ran no step), N, the AIG power, the training run (the switch point is the setting's `original_unet_steps`)."
     kw, nan = sampler_kwargs, math.nan
@@ -110,6 +107,7 @@ def summary_row(setting:Setting, summary:pd.DataFrame, # `evaluate`'s summary ta
     row["kid_std"] = float(s.loc["kid", "std"]) if "kid" in s.index else math.nan
     return row
 
+# %% ../nbs/17_sweeps.ipynb #f377c16f
 def evaluate_setting(base_pipe, tuned_unet, setting:Setting, prompts:list[str], out_dir:str|Path,
                      rewards:dict|None=None,     # name -> reward module (one named `accuracy` keeps that name in the row)
                      features:dict|None=None,    # name -> feature module, for diversity
@@ -139,6 +137,7 @@ def combined_sweep(base_pipe, tuned_unet, prompts:list[str], out_dir:str|Path,
             for k in original_unet_steps]
     return pd.DataFrame(rows)
 
+# %% ../nbs/17_sweeps.ipynb #7e5f73e0
 def aig_sweep(base_pipe, tuned_unet, prompts:list[str], out_dir:str|Path,
               aig_powers=(1, 1.25, 1.5, 2, 3, 4, 5), # AIG powers to measure (the reference's list)
               method:str="aig", model:str="tuned", **kwargs)->pd.DataFrame:
@@ -160,44 +159,3 @@ def switch_sweep_images(pipe,                              # a combined pipeline
     try: return {k: pipe(prompts, original_unet_steps=k, generator=torch.Generator(pipe.device).manual_seed(seed), **kwargs).images
                  for k in original_unet_steps_list}
     finally: pipe.base_steps_cache = own
-
-# %% ../nbs/17_sweeps.ipynb #882cc2e4
-DENOISER_CLASSES = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel")
-
-def load_tuned_unet(source:str|Path, # run folder, UNet/transformer folder, LoRA folder or combined pipeline folder
-                    base_pipe=None,  # needed for a LoRA: the base its adapter was trained on
-                   )->nn.Module:
-    "The fine-tuned denoiser (UNet or transformer) of a run or folder (a LoRA is merged into a copy of the base one)."
-    import copy, diffusers
-    p = Path(source).expanduser()
-    if not p.exists(): raise UserError(f"'{source}' does not exist: expected a training run or a tuned UNet folder")
-    for cand in (p/"final"/"combined", p/"final"/"unet", p/"final"/"transformer", p/"final"/"lora"):
-        if cand.exists(): p = cand; break
-    if (p/"model_index.json").exists():
-        with loading_weights(p): return combined_class(json.loads((p/"model_index.json").read_text())).from_pretrained(str(p)).fine_tuned_denoiser
-    if (p/"config.json").exists():
-        name = json.loads((p/"config.json").read_text()).get("_class_name")
-        if name not in DENOISER_CLASSES: raise UserError(f"'{source}' holds a {name}, not a UNet or transformer folder")
-        with loading_weights(p): return getattr(diffusers, name).from_pretrained(str(p), use_safetensors=True)
-    lora = (p/"pytorch_lora_weights.safetensors").exists()
-    if lora or (p/"adapter_config.json").exists():
-        if base_pipe is None: raise UserError(f"'{source}' is a LoRA: pass the base pipeline it was trained on")
-        if lora:
-            pipe = copy.deepcopy(base_pipe)
-            with loading_weights(p): pipe.load_lora_weights(str(p))
-            pipe.fuse_lora(); pipe.unload_lora_weights()
-            return pipe.components[denoiser_name(pipe)]
-        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict   # peft's layout (PixArt-α)
-        from safetensors.torch import load_file
-        model = inject_adapter_in_model(LoraConfig.from_pretrained(str(p)), copy.deepcopy(base_pipe.transformer))
-        with loading_weights(p): set_peft_model_state_dict(model, load_file(str(p/"adapter_model.safetensors")))
-        return strip_lora(model, merge=True)
-    raise UserError(f"'{source}' is not a run folder, UNet or transformer folder, LoRA folder or combined pipeline folder")
-
-def load_models(base:str="mini",     # base pipeline: "mini", a folder or a hub id
-                tuned:str|None=None, # a tuned model (see `load_tuned_unet`), or None
-               )->tuple:             # (base pipeline, tuned denoiser or None)
-    "The base pipeline and the tuned denoiser (UNet or transformer) to compare."
-    base_pipe = load_pipeline(model_source(base)); base_pipe.set_progress_bar_config(disable=True)
-    return base_pipe, (load_tuned_unet(tuned, base_pipe) if tuned is not None else None)
-

@@ -115,7 +115,7 @@ def test_a_damaged_pipeline_folder_is_named_in_one_line(capsys, tmp_path, damage
 
 def test_damaged_tuned_unet_lora_and_reward_files(capsys, tmp_path):
     "A run's tuned UNet, a LoRA folder and a reward checkpoint: each damaged file named, through the same loading path."
-    from imagerefl.sweeps import load_tuned_unet
+    from imagerefl.export import load_tuned_denoiser
     from imagerefl.testing import tiny_sd_pipeline
     from imagerefl.mini.preference import PREFERENCE_FILE
     from imagerefl.mini.nets import mini_assets_dir
@@ -123,12 +123,12 @@ def test_damaged_tuned_unet_lora_and_reward_files(capsys, tmp_path):
     pipe = tiny_sd_pipeline(resolution=32)
     pipe.unet.save_pretrained(tmp_path/"run"/"final"/"unet")
     f = cut(tmp_path/"run"/"final"/"unet"/"diffusion_pytorch_model.safetensors")
-    with pytest.raises(UserError, match=f"{f} looks damaged"): load_tuned_unet(tmp_path/"run")
+    with pytest.raises(UserError, match=f"{f} looks damaged"): load_tuned_denoiser(tmp_path/"run")
     (tmp_path/"lora").mkdir()
     save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(4, 32)},
               tmp_path/"lora"/"pytorch_lora_weights.safetensors")
     f = cut(tmp_path/"lora"/"pytorch_lora_weights.safetensors")
-    with pytest.raises(UserError, match=f"{f} looks damaged"): load_tuned_unet(tmp_path/"lora", pipe)
+    with pytest.raises(UserError, match=f"{f} looks damaged"): load_tuned_denoiser(tmp_path/"lora", pipe)
     r = tmp_path/PREFERENCE_FILE; shutil.copy(mini_assets_dir()/PREFERENCE_FILE, r); cut(r)
     rc, err = run_main(capsys, *train_args("mini_refl", tmp_path/"r", "reward.name=mini-preference", f"reward.path={r}"))
     assert rc == 2 and f"{r} looks damaged (cut short:" in err and not (tmp_path/"r").exists()

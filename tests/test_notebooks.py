@@ -94,9 +94,9 @@ def test_make_figures_without_results_says_what_to_do(tmp_path):
 
 def test_explorer_headless(world, made):
     "The widget builds on the mini world; moving the slider regenerates the combined image; k = 0 and k = N are the tuned and base images."
-    from imagerefl.sweeps import load_models
+    from imagerefl.export import load_models
     from imagerefl.rewards import load_reward
-    from imagerefl.figures import make_explorer
+    from imagerefl.explorer import make_explorer
     base_pipe, tuned_unet = load_models(world["base"], str(made/"train"/"imagerefl"))
     ex = make_explorer(base_pipe, tuned_unet, load_reward("mini-digits", world["reward_path"]), prompt="a handwritten digit two",
                        num_inference_steps=4, original_unet_steps=2)

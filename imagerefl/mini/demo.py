@@ -10,19 +10,18 @@ import contextlib, functools, json, math, os, signal, time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from diffusers import UNet2DConditionModel
-from ..checkpoint import TRAINABLE_FILE
 from ..runfolder import run_files
 from ..claims import NO_CFG_COMBINED, _same, judge_claims, with_levels, control_levels
-from ..core import (SEED_MAX, Interrupted, UserError, atomic_write_text, check_seed, interruptible, loading_weights,
+from ..core import (SEED_MAX, Interrupted, UserError, atomic_write_text, check_seed, interruptible,
                             quiet_loading, seed_everything)
 from ..sampling import BaseStepsCache
-from ..sweeps import Setting, evaluate_setting, load_models, load_tuned_unet
+from ..export import load_models, load_tuned_denoiser
+from ..sweeps import Setting, evaluate_setting
 
 # %% auto #0
 __all__ = ['DEMO_PLANS', 'DEMO_REWARDS', 'REWARD_WORDS', 'SETTING_COLUMNS', 'DemoPlan', 'demo_reward', 'train_steps_of',
            'checkpoint_steps', 'demo_settings', 'seed_summary', 'claims_by', 'demo_report', 'DigitAccuracy',
-           'load_checkpoint_unet', 'RuleUtility', 'demo']
+           'RuleUtility', 'demo']
 
 # %% ../../nbs/24_mini_demo.ipynb #4d1bd904
 @dataclass
@@ -255,20 +254,6 @@ class DigitAccuracy(torch.nn.Module):
         target = torch.tensor([digit_from_prompt(p) for p in prompts], device=images.device)
         return (self.reward.logits(images).argmax(1) == target).float()
 
-def load_checkpoint_unet(run:str|Path, # a training run folder
-                         step:int,     # optimizer step of a checkpoint in `run/checkpoints/`
-                         base_pipe,    # the base pipeline the run started from
-                        )->UNet2DConditionModel:
-    "The UNet of a full-UNet training run at a saved checkpoint."
-    import copy
-    from safetensors.torch import load_file
-    p = Path(run)/"checkpoints"/f"checkpoint-{step}"/TRAINABLE_FILE
-    if not p.is_file(): raise UserError(f"no checkpoint at step {step} in {run}: train with checkpoint_every dividing {step}")
-    with loading_weights(p): unet, sd = copy.deepcopy(base_pipe.unet), load_file(str(p))
-    missing, unexpected = unet.load_state_dict(sd, strict=False)
-    if unexpected or not sd: raise UserError(f"{p} is not a full-UNet checkpoint of this base model (LoRA runs are not supported here)")
-    return unet.eval()
-
 class RuleUtility(torch.nn.Module):
     "The preference annotator's rule as a metric (not differentiable): what the preference network was fitted to."
     def __init__(self, legibility): super().__init__(); self.legibility = legibility
@@ -367,8 +352,8 @@ def _demo_job(out:Path, plan:DemoPlan, seed:int, model:str, train_seed:int|None,
         _say(progress, f"stage 2/3: evaluate {s.name} ({i + 1} of {total})")
         if s.model != "base" and at != s.train_step:
             final = s.train_step == train_steps_of(plan, s.model)
-            unet, at = (load_tuned_unet(run/"final"/"unet" if (run/"final"/"unet").exists() else run, base_pipe) if final
-                        else load_checkpoint_unet(run, s.train_step, base_pipe)), s.train_step
+            unet, at = (load_tuned_denoiser(run/"final"/"unet" if (run/"final"/"unet").exists() else run, base_pipe) if final
+                        else load_tuned_denoiser(run, base_pipe, step=s.train_step)), s.train_step
         rows.append((i, evaluate_setting(base_pipe, unet, s, prompts, out/"eval", **kw)))
     timings[f"evaluate {model}" + (f", seed {train_seed}" if train_seed is not None else "")] = time.time() - t
     return timings, rows

@@ -34,6 +34,7 @@ def crispness(images:Tensor, # (B,3,H,W) in [0,1]
     ink, solid = (x > PREFERENCE_INK).sum((1, 2)), (x > PREFERENCE_SOLID).sum((1, 2))
     return solid / ink.clamp_min(1)
 
+# %% ../../nbs/22a_mini_preference.ipynb #23263ce8
 def annotator_utility(images:Tensor, # (B,3,H,W) in [0,1]
                       prompts:list[str], # B mini-world prompts
                       legibility:nn.Module|None=None, # the legibility reward; None = the shipped one
@@ -43,6 +44,7 @@ def annotator_utility(images:Tensor, # (B,3,H,W) in [0,1]
     with torch.no_grad(): adherence = legibility(images.float(), list(prompts)).float().cpu()
     return crispness(images).cpu() + PREFERENCE_ADHERENCE_WEIGHT*adherence
 
+# %% ../../nbs/22a_mini_preference.ipynb #7ca6cf19
 def annotate(utility_a:Tensor, utility_b:Tensor, # (P,) the rule's utilities of the two images of each pair
              generator:torch.Generator, # the annotator's noise
             )->Tensor: # (P,) 1. where the first image is preferred, else 0.
@@ -66,12 +68,13 @@ def appearance_variants(images:Tensor, # (B,C,H,W) in [0,1]
     fade = torch.where(torch.rand(B, 1, 1, 1, generator=generator) < 0.3, u(0.6, 1), torch.ones(B, 1, 1, 1))
     return (y*fade).clamp(0, 1)
 
+# %% ../../nbs/22a_mini_preference.ipynb #2629dbca
 def generated_digits(prompts:list[str], # prompts to sample
                      guidances:tuple=(1, 2, 3, 5, 7.5), # CFG scales, cycled over the prompts
                      seed:int=0, num_inference_steps:int=20, batch_size:int=60,
                     )->Tensor: # (len(prompts),3,R,R) in [0,1]
     "The shipped base model's samples of `prompts`, the CFG cycling over `guidances`, seeded."
-    from imagerefl.sweeps import load_models
+    from imagerefl.export import load_models
     pipe, _ = load_models("mini")
     out = torch.zeros(len(prompts), 3, MINI_RESOLUTION, MINI_RESOLUTION)
     for j, g in enumerate(guidances):
@@ -84,6 +87,7 @@ def generated_digits(prompts:list[str], # prompts to sample
                                  generator=gen, output_type="pt").images.float().cpu()
     return out
 
+# %% ../../nbs/22a_mini_preference.ipynb #1c9e8158
 def preference_pairs(images:Tensor, prompts:list[str], # the pool: (N,3,R,R) images in [0,1] and the prompt of each
                      n:int, # pairs to draw
                      generator:torch.Generator,
@@ -128,6 +132,7 @@ class MiniPreferenceReward(nn.Module):
         x = to_mini_input(images).to(next(self.parameters()).dtype)
         return self.head(self.encoder(x)).float().gather(1, target[:, None])[:, 0]
 
+# %% ../../nbs/22a_mini_preference.ipynb #3419ad21
 def train_preference_net(a:Tensor, b:Tensor, prompts:list[str], labels:Tensor, # pairs and the annotator's labels (1: a preferred)
                          steps:int=800, batch_size:int=128, lr:float=2e-3, seed:int=0,
                         )->MiniPreferenceReward:
@@ -145,6 +150,7 @@ def train_preference_net(a:Tensor, b:Tensor, prompts:list[str], labels:Tensor, #
         opt.zero_grad(); loss.backward(); opt.step(); sched.step()
     return net.eval()
 
+# %% ../../nbs/22a_mini_preference.ipynb #b4227fcd
 def rule_agreement(net, a, b, prompts, utility_a, utility_b, batch_size=500)->float:
     "How often the network orders a pair as the rule's utility does (ties left out)."
     with torch.no_grad():
@@ -164,6 +170,7 @@ def save_mini_preference(net:MiniPreferenceReward, # the trained network
     cfg = dict(kind="preference", width=net.width, dim=net.dim)
     return save_safetensors(net.state_dict(), path, metadata=dict(config=json.dumps(cfg), **{k: str(v) for k, v in meta.items()}))
 
+# %% ../../nbs/22a_mini_preference.ipynb #1e14e1b3
 def load_mini_preference(path:str|Path|None=None, # `.safetensors`; None = the shipped one
                          device=None,              # torch device; None = best available
                          dtype:torch.dtype|None=None, # weights dtype; None = float32
@@ -185,6 +192,7 @@ def load_mini_preference(path:str|Path|None=None, # `.safetensors`; None = the s
     net = MiniPreferenceReward(**cfg); net.load_state_dict(sd)
     return net.to(device=resolve_device(device), dtype=dtype or torch.float32).eval().requires_grad_(False)
 
+# %% ../../nbs/22a_mini_preference.ipynb #48def460
 def preference_pool(split:str,      # "train" or "test" digits and captions
                     generated:int,  # base-model samples added (of the split's captions, drawn at random)
                     seed:int=0,
@@ -197,6 +205,7 @@ def preference_pool(split:str,      # "train" or "test" digits and captions
     gen = generated_digits(prompts, seed=seed) if generated else ims[:0]
     return torch.cat([ims, gen]), caps + prompts
 
+# %% ../../nbs/22a_mini_preference.ipynb #ff38865c
 def labelled_pairs(split:str, n:int, generated:int, seed:int, legibility=None)->tuple:
     "`n` pairs of a split's pool, their rule utilities and the noisy annotator's labels: (a, b, prompts, U_a, U_b, labels)."
     images, prompts = preference_pool(split, generated, seed)
@@ -205,6 +214,7 @@ def labelled_pairs(split:str, n:int, generated:int, seed:int, legibility=None)->
     ua, ub = annotator_utility(a, p, legibility), annotator_utility(b, p, legibility)
     return a, b, p, ua, ub, annotate(ua, ub, g)
 
+# %% ../../nbs/22a_mini_preference.ipynb #6f3a6d1d
 def pretrain_preference(out:str|Path|None=None, # target `.safetensors`; None = the package's assets
                         seed:int=0,             # seeds the pools, pairs, annotator and network
                         pairs:int=8000,         # training pairs (train split)
