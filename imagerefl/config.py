@@ -6,23 +6,23 @@ Docs: https://imagerefl.github.io/imagerefl/config.html.md"""
 
 # %% ../nbs/13_config.ipynb #7050136c
 from __future__ import annotations
-import copy, math, types, typing, warnings
+import copy, math, types, typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 import yaml
-from .core import UserError, check_seed, load_yaml
+from .core import UserError, check_seed, load_yaml, registry
 
 # %% auto #0
-__all__ = ['CHOICES', 'MINIMA', 'RANGES', 'SEEDS', 'RENAMED', 'ModelConfig', 'RewardConfig', 'DataConfig', 'OptimizerConfig',
-           'ValidationConfig', 'TrainConfig', 'build_section', 'check_values', 'resolve_objective', 'config_dir',
-           'config_names', 'find_config', 'parse_override', 'apply_overrides', 'renamed_keys', 'load_config',
+__all__ = ['CHOICES', 'MINIMA', 'RANGES', 'SEEDS', 'MODEL_SOURCES', 'ModelConfig', 'RewardConfig', 'DataConfig',
+           'OptimizerConfig', 'ValidationConfig', 'TrainConfig', 'build_section', 'check_values', 'resolve_objective',
+           'config_dir', 'config_names', 'find_config', 'parse_override', 'apply_overrides', 'load_config',
            'config_yaml', 'model_source', 'parameter_list']
 
 # %% ../nbs/13_config.ipynb #4351ac4b
 @dataclass
 class ModelConfig:
     "The text-to-image model and what of it is trained."
-    source:str="stable-diffusion-v1-5/stable-diffusion-v1-5" # diffusers folder, hub id, or "mini" (the embedded mini world)
+    source:str="stable-diffusion-v1-5/stable-diffusion-v1-5" # diffusers folder, hub id, or a name of `MODEL_SOURCES` ("mini": the mini world's)
     scheduler:str|None="ddpm"       # sampler for training and validation: ddpm, ddim, euler, dpm (flow_euler for SD3); None = the pipeline's
     resolution:int|None=None        # image side; None = the UNet's native size (512 for SD1.5)
     lora_rank:int=0                 # 0 = train the full UNet; > 0 = a LoRA adapter of this rank
@@ -275,20 +275,6 @@ def apply_overrides(raw:dict, overrides:list[str])->dict:
         d[path[-1]] = value
     return raw
 
-RENAMED = {"validation.guidance_scale": "validation.fine_tuned_guidance_scale"}  # old key -> its name now
-
-def renamed_keys(raw:dict)->dict:
-    "Old key names a config file or `--set` may still use, moved to their names now with a one-line warning."
-    raw = copy.deepcopy(raw)
-    for old, new in RENAMED.items():
-        (sec, o), (_, n) = old.split("."), new.split(".")
-        d = raw.get(sec)
-        if not isinstance(d, dict) or o not in d: continue
-        if n in d: raise UserError(f"{old} and {new} are the same setting (the old and the new name): keep only {new}")
-        warnings.warn(f"{old} is now called {new}: rename it in your config (the old name still works)", FutureWarning, stacklevel=3)
-        d[n] = d.pop(o)
-    return raw
-
 def load_config(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped config name, mapping, or None (defaults)
                 overrides:list[str]|None=None,              # ["optimizer.lr=1e-5", "model.lora_rank=8", ...]
                )->TrainConfig:
@@ -298,19 +284,19 @@ def load_config(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped
     else:
         path = find_config(config)
         raw = load_yaml(path, mapping=True)   # a list or a number: refused in one line
-    return check_values(build_section(TrainConfig, renamed_keys(apply_overrides(raw, overrides))))
+    return check_values(build_section(TrainConfig, apply_overrides(raw, overrides)))
 
 def config_yaml(cfg:TrainConfig)->str:
     "The resolved config as YAML (what the run folder keeps)."
     return yaml.safe_dump(asdict(cfg), sort_keys=False)
 
 # %% ../nbs/13_config.ipynb #df24dcc0
-def model_source(source:str)->str:
-    "A model source, with `mini` meaning the embedded mini world's base pipeline."
-    if source == "mini":
-        from imagerefl.mini.nets import mini_base_path
-        return str(mini_base_path())
-    return source
+MODEL_SOURCES = registry("model")   # name -> `f() -> a pipeline folder`; plug-ins declare theirs
+
+def model_source(source:str, # a diffusers folder, a hub id, or a name of `MODEL_SOURCES`
+                )->str:      # what `from_pretrained` takes
+    "A model source as a folder or hub id: a registered name's folder, any other source as it is."
+    return str(MODEL_SOURCES[source]()) if source in MODEL_SOURCES else source
 
 # %% ../nbs/13_config.ipynb #9f4b6c22
 def parameter_list(value,               # a list, a YAML list written as a string ("[max_steps=1, batch_size=2]"), one item, or None

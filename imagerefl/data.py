@@ -1,4 +1,4 @@
-"""Prompt sets and image-caption sets: hub datasets, local folders and files, and the embedded mini world's digits.
+"""Prompt sets and image-caption sets: hub datasets, local folders and files, and the named sets of the registry (plug-ins add theirs).
 
 Docs: https://imagerefl.github.io/imagerefl/data.html.md"""
 
@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from PIL import Image, ImageOps
 from fastcore.basics import patch
-from .core import UserError, error_line, hub_offline, looks_like_path, read_text
+from .core import UserError, error_line, hub_offline, looks_like_path, read_text, register, registry
 
 # %% auto #0
-__all__ = ['TEXT_COLUMNS', 'HUB_PROMPT_SETS', 'HUB_IMAGE_SETS', 'to_rgb', 'fit_image', 'pil_to_tensor', 'resize_center_crop',
-           'ImageCaptionDataset', 'collate', 'read_jsonl', 'load_prompts', 'load_image_captions', 'PromptDataset',
-           'collate_batch', 'EpochBatches']
+__all__ = ['TEXT_COLUMNS', 'HUB_PROMPT_SETS', 'PROMPT_SETS', 'IMAGE_SETS', 'to_rgb', 'fit_image', 'pil_to_tensor',
+           'resize_center_crop', 'ImageCaptionDataset', 'collate', 'read_jsonl', 'hub_prompt_set', 'load_prompts',
+           'coco_images', 'load_image_captions', 'PromptDataset', 'collate_batch', 'EpochBatches']
 
 # %% ../nbs/02_data.ipynb #f7c09764
 _WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")   # how PIL opens 16-bit greyscale PNGs and TIFFs
@@ -240,12 +240,6 @@ def from_hub(cls:ImageCaptionDataset, name:str,            # hub dataset id, e.g
     return cls(_Column(ds, image_column, rows), [captions[i] for i in keep], resolution, skipped=len(captions) - len(keep))
 
 # %% ../nbs/02_data.ipynb #bdbff6bf
-HUB_PROMPT_SETS = {
-    "hpdv2":    dict(repo="ymhao/HPDv2", split="test", column="prompt", file="{split}.json"),  # a script dataset: its files
-    "coco":     dict(repo="jxie/coco_captions", split="test", column="caption"),
-    "pickapic": dict(repo="yuvalkirstain/pickapic_v2_no_images", split="test_unique", column="caption"),
-}
-
 def _prompts_from_records(rows:list, where:str)->list[str|None]:
     if not isinstance(rows, list): raise UserError(f"{where} must hold a list of prompts (strings or objects with a prompt key)")
     if rows and isinstance(rows[0], dict):
@@ -253,6 +247,20 @@ def _prompts_from_records(rows:list, where:str)->list[str|None]:
         return [_caption(r.get(col)) if isinstance(r, dict) else None for r in rows]
     return [_caption(r) for r in rows]
 
+def _prompts_from_file(p:Path)->list[str|None]:
+    ext = p.suffix.lower()
+    if p.is_dir(): return [_caption(r.get(_pick_column(r.keys(), "caption", str(p)))) for r in _read_metadata(p)]
+    if ext == ".txt": return read_text(p, "prompt file").splitlines()
+    if ext in (".csv", ".tsv"):
+        df = _read_csv(p, "prompt file", sep="\t" if ext == ".tsv" else ",", keep_default_na=False)
+        return df[_pick_column(df.columns, "prompt", str(p), ("prompt", "text", "caption"))].astype(str).tolist()
+    if ext == ".jsonl": return _prompts_from_records(read_jsonl(p, "prompt file"), str(p))
+    if ext == ".json":
+        try: return _prompts_from_records(json.loads(read_text(p, "prompt file")), str(p))
+        except json.JSONDecodeError as e: raise UserError(f"{p} is not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    raise UserError(f"prompt file '{p}' has an unknown type: use .txt (one prompt a line), .csv/.tsv, .jsonl or .json")
+
+# %% ../nbs/02_data.ipynb #ed9782f5
 def _hub_file_prompts(repo:str,     # a hub dataset id
                       filename:str, # a JSON file of it holding a list of prompts or of objects with a prompt key
                      )->list[str|None]:
@@ -269,39 +277,41 @@ def _hub_file_prompts(repo:str,     # a hub dataset id
     try: return _prompts_from_records(json.loads(read_text(path, filename)), f"{repo}/{filename}")
     except json.JSONDecodeError as e: raise UserError(f"{filename} of dataset '{repo}' is not valid JSON ({e.msg})") from None
 
-def _prompts_from_file(p:Path)->list[str|None]:
-    ext = p.suffix.lower()
-    if p.is_dir(): return [_caption(r.get(_pick_column(r.keys(), "caption", str(p)))) for r in _read_metadata(p)]
-    if ext == ".txt": return read_text(p, "prompt file").splitlines()
-    if ext in (".csv", ".tsv"):
-        df = _read_csv(p, "prompt file", sep="\t" if ext == ".tsv" else ",", keep_default_na=False)
-        return df[_pick_column(df.columns, "prompt", str(p), ("prompt", "text", "caption"))].astype(str).tolist()
-    if ext == ".jsonl": return _prompts_from_records(read_jsonl(p, "prompt file"), str(p))
-    if ext == ".json":
-        try: return _prompts_from_records(json.loads(read_text(p, "prompt file")), str(p))
-        except json.JSONDecodeError as e: raise UserError(f"{p} is not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    raise UserError(f"prompt file '{p}' has an unknown type: use .txt (one prompt a line), .csv/.tsv, .jsonl or .json")
+# %% ../nbs/02_data.ipynb #e304d775
+HUB_PROMPT_SETS = {
+    "hpdv2":    dict(repo="ymhao/HPDv2", split="test", column="prompt", file="{split}.json"),  # a script dataset: its files
+    "coco":     dict(repo="jxie/coco_captions", split="test", column="caption"),
+    "pickapic": dict(repo="yuvalkirstain/pickapic_v2_no_images", split="test_unique", column="caption"),
+}
+
+PROMPT_SETS = registry("prompts")   # name -> loader `f(split) -> prompts` (split None: the set's default); plug-ins declare theirs
+
+def hub_prompt_set(repo:str,           # a hub dataset id
+                   split:str,          # its default split
+                   column:str,         # the prompts' column
+                   file:str|None=None, # read this JSON file of the repository instead ("{split}.json": a script dataset)
+                  ):
+    "A prompt set's loader `f(split=None)`: the hub dataset's prompts, de-duplicated in order."
+    def load(s:str|None=None):
+        s = s or split
+        ps = _hub_file_prompts(repo, file.format(split=s)) if file else [_caption(c) for c in _hub_dataset(repo, s)[column]]
+        return list(dict.fromkeys(ps))
+    return load
+
+for _name, _spec in HUB_PROMPT_SETS.items(): register("prompts", _name, hub_prompt_set(**_spec))
 
 # %% ../nbs/02_data.ipynb #ddf2d3b1
-def load_prompts(source:str,          # hpdv2, coco, pickapic, mini-digits, a hub dataset id, or a local file/folder
-                 split:str|None=None, # split; None: the source's default (see `HUB_PROMPT_SETS`; mini-digits: classes)
+def load_prompts(source:str,          # a name of `PROMPT_SETS` (hpdv2, coco, pickapic, mini-digits), a hub dataset id, or a local file/folder
+                 split:str|None=None, # split; None: the set's default (see `HUB_PROMPT_SETS`; mini-digits: classes)
                  limit:int|None=None, # keep only the first `limit` prompts
                 )->list[str]:
     "A list of prompts from a named set, a hub dataset or a local file (null entries are skipped with a warning)."
     source = str(source)
-    if source == "mini-digits":      # the mini world, imported only when asked for
-        from imagerefl.mini.data import mini_digits, mini_prompt
-        if split in (None, "classes"): prompts = [mini_prompt(k) for k in range(10)]
-        else: prompts = mini_digits(split).captions
-    elif source in HUB_PROMPT_SETS:
-        spec = HUB_PROMPT_SETS[source]
-        if "file" in spec: prompts = _hub_file_prompts(spec["repo"], spec["file"].format(split=split or spec["split"]))
-        else: prompts = [_caption(c) for c in _hub_dataset(spec["repo"], split or spec["split"])[spec["column"]]]
-        prompts = list(dict.fromkeys(prompts))
+    if source in PROMPT_SETS: prompts = PROMPT_SETS[source](split)
     elif Path(source).expanduser().exists():
         prompts = _prompts_from_file(Path(source).expanduser())
     elif looks_like_path(source):
-        raise UserError(f"prompt source '{source}' is neither a file nor a known set ({', '.join([*HUB_PROMPT_SETS, 'mini-digits'])})")
+        raise UserError(f"prompt source '{source}' is neither a file nor a known set ({', '.join(PROMPT_SETS)})")
     else:
         ds = _hub_dataset(source, split or "test")
         prompts = list(dict.fromkeys(_caption(c) for c in ds[_pick_column(ds.column_names, "prompt", f"dataset '{source}'")]))
@@ -312,23 +322,24 @@ def load_prompts(source:str,          # hpdv2, coco, pickapic, mini-digits, a hu
     return prompts
 
 # %% ../nbs/02_data.ipynb #4a8729f3
-HUB_IMAGE_SETS = {"coco": dict(repo="jxie/coco_captions", image_column="image", text_column="caption")}
+IMAGE_SETS = registry("images")   # name -> loader `f(split, resolution) -> ImageCaptionDataset`; plug-ins declare theirs
 
-def load_image_captions(source:str,             # coco, mini-digits, a local imagefolder or a hub dataset id
+@register("images", "coco")
+def coco_images(split:str="train",        # split to load
+                resolution:int|None=None, # side of the square images; None: 512
+               )->ImageCaptionDataset:
+    "COCO captions' images (`jxie/coco_captions`), the paper's ImageReFL training set."
+    return ImageCaptionDataset.from_hub("jxie/coco_captions", split, resolution or 512, "image", "caption")
+
+def load_image_captions(source:str,             # a name of `IMAGE_SETS` (coco, mini-digits), a local imagefolder or a hub dataset id
                         split:str="train",       # split to load
-                        resolution:int|None=None,# side of the square images; None: 512 (32 for mini-digits)
+                        resolution:int|None=None,# side of the square images; None: the set's default (512; mini-digits: 32)
                        )->ImageCaptionDataset:
     "An image-caption set from a name, a local folder or a hub id."
     source = str(source)
-    if source == "mini-digits":      # the mini world, imported only when asked for
-        from imagerefl.mini.data import mini_digits
-        return mini_digits(split, resolution or 32)
-    resolution = resolution or 512
-    if source in HUB_IMAGE_SETS:
-        spec = HUB_IMAGE_SETS[source]
-        return ImageCaptionDataset.from_hub(spec["repo"], split, resolution, spec["image_column"], spec["text_column"])
-    if Path(source).expanduser().exists() or looks_like_path(source): return ImageCaptionDataset.from_folder(source, resolution)
-    return ImageCaptionDataset.from_hub(source, split, resolution)
+    if source in IMAGE_SETS: return IMAGE_SETS[source](split, resolution)
+    if Path(source).expanduser().exists() or looks_like_path(source): return ImageCaptionDataset.from_folder(source, resolution or 512)
+    return ImageCaptionDataset.from_hub(source, split, resolution or 512)
 
 # %% ../nbs/02_data.ipynb #d46c2ce9
 class PromptDataset(torch.utils.data.Dataset):

@@ -7,7 +7,7 @@ Docs: https://imagerefl.github.io/imagerefl/metrics.html.md"""
 
 # %% ../nbs/11_metrics.ipynb #c801f99d
 from __future__ import annotations
-import importlib, warnings
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 import torch.nn.functional as F
-from .core import UserError, check_source, loading_weights, resolve_device
+from .core import UserError, check_source, loading_weights, register, registry, resolve_device
 from .data import ImageCaptionDataset, collate, resize_center_crop
 
 # %% auto #0
@@ -114,13 +114,11 @@ class ClipImageFeatures(_Features):
         return out if isinstance(out, torch.Tensor) else out.pooler_output    # transformers 5 returns an output object
 
 # %% ../nbs/11_metrics.ipynb #650b6f36
-FEATURES = {
-    "dino": lambda path=None, device=None: DinoFeatures(path or "facebook/dino-vits16").to(resolve_device(device)),
-    "clip": lambda path=None, device=None: ClipImageFeatures(path or "openai/clip-vit-base-patch32").to(resolve_device(device)),
-    "mini": lambda path=None, device=None: importlib.import_module("imagerefl.mini.nets").load_mini_features(path=path, device=device),
-}
+FEATURES = registry("features")   # name -> loader `f(path=None, device=None) -> nn.Module`; plug-ins declare theirs
+register("features", "dino", lambda path=None, device=None: DinoFeatures(path or "facebook/dino-vits16").to(resolve_device(device)))
+register("features", "clip", lambda path=None, device=None: ClipImageFeatures(path or "openai/clip-vit-base-patch32").to(resolve_device(device)))
 
-def load_features(name:str,           # a key of `FEATURES`: dino, clip, mini
+def load_features(name:str,           # a name of `FEATURES`: dino, clip, or a plug-in's (the mini world's: mini)
                   path:str|None=None,  # weights folder or hub id; None: the default for `name`
                   device=None,         # where to put it; None: CUDA if present
                  )->nn.Module:         # images [0,1] (B,3,H,W) -> (B,D)

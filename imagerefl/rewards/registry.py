@@ -7,19 +7,20 @@ Docs: https://imagerefl.github.io/imagerefl/rewards.html.md"""
 
 # %% ../../nbs/05_rewards.ipynb #920c5f29
 from __future__ import annotations
-import functools, importlib.resources, inspect, os, sys
+import functools, inspect
 from pathlib import Path
 from typing import Callable
 import torch
 from torch import Tensor, nn
-from ..core import UserError, error_line, hub_offline, loading_weights, looks_like_path, resolve_device
+from ..core import (UserError, error_line, hub_offline, import_object, loading_weights, looks_like_path, register,
+                            registry, resolve_device)
 from ..data import resize_center_crop
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_preprocessing, normalize, to_uint8_pil
 
 # %% auto #0
 __all__ = ['REWARDS', 'Reward', 'as_image_batch', 'check_reward_inputs', 'check_reward_output', 'RewardContract',
            'reward_contract', 'register_reward', 'reward_names', 'check_reward_name', 'checkpoint_blocks',
-           'load_reward', 'resolve_file', 'load_mini_digits', 'load_mini_preference_reward']
+           'load_reward', 'resolve_file']
 
 # %% ../../nbs/05_rewards.ipynb #2c53cdde
 class Reward(nn.Module):
@@ -143,37 +144,22 @@ def reward_contract(reward:nn.Module, # a reward, registered or your own
     return reward
 
 # %% ../../nbs/05_rewards.ipynb #7cd32b4a
-REWARDS: dict[str, Callable] = {}
+REWARDS = registry("reward")   # name -> loader `f(path=None, arch=None, **kw) -> nn.Module`; plug-ins declare theirs
 
 def register_reward(name:str # the name `load_reward` will accept
                    ):
     "Decorator: register a loader `f(path=None, arch=None, **kw) -> nn.Module` under `name`."
-    def deco(f): REWARDS[name] = f; return f
-    return deco
+    return register("reward", name)
 
 def reward_names()->list[str]:
     "The names `load_reward` accepts (besides `module:attribute` for a reward of your own)."
     return sorted(REWARDS)
 
-def _import_reward(name:str):
-    "The object `module:attribute` names (the working directory is searched too, as `python -m` does)."
-    mod, _, attr = name.partition(":")
-    added = os.getcwd() not in sys.path
-    if added: sys.path.insert(0, os.getcwd())
-    try: m = importlib.import_module(mod)
-    except ImportError as e:
-        raise UserError(f"reward '{name}': cannot import module '{mod}' ({e}): put it in the working directory or on PYTHONPATH") from None
-    except Exception as e:           # the module itself fails: one line that names it and its error
-        raise UserError(f"reward '{name}': importing module '{mod}' failed ({error_line(e)}): fix that module") from None
-    finally:
-        if added: sys.path.remove(os.getcwd())
-    if not attr or not hasattr(m, attr): raise UserError(f"reward '{name}': module '{mod}' has no attribute '{attr}'")
-    return getattr(m, attr)
-
+# %% ../../nbs/05_rewards.ipynb #ea919aab
 def check_reward_name(name:str, key:str="reward") -> None:
     "A one-line `UserError` unless `name` is a registered reward or an importable `module:attribute`."
     if name in REWARDS: return
-    if isinstance(name, str) and ":" in name: _import_reward(name); return
+    if isinstance(name, str) and ":" in name: import_object(name, "reward"); return
     raise UserError(f"{key}={name!r} is not a known reward: use one of {', '.join(reward_names())}, "
                     "or module:attribute for a reward of your own")
 
@@ -205,11 +191,12 @@ def load_reward(name:str,          # one of `reward_names()`, or `module:attribu
                 **kw)->nn.Module:
     "Load reward `name`, frozen (`requires_grad=False`, eval mode)."
     check_preprocessing(preprocessing)
-    if name in REWARDS: f, kw = REWARDS[name], dict(path=path, arch=arch, **kw)
+    if name in REWARDS: f = REWARDS[name]
     elif ":" in str(name):         # a reward of your own: a class or loader taking the options given, or a module
-        f, kw = _import_reward(name), {k: v for k, v in dict(path=path, arch=arch, **kw).items() if v is not None}
+        f = import_object(name, "reward")
         if isinstance(f, nn.Module): f = (lambda m: lambda: m)(f)
     else: raise UserError(f"unknown reward '{name}'; known rewards: {', '.join(reward_names())}, or module:attribute for your own")
+    kw = {k: v for k, v in dict(path=path, arch=arch, **kw).items() if v is not None}   # the options given
     try: inspect.signature(f).bind(**kw)
     except TypeError as e: raise UserError(f"reward '{name}' does not take these options ({e}); it takes {inspect.signature(f)}") from None
     if name in REWARDS: r = f(**kw)      # (each family's loader reads its files through `loading_weights`)
@@ -245,16 +232,3 @@ def resolve_file(path, repo:str, filename:str, what:str)->Path:
         why = "HF_HUB_OFFLINE=1 and it is not cached" if hub_offline() else f"the download failed ({type(e).__name__})"
         raise UserError(f"{what}: {filename} from hub repo '{repo}' is unavailable ({why}); download it with "
                         f"`hf download {repo} {filename}` and pass path=<the file>") from None
-
-# %% ../../nbs/05_rewards.ipynb #d255f9c2
-@register_reward("mini-digits")
-def load_mini_digits(path=None, arch=None):
-    "The embedded mini world's reward (`imagerefl.mini.nets.load_mini_reward`)."
-    from imagerefl.mini.nets import load_mini_reward
-    return load_mini_reward(path=path)
-
-@register_reward("mini-preference")
-def load_mini_preference_reward(path=None, arch=None):
-    "The embedded mini world's learned preference reward (`imagerefl.mini.preference.load_mini_preference`)."
-    from imagerefl.mini.preference import load_mini_preference
-    return load_mini_preference(path=path)
