@@ -39,6 +39,7 @@ class RewardConfig:
     arch:str|None=None              # architecture override (e.g. a registered open_clip config); None = the official one
     gradient_checkpointing:bool=False # recompute the reward's vision tower in backward
 
+# %% ../nbs/13_config.ipynb #b15ede9e
 @dataclass
 class DataConfig:
     "Where prompts (ReFL, DRaFT-K) or image-caption pairs (ImageReFL) come from."
@@ -61,6 +62,7 @@ class OptimizerConfig:
     lr_scheduler:str="constant"     # constant, linear, cosine (after warm-up)
     warmup_steps:int=0              # linear warm-up, in optimizer steps
 
+# %% ../nbs/13_config.ipynb #15eebbf0
 @dataclass
 class ValidationConfig:
     "The periodic validation pass on fixed prompts."
@@ -155,6 +157,7 @@ def _coerce(key:str, value, tp):
         raise bad()
     raise AssertionError(f"unsupported config type {tp}")
 
+# %% ../nbs/13_config.ipynb #20a40363
 def build_section(cls, raw:dict|None, prefix:str=""):
     "Instance of dataclass `cls` from a mapping; unknown keys and wrong types raise a one-line `UserError`."
     if raw is None: raw = {}
@@ -191,6 +194,7 @@ def _in_range(v, lo, hi, rule:str)->bool:
     "`v` within the interval `rule` describes: `> lo` / `>= lo`, `in [lo, hi)`."
     return (v > lo if rule.startswith(">") and not rule.startswith(">=") else v >= lo) and (hi is None or v < hi)
 
+# %% ../nbs/13_config.ipynb #e0928b3d
 def check_values(cfg:TrainConfig)->TrainConfig:
     "Check allowed values and ranges, and resolve the objective section; one-line `UserError` otherwise."
     for key, allowed in CHOICES.items():
@@ -215,6 +219,7 @@ def check_values(cfg:TrainConfig)->TrainConfig:
     cfg.objective = resolve_objective(cfg.objective)
     return cfg
 
+# %% ../nbs/13_config.ipynb #be3bbe90
 def resolve_objective(section:dict)->dict:
     "The objective section with every field of its dataclass, checked (types, ranges, then the dataclass's `check`)."
     from imagerefl.objectives import OBJECTIVES
@@ -253,6 +258,7 @@ def find_config(name:str|Path)->Path:
     if "/" not in str(name) and q.is_file(): return q
     raise UserError(f"config '{name}' is neither a yaml file nor a shipped config: use a path or one of {', '.join(config_names())}")
 
+# %% ../nbs/13_config.ipynb #5505f155
 def parse_override(text:str)->tuple[list[str], object]:
     "`a.b=value` as (['a', 'b'], value); the value is read as YAML (numbers, true/false, null, lists)."
     if "=" not in text: raise UserError(f"--set {text!r} is not key=value (e.g. --set optimizer.lr=1e-5)")
@@ -275,6 +281,7 @@ def apply_overrides(raw:dict, overrides:list[str])->dict:
         d[path[-1]] = value
     return raw
 
+# %% ../nbs/13_config.ipynb #f0a419ef
 def load_config(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped config name, mapping, or None (defaults)
                 overrides:list[str]|None=None,              # ["optimizer.lr=1e-5", "model.lora_rank=8", ...]
                )->TrainConfig:

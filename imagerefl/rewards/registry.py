@@ -8,6 +8,7 @@ Docs: https://imagerefl.github.io/imagerefl/rewards.html.md"""
 # %% ../../nbs/05_rewards.ipynb #920c5f29
 from __future__ import annotations
 import functools, inspect
+from fastcore.basics import patch
 from pathlib import Path
 from typing import Callable
 import torch
@@ -18,61 +19,11 @@ from ..data import resize_center_crop
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_preprocessing, normalize, to_uint8_pil
 
 # %% auto #0
-__all__ = ['REWARDS', 'Reward', 'as_image_batch', 'check_reward_inputs', 'check_reward_output', 'RewardContract',
+__all__ = ['REWARDS', 'as_image_batch', 'check_reward_inputs', 'Reward', 'check_reward_output', 'RewardContract',
            'reward_contract', 'register_reward', 'reward_names', 'check_reward_name', 'checkpoint_blocks',
            'load_reward', 'resolve_file']
 
-# %% ../../nbs/05_rewards.ipynb #2c53cdde
-class Reward(nn.Module):
-    "Base of all rewards: `reward(images in [0,1] (B,3,H,W), prompts) -> (B,)`, differentiable w.r.t. the images."
-    evaluation_path: str|None = None   # what `evaluation_pixels` does, in words; None: no official scorer to follow
-    def __init__(self, size:int=224, crop:int|None=None, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, rounding:str="round"):
-        super().__init__()
-        self.size, self.crop, self.mean, self.std, self.rounding = size, crop or size, tuple(mean), tuple(std), rounding
-        self.preprocessing = "training"
-
-    @property
-    def dtype(self): return next(self.parameters()).dtype
-    @property
-    def device(self): return next(self.parameters()).device
-
-    @property
-    def training_path(self)->str:
-        "What the training path does, in words."
-        return (f"float, shorter side to {self.size} (bicubic, antialiased), centre crop {self.crop} "
-                f"({self.rounding}ed offsets), normalise; differentiable")
-
-    def preprocessing_record(self, preprocessing:str|None=None)->str:
-        "Which path `preprocessing` runs for this reward and what it does (what an evaluation's `run.json` records)."
-        p = check_preprocessing(preprocessing or self.preprocessing)
-        if p == "evaluation" and self.evaluation_path is None:
-            return f"evaluation = training (no official scorer to follow): {self.training_path}"
-        return f"{p}: {self.evaluation_path if p == 'evaluation' else self.training_path}"
-
-    def evaluation_pixels(self, images:list)->Tensor:
-        "The official scorer's input for PIL `images` (subclasses with an `evaluation_path`)."
-        raise NotImplementedError
-
-    def pixel_values(self, images:Tensor, preprocessing:str|None=None)->Tensor:
-        "The model's input: resized, cropped, normalised, in the model's dtype, by the path `preprocessing` names."
-        p = check_preprocessing(preprocessing or self.preprocessing)
-        if p == "evaluation" and self.evaluation_path is not None:
-            if images.requires_grad:
-                raise UserError("the evaluation path scores 8-bit images, so it has no gradient: use preprocessing='training' to train")
-            return self.evaluation_pixels(to_uint8_pil(images)).to(self.device, self.dtype)
-        x = resize_center_crop(images.to(self.device, torch.float32), self.size, self.crop, self.rounding)
-        return normalize(x, self.mean, self.std).to(self.dtype)
-
-    def vision_blocks(self)->nn.ModuleList: raise NotImplementedError
-    def score(self, pixel_values:Tensor, prompts:list[str])->Tensor: raise NotImplementedError
-
-    def forward(self, images:Tensor, prompts:list[str],
-                preprocessing:str|None=None, # "training" or "evaluation"; None: the `preprocessing` attribute
-               )->Tensor:
-        images = as_image_batch(images)
-        check_reward_inputs(images, prompts)
-        return self.score(self.pixel_values(images, preprocessing), list(prompts)).float()
-
+# %% ../../nbs/05_rewards.ipynb #35037ca5
 def as_image_batch(images, # a (B,3,H,W) tensor, a PIL image or a list of them, or numpy (B,H,W,C) / (H,W,C)
                   )->Tensor:    # float (B,3,H,W) in [0,1]; tensors pass through untouched (gradients kept)
     "Images as a reward takes them, from what diffusers pipelines return (`output_type` pil, np or pt)."
@@ -93,12 +44,68 @@ def as_image_batch(images, # a (B,3,H,W) tensor, a PIL image or a list of them, 
         return t.permute(0, 3, 1, 2).expand(-1, 3, -1, -1)
     return images      # check_reward_inputs says what is wrong
 
+# %% ../../nbs/05_rewards.ipynb #dfb89706
 def check_reward_inputs(images, prompts):
     "Raise a one-line `UserError` unless `images` is (B,3,H,W) float and `prompts` B strings."
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
         raise UserError(f"a reward takes a float image tensor (B,3,H,W) in [0,1]; got {getattr(images, 'shape', type(images))}")
     if isinstance(prompts, str) or len(prompts) != len(images) or not all(isinstance(p, str) for p in prompts):
         raise UserError(f"a reward takes one prompt string per image: {len(images)} images, got {prompts!r:.80}")
+
+# %% ../../nbs/05_rewards.ipynb #2c53cdde
+class Reward(nn.Module):
+    "Base of all rewards: `reward(images in [0,1] (B,3,H,W), prompts) -> (B,)`, differentiable w.r.t. the images."
+    evaluation_path: str|None = None   # what `evaluation_pixels` does, in words; None: no official scorer to follow
+    def __init__(self, size:int=224, crop:int|None=None, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, rounding:str="round"):
+        super().__init__()
+        self.size, self.crop, self.mean, self.std, self.rounding = size, crop or size, tuple(mean), tuple(std), rounding
+        self.preprocessing = "training"
+
+    @property
+    def dtype(self): return next(self.parameters()).dtype
+    @property
+    def device(self): return next(self.parameters()).device
+
+    def vision_blocks(self)->nn.ModuleList: raise NotImplementedError
+    def score(self, pixel_values:Tensor, prompts:list[str])->Tensor: raise NotImplementedError
+
+    def forward(self, images:Tensor, prompts:list[str],
+                preprocessing:str|None=None, # "training" or "evaluation"; None: the `preprocessing` attribute
+               )->Tensor:
+        images = as_image_batch(images)
+        check_reward_inputs(images, prompts)
+        return self.score(self.pixel_values(images, preprocessing), list(prompts)).float()
+
+# %% ../../nbs/05_rewards.ipynb #b00975c2
+@patch(as_prop=True)
+def training_path(self:Reward)->str:
+    "What the training path does, in words."
+    return (f"float, shorter side to {self.size} (bicubic, antialiased), centre crop {self.crop} "
+            f"({self.rounding}ed offsets), normalise; differentiable")
+
+@patch
+def preprocessing_record(self:Reward, preprocessing:str|None=None)->str:
+    "Which path `preprocessing` runs for this reward and what it does (what an evaluation's `run.json` records)."
+    p = check_preprocessing(preprocessing or self.preprocessing)
+    if p == "evaluation" and self.evaluation_path is None:
+        return f"evaluation = training (no official scorer to follow): {self.training_path}"
+    return f"{p}: {self.evaluation_path if p == 'evaluation' else self.training_path}"
+
+@patch
+def evaluation_pixels(self:Reward, images:list)->Tensor:
+    "The official scorer's input for PIL `images` (subclasses with an `evaluation_path`)."
+    raise NotImplementedError
+
+@patch
+def pixel_values(self:Reward, images:Tensor, preprocessing:str|None=None)->Tensor:
+    "The model's input: resized, cropped, normalised, in the model's dtype, by the path `preprocessing` names."
+    p = check_preprocessing(preprocessing or self.preprocessing)
+    if p == "evaluation" and self.evaluation_path is not None:
+        if images.requires_grad:
+            raise UserError("the evaluation path scores 8-bit images, so it has no gradient: use preprocessing='training' to train")
+        return self.evaluation_pixels(to_uint8_pil(images)).to(self.device, self.dtype)
+    x = resize_center_crop(images.to(self.device, torch.float32), self.size, self.crop, self.rounding)
+    return normalize(x, self.mean, self.std).to(self.dtype)
 
 # %% ../../nbs/05_rewards.ipynb #d5c73a10
 def check_reward_output(scores,  # what the reward returned
@@ -126,6 +133,7 @@ def check_reward_output(scores,  # what the reward returned
                         f"({scores.detach()[bad][0].item()}) for finite images: {want}")
     return scores
 
+# %% ../../nbs/05_rewards.ipynb #f20b9954
 class RewardContract:
     "A reward's forward hook: its output goes through `check_reward_output`."
     def __init__(self, name:str): self.name = name
@@ -174,6 +182,7 @@ def _checkpointed(fwd, *args, **kw):
     from torch.utils.checkpoint import checkpoint
     return checkpoint(fwd, *args, use_reentrant=False, **kw)
 
+# %% ../../nbs/05_rewards.ipynb #62e6c088
 def _pipeline_images_hook(module, args):
     "Forward pre-hook: PIL / numpy images (what pipelines return) become a float tensor on the module's device."
     if not args or torch.is_tensor(args[0]): return None
