@@ -100,6 +100,7 @@ def save_safetensors(tensors:dict, # name -> tensor
         except Exception as e: raise as_os_error(e, path) from None
     return Path(path)
 
+# %% ../nbs/00_core.ipynb #3e0e453b
 def as_os_error(e:Exception, # an error of a writer (safetensors reports a full disk as "... (os error 28)")
                 path=None,   # the file it was writing
                )->Exception: # an `OSError` with its errno where `e` carries one, else `e` itself
@@ -182,6 +183,7 @@ def missing_components(folder:str|Path, # a diffusers pipeline folder
               and None not in v]
     return [k for k in listed if not (folder/k).is_dir()]
 
+# %% ../nbs/00_core.ipynb #f44167a3
 def check_source(source:str|Path, # local path or hub id
                  what:str,        # what is expected there, for the message, e.g. "a diffusers pipeline folder"
                  must_contain:str|None=None, # a file a valid local folder has, e.g. "model_index.json"
@@ -241,6 +243,7 @@ def weights_damage(path:str|Path, # a weights file
             except zipfile.BadZipFile: return f"cut short: {size:,} bytes and no zip directory at the end"
     return None
 
+# %% ../nbs/00_core.ipynb #b7b377d1
 def _weight_files(source)->list[Path]:
     "The weights files of a file, a folder (all the way down) or a hub id in the local cache."
     p = Path(str(source)).expanduser()

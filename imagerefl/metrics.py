@@ -21,8 +21,8 @@ from .data import ImageCaptionDataset, collate, resize_center_crop
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CLIP_MEAN', 'CLIP_STD', 'FEATURES', 'pairwise_diversity', 'Summary', 'summarize',
-           'DinoFeatures', 'ClipImageFeatures', 'load_features', 'feature_diversity', 'InceptionFeatures',
-           'image_distances', 'fid_kid']
+           'DinoFeatures', 'ClipImageFeatures', 'load_features', 'feature_diversity', 'InceptionFeatures', 'fid_kid',
+           'image_distances']
 
 # %% ../nbs/11_metrics.ipynb #1100475b
 def pairwise_diversity(features:torch.Tensor, # (N,D) image features, any scale
@@ -179,23 +179,6 @@ def _tensor_batches(images, batch_size:int, resolution:int|None):
     yield from images
 
 # %% ../nbs/11_metrics.ipynb #d4e72a3f
-def image_distances(generated,                      # [0,1] images: tensor (N,3,H,W), Dataset, folder, files or iterable of batches
-                    reference,                      # the real images, same forms
-                    feature:nn.Module|None=None,    # images -> (B,D); None: the standard FID Inception
-                    batch_size:int=32,              # images per feature batch
-                    kid_subsets:int=100,            # KID: number of random subsets
-                    kid_subset_size:int=1000,       # KID: subset size (capped at the smaller set's size)
-                    seed:int=0,                     # KID subset sampling seed
-                    resolution:int|None=None,       # size files are loaded at; None: 512
-                   )->dict:                         # fid, kid, kid_std, n_generated, n_reference
-    "FID and KID (torchmetrics) between generated and reference images."
-    feature = feature if feature is not None else InceptionFeatures()
-    dev = _module_device(feature)
-    with torch.no_grad():
-        feats = [[feature(b.to(dev, torch.float32)).float() for b in _tensor_batches(src, batch_size, resolution)]
-                 for src in (generated, reference)]
-    return fid_kid(*feats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
-
 class _Given(nn.Module):
     "Features computed beforehand, handed to torchmetrics' FID/KID as if extracted by them."
     def __init__(self, num_features:int): super().__init__(); self.num_features = num_features
@@ -224,3 +207,21 @@ def fid_kid(generated:list[Tensor],       # feature batches (B,D) of the generat
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
     return dict(fid=float(fid.compute()), kid=float(kid_mean), kid_std=float(kid_std), n_generated=n_gen, n_reference=n_ref)
+
+# %% ../nbs/11_metrics.ipynb #89e25bf8
+def image_distances(generated,                      # [0,1] images: tensor (N,3,H,W), Dataset, folder, files or iterable of batches
+                    reference,                      # the real images, same forms
+                    feature:nn.Module|None=None,    # images -> (B,D); None: the standard FID Inception
+                    batch_size:int=32,              # images per feature batch
+                    kid_subsets:int=100,            # KID: number of random subsets
+                    kid_subset_size:int=1000,       # KID: subset size (capped at the smaller set's size)
+                    seed:int=0,                     # KID subset sampling seed
+                    resolution:int|None=None,       # size files are loaded at; None: 512
+                   )->dict:                         # fid, kid, kid_std, n_generated, n_reference
+    "FID and KID (torchmetrics) between generated and reference images."
+    feature = feature if feature is not None else InceptionFeatures()
+    dev = _module_device(feature)
+    with torch.no_grad():
+        feats = [[feature(b.to(dev, torch.float32)).float() for b in _tensor_batches(src, batch_size, resolution)]
+                 for src in (generated, reference)]
+    return fid_kid(*feats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
