@@ -310,7 +310,7 @@ def import_object(spec:str,            # `module:attribute`, e.g. "my_rewards:Br
 
 # %% ../nbs/00_core.ipynb #ae2081b1
 PLUGIN_GROUP = "imagerefl.plugins"   # the entry point group of plug-ins: `name = "module:register"`
-_plugins = dict(scanned=False, called=set())
+_plugins = dict(scanned=False, called=set(), loading=False)
 
 def load_plugins(entry_points:list|None=None, # entry points to call; None: the installed ones (once per process)
                 ):
@@ -323,18 +323,20 @@ def load_plugins(entry_points:list|None=None, # entry points to call; None: the 
     for ep in entry_points:
         if ep.value in _plugins["called"]: continue
         _plugins["called"].add(ep.value)
-        try: ep.load()()
+        try: f = ep.load(); _plugins["loading"] = True; f()
         except Exception as e: warnings.warn(f"plug-in '{ep.name}' ({ep.value}) failed to register its names ({error_line(e)})")
+        finally: _plugins["loading"] = False
 
 # %% ../nbs/00_core.ipynb #62d216fe
 class Names:
     "The registered names of one kind: `name in`, iteration in declaration order, `[name]` the entry (lazy ones imported once)."
-    def __init__(self, kind:str): self.kind, self.entries = kind, {}
+    def __init__(self, kind:str): self.kind, self.entries, self.from_plugins = kind, {}, set()
     def __contains__(self, name): load_plugins(); return name in self.entries
-    def __iter__(self): load_plugins(); return iter(list(self.entries))
+    def __iter__(self):     # in declaration order, the library's own before the plug-ins' (a stable sort)
+        load_plugins(); return iter(sorted(self.entries, key=lambda n: n in self.from_plugins))
     def __len__(self): load_plugins(); return len(self.entries)
     def __repr__(self): return f"{self.kind}: {', '.join(self)}"
-    def pop(self, name:str, default=None): return self.entries.pop(name, default)
+    def pop(self, name:str, default=None): self.from_plugins.discard(name); return self.entries.pop(name, default)
 
     def __getitem__(self, name:str):
         if name not in self: raise UserError(f"unknown {self.kind} '{name}': use one of {', '.join(self)}")
@@ -356,5 +358,6 @@ def register(kind:str,  # the kind, e.g. "reward"
             ):
     "Register `entry` as `name` of `kind`; without `entry`, a decorator that registers what it decorates."
     if entry is None: return lambda f: register(kind, name, f)
-    registry(kind).entries[name] = entry
+    t = registry(kind); t.entries[name] = entry
+    if _plugins["loading"]: t.from_plugins.add(name)
     return entry

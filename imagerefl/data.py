@@ -94,25 +94,28 @@ class ImageCaptionDataset(Dataset):
 
     def __len__(self): return len(self.captions)
 
-    def load_image(self, i:int)->torch.Tensor:
-        "Image `i` as (3,R,R) in [0,1]; raises if it cannot be read."
-        img = _open_image(self.images[i])
-        if isinstance(img, torch.Tensor): return img.expand(3, -1, -1).float()
-        return pil_to_tensor(fit_image(img, self.resolution))
+# %% ../nbs/02_data.ipynb #a2e09396
+@patch
+def load_image(self:ImageCaptionDataset, i:int)->torch.Tensor:
+    "Image `i` as (3,R,R) in [0,1]; raises if it cannot be read."
+    img = _open_image(self.images[i])
+    if isinstance(img, torch.Tensor): return img.expand(3, -1, -1).float()
+    return pil_to_tensor(fit_image(img, self.resolution))
 
-    def __getitem__(self, i:int)->dict:
-        n = len(self)
-        if i < 0: i += n
-        if not 0 <= i < n: raise IndexError(f"index {i} is out of range for {n} images")   # ends iteration (list(ds))
-        for j in chain(range(i, n), range(0, i)):
-            if j in self._bad: continue
-            try: image = self.load_image(j)
-            except Exception as e:
-                self._bad.add(j)
-                warnings.warn(f"skipping unreadable image {j} ({error_line(e)})")
-                continue
-            return dict(image=image, caption=self.captions[j], index=j)
-        raise UserError("no image of this image-caption set can be read: check the files")
+@patch
+def __getitem__(self:ImageCaptionDataset, i:int)->dict:
+    n = len(self)
+    if i < 0: i += n
+    if not 0 <= i < n: raise IndexError(f"index {i} is out of range for {n} images")   # ends iteration (list(ds))
+    for j in chain(range(i, n), range(0, i)):
+        if j in self._bad: continue
+        try: image = self.load_image(j)
+        except Exception as e:
+            self._bad.add(j)
+            warnings.warn(f"skipping unreadable image {j} ({error_line(e)})")
+            continue
+        return dict(image=image, caption=self.captions[j], index=j)
+    raise UserError("no image of this image-caption set can be read: check the files")
 
 # %% ../nbs/02_data.ipynb #74338d25
 def collate(batch:list[dict], # items of an `ImageCaptionDataset`
@@ -184,6 +187,7 @@ def _read_metadata(folder:Path)->list[dict]:
     raise UserError(f"folder '{folder}' has no metadata.jsonl: write one line per image, "
                     '{"file_name": "img.png", "text": "its caption"} (Hugging Face imagefolder layout)')
 
+# %% ../nbs/02_data.ipynb #ddd8a363
 @patch(cls_method=True)
 def from_folder(cls:ImageCaptionDataset, path:str|Path,   # folder in the imagefolder layout (metadata.jsonl with file_name, text)
                  resolution:int=512,   # side of the square images
@@ -354,6 +358,7 @@ def collate_batch(items:list[dict])->dict:
     if "image" in items[0]: out["image"] = torch.stack([b["image"] for b in items])
     return out
 
+# %% ../nbs/02_data.ipynb #e103c823
 class EpochBatches(torch.utils.data.Sampler):
     "Row indices of one process's micro-batches in one epoch: a seeded shuffle, the global batch split by process."
     def __init__(self, n:int, batch_size:int, seed:int, epoch:int, # rows, per-process batch, run seed, epoch
