@@ -14,7 +14,7 @@ from .core import UserError, check_seed, load_yaml, registry
 
 # %% auto #0
 __all__ = ['CHOICES', 'MINIMA', 'RANGES', 'SEEDS', 'MODEL_SOURCES', 'ModelConfig', 'RewardConfig', 'DataConfig',
-           'OptimizerConfig', 'ValidationConfig', 'TrainConfig', 'build_section', 'check_values', 'resolve_objective',
+           'OptimizerConfig', 'ValidationConfig', 'TrainConfig', 'build_section', 'resolve_objective', 'check_values',
            'config_dir', 'config_names', 'find_config', 'parse_override', 'apply_overrides', 'load_config',
            'config_yaml', 'model_source', 'parameter_list']
 
@@ -118,6 +118,7 @@ def _type_name(tp)->str:
     if typing.get_origin(tp) is list: return f"a list of {_type_name(args[0])}"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
 
+# %% ../nbs/13_config.ipynb #a7e7b6cd
 def _coerce(key:str, value, tp):
     "`value` as type `tp`, or a one-line `UserError` naming `key`."
     bad = lambda: UserError(f"{key} must be {_type_name(tp)}, got {value!r}")
@@ -186,6 +187,7 @@ RANGES = {"optimizer.lr": (0, None, "> 0"), "optimizer.eps": (0, None, "> 0"), "
           "validation.fine_tuned_guidance_scale": (0, None, ">= 0"), "validation.base_guidance_scale": (0, None, ">= 0")}
 SEEDS = ("seed", "validation.seed")   # seeds: integers from 0 to 2**32 - 1, as in every command (`core.check_seed`)
 
+# %% ../nbs/13_config.ipynb #18e3dd21
 def _get(cfg, key:str):
     for k in key.replace("[", ".").replace("]", "").split("."): cfg = cfg[int(k)] if k.isdigit() else getattr(cfg, k)
     return cfg
@@ -193,6 +195,27 @@ def _get(cfg, key:str):
 def _in_range(v, lo, hi, rule:str)->bool:
     "`v` within the interval `rule` describes: `> lo` / `>= lo`, `in [lo, hi)`."
     return (v > lo if rule.startswith(">") and not rule.startswith(">=") else v >= lo) and (hi is None or v < hi)
+
+# %% ../nbs/13_config.ipynb #be3bbe90
+def resolve_objective(section:dict)->dict:
+    "The objective section with every field of its dataclass, checked (types, ranges, then the dataclass's `check`)."
+    from imagerefl.objectives import OBJECTIVES
+    section = dict(section or {})
+    name = section.pop("name", "imagerefl")
+    if name not in OBJECTIVES:
+        raise UserError(f"objective.name={name!r} is not allowed: use one of {', '.join(OBJECTIVES)}")
+    oc = build_section(OBJECTIVES[name].config_class, section, "objective.")
+    for k, x in asdict(oc).items():       # weights >= 0 (0 = that term off), scales > 0, guidance >= 0
+        rule = ">= 0" if k.endswith("_weight") or k == "guidance_scale" else "> 0" if k == "loss_scale" else None
+        if rule and not _in_range(x, 0, None, rule): raise UserError(f"objective.{k}={x} is not allowed: it must be {rule}")
+    try: oc.check()
+    except UserError as e: raise UserError(f"objective ({name}): {e}") from None
+    if getattr(oc, "consistency_weight", 0) > 0:   # training from a config: the term's feature network by name
+        from imagerefl.metrics import FEATURES
+        if oc.consistency_network not in FEATURES:
+            raise UserError(f"objective.consistency_weight={oc.consistency_weight} needs objective.consistency_network, the "
+                            f"feature network of the consistency term: one of {', '.join(FEATURES)} (got {oc.consistency_network!r})")
+    return dict(name=name, **asdict(oc))
 
 # %% ../nbs/13_config.ipynb #e0928b3d
 def check_values(cfg:TrainConfig)->TrainConfig:
@@ -219,27 +242,6 @@ def check_values(cfg:TrainConfig)->TrainConfig:
     cfg.objective = resolve_objective(cfg.objective)
     return cfg
 
-# %% ../nbs/13_config.ipynb #be3bbe90
-def resolve_objective(section:dict)->dict:
-    "The objective section with every field of its dataclass, checked (types, ranges, then the dataclass's `check`)."
-    from imagerefl.objectives import OBJECTIVES
-    section = dict(section or {})
-    name = section.pop("name", "imagerefl")
-    if name not in OBJECTIVES:
-        raise UserError(f"objective.name={name!r} is not allowed: use one of {', '.join(OBJECTIVES)}")
-    oc = build_section(OBJECTIVES[name].config_class, section, "objective.")
-    for k, x in asdict(oc).items():       # weights >= 0 (0 = that term off), scales > 0, guidance >= 0
-        rule = ">= 0" if k.endswith("_weight") or k == "guidance_scale" else "> 0" if k == "loss_scale" else None
-        if rule and not _in_range(x, 0, None, rule): raise UserError(f"objective.{k}={x} is not allowed: it must be {rule}")
-    try: oc.check()
-    except UserError as e: raise UserError(f"objective ({name}): {e}") from None
-    if getattr(oc, "consistency_weight", 0) > 0:   # training from a config: the term's feature network by name
-        from imagerefl.metrics import FEATURES
-        if oc.consistency_network not in FEATURES:
-            raise UserError(f"objective.consistency_weight={oc.consistency_weight} needs objective.consistency_network, the "
-                            f"feature network of the consistency term: one of {', '.join(FEATURES)} (got {oc.consistency_network!r})")
-    return dict(name=name, **asdict(oc))
-
 # %% ../nbs/13_config.ipynb #bc6dadc8
 def config_dir()->Path:
     "The folder of the configs shipped with the package (the paper's runs and the mini world's)."
@@ -250,6 +252,7 @@ def config_names()->list[str]:
     "Names of the shipped configs."
     return sorted(p.stem for p in config_dir().glob("*.yaml"))
 
+# %% ../nbs/13_config.ipynb #2c5807a9
 def find_config(name:str|Path)->Path:
     "A config file: an existing path, or the name of a shipped config."
     p = Path(str(name)).expanduser()
@@ -268,6 +271,7 @@ def parse_override(text:str)->tuple[list[str], object]:
     except yaml.YAMLError: pass
     return key.strip().split("."), value
 
+# %% ../nbs/13_config.ipynb #0e957600
 def apply_overrides(raw:dict, overrides:list[str])->dict:
     "Apply `--set key=value` overrides to a raw config mapping (dotted keys reach nested sections)."
     raw = copy.deepcopy(raw)

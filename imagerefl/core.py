@@ -66,6 +66,7 @@ def umask()->int:
     m = os.umask(0o022); os.umask(m)
     return m
 
+# %% ../nbs/00_core.ipynb #b8fcc993
 @contextlib.contextmanager
 def atomic_path(path:str|Path, # final file name
                ):
@@ -123,6 +124,7 @@ def read_text(path:str|Path, # a text file
         raise UserError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): "
                         f"save the {what} as UTF-8") from None
 
+# %% ../nbs/00_core.ipynb #90dd978e
 def load_yaml(path:str|Path, # a yaml file
               what:str="config", # what it is, for the message
               mapping:bool=False, # the file must hold keys and values (an empty file is an empty mapping)
@@ -276,6 +278,7 @@ class Interrupted(KeyboardInterrupt):
                  signum:int=2):        # the signal (2: SIGINT, 15: SIGTERM)
         super().__init__(message); self.signum = signum
 
+# %% ../nbs/00_core.ipynb #14d02de8
 @contextlib.contextmanager
 def interruptible(on_signal=None, # `on_signal(signum)` runs instead of raising (e.g. to pass the signal on to workers)
                  ):

@@ -33,6 +33,7 @@ def to_rgb(image:Image.Image, # any mode
         image = Image.fromarray(np.round(np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8), "L")
     return image.convert("RGB")
 
+# %% ../nbs/02_data.ipynb #c0f222ee
 def fit_image(image:Image.Image, # any size, any mode
               resolution:int,    # side of the square result
              )->Image.Image:     # RGB, (resolution, resolution)
@@ -173,6 +174,7 @@ def read_jsonl(path:Path, what:str="JSON lines file")->list:
         except json.JSONDecodeError as e: raise UserError(f"{path} line {n} is not valid JSON ({e.msg}, column {e.colno})") from None
     return rows
 
+# %% ../nbs/02_data.ipynb #94a32edf
 def _read_csv(path:Path, what:str, **kw):
     import pandas as pd
     try: return pd.read_csv(io.StringIO(read_text(path, what)), **kw)
@@ -335,6 +337,7 @@ def coco_images(split:str="train",        # split to load
     "COCO captions' images (`jxie/coco_captions`), the paper's ImageReFL training set."
     return ImageCaptionDataset.from_hub("jxie/coco_captions", split, resolution or 512, "image", "caption")
 
+# %% ../nbs/02_data.ipynb #5eaef9d5
 def load_image_captions(source:str,             # a name of `IMAGE_SETS` (coco, mini-digits), a local imagefolder or a hub dataset id
                         split:str="train",       # split to load
                         resolution:int|None=None,# side of the square images; None: the set's default (512; mini-digits: 32)

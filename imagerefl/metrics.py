@@ -159,6 +159,7 @@ def _module_device(m:nn.Module)->torch.device:
     for t in m.buffers(): return t.device
     return torch.device("cpu")
 
+# %% ../nbs/11_metrics.ipynb #7417a490
 def _tensor_batches(images, batch_size:int, resolution:int|None):
     "Batches (B,3,R,R) in [0,1] from a tensor, a Dataset, an iterable of batches, a folder or a list of files."
     if isinstance(images, torch.Tensor):

@@ -65,6 +65,7 @@ def _mini_images(resolution:int)->torch.Tensor:
     x = torch.from_numpy(_mini_digits_base()[0]).float()[:, None] / 16
     return F.interpolate(x, size=(resolution, resolution), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
 
+# %% ../../nbs/21_mini_data.ipynb #30a5385b
 def mini_digits(split:str="train", # "train" (85 %), "test" (15 %, held out) or "all"
                 resolution:int|None=None, # side of the square images; None: 32
                )->ImageCaptionDataset:

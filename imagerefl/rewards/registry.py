@@ -182,7 +182,6 @@ def _checkpointed(fwd, *args, **kw):
     from torch.utils.checkpoint import checkpoint
     return checkpoint(fwd, *args, use_reentrant=False, **kw)
 
-# %% ../../nbs/05_rewards.ipynb #62e6c088
 def _pipeline_images_hook(module, args):
     "Forward pre-hook: PIL / numpy images (what pipelines return) become a float tensor on the module's device."
     if not args or torch.is_tensor(args[0]): return None
@@ -190,6 +189,7 @@ def _pipeline_images_hook(module, args):
     p = next(module.parameters(), None)
     return (x.to(p.device) if torch.is_tensor(x) and p is not None else x, *args[1:])
 
+# %% ../../nbs/05_rewards.ipynb #62e6c088
 def load_reward(name:str,          # one of `reward_names()`, or `module:attribute` naming your own reward
                 path:str|Path|None=None, # checkpoint file/folder as published, or a hub id; None = the official one
                 arch=None,         # override the backbone architecture (tests use tiny ones)
