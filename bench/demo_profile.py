@@ -62,7 +62,7 @@ def eval_setting(plan):
     from imagerefl.mini.data import mini_digits
     base, _ = load_models("mini"); tuned = copy.deepcopy(base.unet)
     prompts = load_prompts("mini-digits", split="test")[:plan.prompts]
-    features, reward = load_mini_features(), load_reward("mini-digits")
+    features, reward = load_mini_features(), load_reward("mini-legibility")
     real = mini_digits("test", resolution=base.unet.config.sample_size * base.vae_scale_factor)
     kw = dict(rewards={"reward": reward, "accuracy": DigitAccuracy(reward)}, features={"mini": features},
               reference_images=torch.stack([real[i]["image"] for i in range(len(real))]), fid_features=features,

@@ -183,7 +183,7 @@ def _finite_float(s:str)->float:
     return v
 
 # the registries' names, for --help and choices without importing torch (a test keeps them equal to the registries)
-REWARD_NAMES = ("hps-v2.1", "hps-v2", "imagereward", "pickscore", "clip-score", "mps", "mini-digits", "mini-preference")
+REWARD_NAMES = ("hps-v2.1", "hps-v2", "imagereward", "pickscore", "clip-score", "mps", "mini-legibility", "mini-preference")
 FEATURE_NAMES = ("dino", "clip", "mini")
 
 def _reward_name(s:str)->str:

@@ -6,23 +6,23 @@ Docs: https://imagerefl.github.io/imagerefl/config.html.md"""
 
 # %% ../nbs/13_config.ipynb #7050136c
 from __future__ import annotations
-import copy, math, types, typing, warnings
+import copy, math, types, typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 import yaml
-from .core import UserError, check_seed, load_yaml
+from .core import UserError, check_seed, load_yaml, registry
 
 # %% auto #0
-__all__ = ['CHOICES', 'MINIMA', 'RANGES', 'SEEDS', 'RENAMED', 'ModelConfig', 'RewardConfig', 'DataConfig', 'OptimizerConfig',
-           'ValidationConfig', 'TrainConfig', 'build_section', 'check_values', 'resolve_objective', 'config_dir',
-           'config_names', 'find_config', 'parse_override', 'apply_overrides', 'renamed_keys', 'load_config',
+__all__ = ['CHOICES', 'MINIMA', 'RANGES', 'SEEDS', 'MODEL_SOURCES', 'ModelConfig', 'RewardConfig', 'DataConfig',
+           'OptimizerConfig', 'ValidationConfig', 'TrainConfig', 'build_section', 'resolve_objective', 'check_values',
+           'config_dir', 'config_names', 'find_config', 'parse_override', 'apply_overrides', 'load_config',
            'config_yaml', 'model_source', 'parameter_list']
 
 # %% ../nbs/13_config.ipynb #4351ac4b
 @dataclass
 class ModelConfig:
     "The text-to-image model and what of it is trained."
-    source:str="stable-diffusion-v1-5/stable-diffusion-v1-5" # diffusers folder, hub id, or "mini" (the embedded mini world)
+    source:str="stable-diffusion-v1-5/stable-diffusion-v1-5" # diffusers folder, hub id, or a name of `MODEL_SOURCES` ("mini": the mini world's)
     scheduler:str|None="ddpm"       # sampler for training and validation: ddpm, ddim, euler, dpm (flow_euler for SD3); None = the pipeline's
     resolution:int|None=None        # image side; None = the UNet's native size (512 for SD1.5)
     lora_rank:int=0                 # 0 = train the full UNet; > 0 = a LoRA adapter of this rank
@@ -39,6 +39,7 @@ class RewardConfig:
     arch:str|None=None              # architecture override (e.g. a registered open_clip config); None = the official one
     gradient_checkpointing:bool=False # recompute the reward's vision tower in backward
 
+# %% ../nbs/13_config.ipynb #b15ede9e
 @dataclass
 class DataConfig:
     "Where prompts (ReFL, DRaFT-K) or image-caption pairs (ImageReFL) come from."
@@ -61,6 +62,7 @@ class OptimizerConfig:
     lr_scheduler:str="constant"     # constant, linear, cosine (after warm-up)
     warmup_steps:int=0              # linear warm-up, in optimizer steps
 
+# %% ../nbs/13_config.ipynb #15eebbf0
 @dataclass
 class ValidationConfig:
     "The periodic validation pass on fixed prompts."
@@ -116,6 +118,7 @@ def _type_name(tp)->str:
     if typing.get_origin(tp) is list: return f"a list of {_type_name(args[0])}"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
 
+# %% ../nbs/13_config.ipynb #a7e7b6cd
 def _coerce(key:str, value, tp):
     "`value` as type `tp`, or a one-line `UserError` naming `key`."
     bad = lambda: UserError(f"{key} must be {_type_name(tp)}, got {value!r}")
@@ -155,6 +158,7 @@ def _coerce(key:str, value, tp):
         raise bad()
     raise AssertionError(f"unsupported config type {tp}")
 
+# %% ../nbs/13_config.ipynb #20a40363
 def build_section(cls, raw:dict|None, prefix:str=""):
     "Instance of dataclass `cls` from a mapping; unknown keys and wrong types raise a one-line `UserError`."
     if raw is None: raw = {}
@@ -183,6 +187,7 @@ RANGES = {"optimizer.lr": (0, None, "> 0"), "optimizer.eps": (0, None, "> 0"), "
           "validation.fine_tuned_guidance_scale": (0, None, ">= 0"), "validation.base_guidance_scale": (0, None, ">= 0")}
 SEEDS = ("seed", "validation.seed")   # seeds: integers from 0 to 2**32 - 1, as in every command (`core.check_seed`)
 
+# %% ../nbs/13_config.ipynb #18e3dd21
 def _get(cfg, key:str):
     for k in key.replace("[", ".").replace("]", "").split("."): cfg = cfg[int(k)] if k.isdigit() else getattr(cfg, k)
     return cfg
@@ -191,6 +196,28 @@ def _in_range(v, lo, hi, rule:str)->bool:
     "`v` within the interval `rule` describes: `> lo` / `>= lo`, `in [lo, hi)`."
     return (v > lo if rule.startswith(">") and not rule.startswith(">=") else v >= lo) and (hi is None or v < hi)
 
+# %% ../nbs/13_config.ipynb #be3bbe90
+def resolve_objective(section:dict)->dict:
+    "The objective section with every field of its dataclass, checked (types, ranges, then the dataclass's `check`)."
+    from imagerefl.objectives import OBJECTIVES
+    section = dict(section or {})
+    name = section.pop("name", "imagerefl")
+    if name not in OBJECTIVES:
+        raise UserError(f"objective.name={name!r} is not allowed: use one of {', '.join(OBJECTIVES)}")
+    oc = build_section(OBJECTIVES[name].config_class, section, "objective.")
+    for k, x in asdict(oc).items():       # weights >= 0 (0 = that term off), scales > 0, guidance >= 0
+        rule = ">= 0" if k.endswith("_weight") or k == "guidance_scale" else "> 0" if k == "loss_scale" else None
+        if rule and not _in_range(x, 0, None, rule): raise UserError(f"objective.{k}={x} is not allowed: it must be {rule}")
+    try: oc.check()
+    except UserError as e: raise UserError(f"objective ({name}): {e}") from None
+    if getattr(oc, "consistency_weight", 0) > 0:   # training from a config: the term's feature network by name
+        from imagerefl.metrics import FEATURES
+        if oc.consistency_network not in FEATURES:
+            raise UserError(f"objective.consistency_weight={oc.consistency_weight} needs objective.consistency_network, the "
+                            f"feature network of the consistency term: one of {', '.join(FEATURES)} (got {oc.consistency_network!r})")
+    return dict(name=name, **asdict(oc))
+
+# %% ../nbs/13_config.ipynb #e0928b3d
 def check_values(cfg:TrainConfig)->TrainConfig:
     "Check allowed values and ranges, and resolve the objective section; one-line `UserError` otherwise."
     for key, allowed in CHOICES.items():
@@ -215,26 +242,6 @@ def check_values(cfg:TrainConfig)->TrainConfig:
     cfg.objective = resolve_objective(cfg.objective)
     return cfg
 
-def resolve_objective(section:dict)->dict:
-    "The objective section with every field of its dataclass, checked (types, ranges, then the dataclass's `check`)."
-    from imagerefl.objectives import OBJECTIVES
-    section = dict(section or {})
-    name = section.pop("name", "imagerefl")
-    if name not in OBJECTIVES:
-        raise UserError(f"objective.name={name!r} is not allowed: use one of {', '.join(OBJECTIVES)}")
-    oc = build_section(OBJECTIVES[name].config_class, section, "objective.")
-    for k, x in asdict(oc).items():       # weights >= 0 (0 = that term off), scales > 0, guidance >= 0
-        rule = ">= 0" if k.endswith("_weight") or k == "guidance_scale" else "> 0" if k == "loss_scale" else None
-        if rule and not _in_range(x, 0, None, rule): raise UserError(f"objective.{k}={x} is not allowed: it must be {rule}")
-    try: oc.check()
-    except UserError as e: raise UserError(f"objective ({name}): {e}") from None
-    if getattr(oc, "consistency_weight", 0) > 0:   # training from a config: the term's feature network by name
-        from imagerefl.metrics import FEATURES
-        if oc.consistency_network not in FEATURES:
-            raise UserError(f"objective.consistency_weight={oc.consistency_weight} needs objective.consistency_network, the "
-                            f"feature network of the consistency term: one of {', '.join(FEATURES)} (got {oc.consistency_network!r})")
-    return dict(name=name, **asdict(oc))
-
 # %% ../nbs/13_config.ipynb #bc6dadc8
 def config_dir()->Path:
     "The folder of the configs shipped with the package (the paper's runs and the mini world's)."
@@ -245,6 +252,7 @@ def config_names()->list[str]:
     "Names of the shipped configs."
     return sorted(p.stem for p in config_dir().glob("*.yaml"))
 
+# %% ../nbs/13_config.ipynb #2c5807a9
 def find_config(name:str|Path)->Path:
     "A config file: an existing path, or the name of a shipped config."
     p = Path(str(name)).expanduser()
@@ -253,6 +261,7 @@ def find_config(name:str|Path)->Path:
     if "/" not in str(name) and q.is_file(): return q
     raise UserError(f"config '{name}' is neither a yaml file nor a shipped config: use a path or one of {', '.join(config_names())}")
 
+# %% ../nbs/13_config.ipynb #5505f155
 def parse_override(text:str)->tuple[list[str], object]:
     "`a.b=value` as (['a', 'b'], value); the value is read as YAML (numbers, true/false, null, lists)."
     if "=" not in text: raise UserError(f"--set {text!r} is not key=value (e.g. --set optimizer.lr=1e-5)")
@@ -262,6 +271,7 @@ def parse_override(text:str)->tuple[list[str], object]:
     except yaml.YAMLError: pass
     return key.strip().split("."), value
 
+# %% ../nbs/13_config.ipynb #0e957600
 def apply_overrides(raw:dict, overrides:list[str])->dict:
     "Apply `--set key=value` overrides to a raw config mapping (dotted keys reach nested sections)."
     raw = copy.deepcopy(raw)
@@ -275,20 +285,7 @@ def apply_overrides(raw:dict, overrides:list[str])->dict:
         d[path[-1]] = value
     return raw
 
-RENAMED = {"validation.guidance_scale": "validation.fine_tuned_guidance_scale"}  # old key -> its name now
-
-def renamed_keys(raw:dict)->dict:
-    "Old key names a config file or `--set` may still use, moved to their names now with a one-line warning."
-    raw = copy.deepcopy(raw)
-    for old, new in RENAMED.items():
-        (sec, o), (_, n) = old.split("."), new.split(".")
-        d = raw.get(sec)
-        if not isinstance(d, dict) or o not in d: continue
-        if n in d: raise UserError(f"{old} and {new} are the same setting (the old and the new name): keep only {new}")
-        warnings.warn(f"{old} is now called {new}: rename it in your config (the old name still works)", FutureWarning, stacklevel=3)
-        d[n] = d.pop(o)
-    return raw
-
+# %% ../nbs/13_config.ipynb #f0a419ef
 def load_config(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped config name, mapping, or None (defaults)
                 overrides:list[str]|None=None,              # ["optimizer.lr=1e-5", "model.lora_rank=8", ...]
                )->TrainConfig:
@@ -298,19 +295,19 @@ def load_config(config:str|Path|dict|TrainConfig|None=None, # yaml path, shipped
     else:
         path = find_config(config)
         raw = load_yaml(path, mapping=True)   # a list or a number: refused in one line
-    return check_values(build_section(TrainConfig, renamed_keys(apply_overrides(raw, overrides))))
+    return check_values(build_section(TrainConfig, apply_overrides(raw, overrides)))
 
 def config_yaml(cfg:TrainConfig)->str:
     "The resolved config as YAML (what the run folder keeps)."
     return yaml.safe_dump(asdict(cfg), sort_keys=False)
 
 # %% ../nbs/13_config.ipynb #df24dcc0
-def model_source(source:str)->str:
-    "A model source, with `mini` meaning the embedded mini world's base pipeline."
-    if source == "mini":
-        from imagerefl.mini.nets import mini_base_path
-        return str(mini_base_path())
-    return source
+MODEL_SOURCES = registry("model")   # name -> `f() -> a pipeline folder`; plug-ins declare theirs
+
+def model_source(source:str, # a diffusers folder, a hub id, or a name of `MODEL_SOURCES`
+                )->str:      # what `from_pretrained` takes
+    "A model source as a folder or hub id: a registered name's folder, any other source as it is."
+    return str(MODEL_SOURCES[source]()) if source in MODEL_SOURCES else source
 
 # %% ../nbs/13_config.ipynb #9f4b6c22
 def parameter_list(value,               # a list, a YAML list written as a string ("[max_steps=1, batch_size=2]"), one item, or None

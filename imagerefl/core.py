@@ -1,4 +1,4 @@
-"""Errors a user can cause, devices, seeds, and atomic files: the few things every other module needs.
+"""Errors a user can cause, devices, seeds, atomic files and the registry of named things: the few things every other module needs.
 
 Docs: https://imagerefl.github.io/imagerefl/core.html.md"""
 
@@ -6,14 +6,15 @@ Docs: https://imagerefl.github.io/imagerefl/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #d2a864ad
 from __future__ import annotations
-import os, random, re, tempfile, contextlib, json, logging
+import os, random, re, sys, tempfile, contextlib, json, logging, importlib, warnings
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SEED_MAX', 'SEED_RULE', 'WEIGHT_SUFFIXES', 'UserError', 'seed_everything', 'is_seed', 'check_seed', 'resolve_device',
-           'umask', 'atomic_path', 'atomic_write_text', 'save_safetensors', 'as_os_error', 'error_line', 'read_text',
-           'load_yaml', 'quiet_loading', 'looks_like_path', 'hub_offline', 'missing_components', 'check_source',
-           'source_file', 'weights_damage', 'loading_weights', 'Interrupted', 'interruptible']
+__all__ = ['SEED_MAX', 'SEED_RULE', 'WEIGHT_SUFFIXES', 'PLUGIN_GROUP', 'REGISTRY', 'UserError', 'seed_everything', 'is_seed',
+           'check_seed', 'resolve_device', 'umask', 'atomic_path', 'atomic_write_text', 'save_safetensors',
+           'as_os_error', 'error_line', 'read_text', 'load_yaml', 'quiet_loading', 'looks_like_path', 'hub_offline',
+           'missing_components', 'check_source', 'source_file', 'weights_damage', 'loading_weights', 'Interrupted',
+           'interruptible', 'import_object', 'load_plugins', 'Names', 'registry', 'register']
 
 # %% ../nbs/00_core.ipynb #5a75a4d9
 class UserError(ValueError):
@@ -65,6 +66,7 @@ def umask()->int:
     m = os.umask(0o022); os.umask(m)
     return m
 
+# %% ../nbs/00_core.ipynb #b8fcc993
 @contextlib.contextmanager
 def atomic_path(path:str|Path, # final file name
                ):
@@ -99,6 +101,7 @@ def save_safetensors(tensors:dict, # name -> tensor
         except Exception as e: raise as_os_error(e, path) from None
     return Path(path)
 
+# %% ../nbs/00_core.ipynb #3e0e453b
 def as_os_error(e:Exception, # an error of a writer (safetensors reports a full disk as "... (os error 28)")
                 path=None,   # the file it was writing
                )->Exception: # an `OSError` with its errno where `e` carries one, else `e` itself
@@ -121,6 +124,7 @@ def read_text(path:str|Path, # a text file
         raise UserError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): "
                         f"save the {what} as UTF-8") from None
 
+# %% ../nbs/00_core.ipynb #90dd978e
 def load_yaml(path:str|Path, # a yaml file
               what:str="config", # what it is, for the message
               mapping:bool=False, # the file must hold keys and values (an empty file is an empty mapping)
@@ -181,6 +185,7 @@ def missing_components(folder:str|Path, # a diffusers pipeline folder
               and None not in v]
     return [k for k in listed if not (folder/k).is_dir()]
 
+# %% ../nbs/00_core.ipynb #f44167a3
 def check_source(source:str|Path, # local path or hub id
                  what:str,        # what is expected there, for the message, e.g. "a diffusers pipeline folder"
                  must_contain:str|None=None, # a file a valid local folder has, e.g. "model_index.json"
@@ -240,6 +245,7 @@ def weights_damage(path:str|Path, # a weights file
             except zipfile.BadZipFile: return f"cut short: {size:,} bytes and no zip directory at the end"
     return None
 
+# %% ../nbs/00_core.ipynb #b7b377d1
 def _weight_files(source)->list[Path]:
     "The weights files of a file, a folder (all the way down) or a hub id in the local cache."
     p = Path(str(source)).expanduser()
@@ -272,6 +278,7 @@ class Interrupted(KeyboardInterrupt):
                  signum:int=2):        # the signal (2: SIGINT, 15: SIGTERM)
         super().__init__(message); self.signum = signum
 
+# %% ../nbs/00_core.ipynb #14d02de8
 @contextlib.contextmanager
 def interruptible(on_signal=None, # `on_signal(signum)` runs instead of raising (e.g. to pass the signal on to workers)
                  ):
@@ -285,3 +292,75 @@ def interruptible(on_signal=None, # `on_signal(signum)` runs instead of raising 
     try: yield
     finally:
         for s, h in old.items(): signal.signal(s, h)
+
+# %% ../nbs/00_core.ipynb #26709866
+def import_object(spec:str,            # `module:attribute`, e.g. "my_rewards:Brightness"
+                  what:str="object",   # what it is, for the message, e.g. "reward"
+                 ):
+    "The object `module:attribute` names (the working directory is searched too, as `python -m` does)."
+    mod, _, attr = spec.partition(":")
+    added = os.getcwd() not in sys.path
+    if added: sys.path.insert(0, os.getcwd())
+    try: m = importlib.import_module(mod)
+    except ImportError as e:
+        raise UserError(f"{what} '{spec}': cannot import module '{mod}' ({e}): put it in the working directory or on PYTHONPATH") from None
+    except Exception as e:           # the module itself fails: one line that names it and its error
+        raise UserError(f"{what} '{spec}': importing module '{mod}' failed ({error_line(e)}): fix that module") from None
+    finally:
+        if added: sys.path.remove(os.getcwd())
+    if not attr or not hasattr(m, attr): raise UserError(f"{what} '{spec}': module '{mod}' has no attribute '{attr}'")
+    return getattr(m, attr)
+
+# %% ../nbs/00_core.ipynb #ae2081b1
+PLUGIN_GROUP = "imagerefl.plugins"   # the entry point group of plug-ins: `name = "module:register"`
+_plugins = dict(scanned=False, called=set(), loading=False)
+
+def load_plugins(entry_points:list|None=None, # entry points to call; None: the installed ones (once per process)
+                ):
+    "Call `register()` of each plug-in not called yet: it declares the plug-in's names."
+    if entry_points is None:
+        if _plugins["scanned"]: return
+        _plugins["scanned"] = True
+        from importlib.metadata import entry_points as installed
+        entry_points = installed(group=PLUGIN_GROUP)
+    for ep in entry_points:
+        if ep.value in _plugins["called"]: continue
+        _plugins["called"].add(ep.value)
+        try: f = ep.load(); _plugins["loading"] = True; f()
+        except Exception as e: warnings.warn(f"plug-in '{ep.name}' ({ep.value}) failed to register its names ({error_line(e)})")
+        finally: _plugins["loading"] = False
+
+# %% ../nbs/00_core.ipynb #62d216fe
+class Names:
+    "The registered names of one kind: `name in`, iteration in declaration order, `[name]` the entry (lazy ones imported once)."
+    def __init__(self, kind:str): self.kind, self.entries, self.from_plugins = kind, {}, set()
+    def __contains__(self, name): load_plugins(); return name in self.entries
+    def __iter__(self):     # in declaration order, the library's own before the plug-ins' (a stable sort)
+        load_plugins(); return iter(sorted(self.entries, key=lambda n: n in self.from_plugins))
+    def __len__(self): load_plugins(); return len(self.entries)
+    def __repr__(self): return f"{self.kind}: {', '.join(self)}"
+    def pop(self, name:str, default=None): self.from_plugins.discard(name); return self.entries.pop(name, default)
+
+    def __getitem__(self, name:str):
+        if name not in self: raise UserError(f"unknown {self.kind} '{name}': use one of {', '.join(self)}")
+        e = self.entries[name]
+        if isinstance(e, str): e = self.entries[name] = import_object(e, self.kind)
+        return e
+
+# %% ../nbs/00_core.ipynb #aa1a08d3
+REGISTRY: dict[str, Names] = {}   # kind -> its names: reward, features, prompts, images, model
+
+def registry(kind:str, # reward, features, prompts, images or model (a plug-in may add kinds)
+            )->Names:
+    "The names of `kind` (an empty table on first mention)."
+    return REGISTRY.setdefault(kind, Names(kind))
+
+def register(kind:str,  # the kind, e.g. "reward"
+             name:str,  # the name configs and commands use
+             entry=None, # the thing (a loader, a class) or `"module:attribute"`, imported on first use; None: a decorator
+            ):
+    "Register `entry` as `name` of `kind`; without `entry`, a decorator that registers what it decorates."
+    if entry is None: return lambda f: register(kind, name, f)
+    t = registry(kind); t.entries[name] = entry
+    if _plugins["loading"]: t.from_plugins.add(name)
+    return entry

@@ -1,4 +1,4 @@
-"""Prompt sets and image-caption sets: hub datasets, local folders and files, and the embedded mini world's digits.
+"""Prompt sets and image-caption sets: hub datasets, local folders and files, and the named sets of the registry (plug-ins add theirs).
 
 Docs: https://imagerefl.github.io/imagerefl/data.html.md"""
 
@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from PIL import Image, ImageOps
 from fastcore.basics import patch
-from .core import UserError, error_line, hub_offline, looks_like_path, read_text
+from .core import UserError, error_line, hub_offline, looks_like_path, read_text, register, registry
 
 # %% auto #0
-__all__ = ['TEXT_COLUMNS', 'HUB_PROMPT_SETS', 'HUB_IMAGE_SETS', 'to_rgb', 'fit_image', 'pil_to_tensor', 'resize_center_crop',
-           'ImageCaptionDataset', 'collate', 'read_jsonl', 'load_prompts', 'load_image_captions', 'PromptDataset',
-           'collate_batch', 'EpochBatches']
+__all__ = ['TEXT_COLUMNS', 'HUB_PROMPT_SETS', 'PROMPT_SETS', 'IMAGE_SETS', 'to_rgb', 'fit_image', 'pil_to_tensor',
+           'resize_center_crop', 'ImageCaptionDataset', 'collate', 'read_jsonl', 'hub_prompt_set', 'load_prompts',
+           'coco_images', 'load_image_captions', 'PromptDataset', 'collate_batch', 'EpochBatches']
 
 # %% ../nbs/02_data.ipynb #f7c09764
 _WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")   # how PIL opens 16-bit greyscale PNGs and TIFFs
@@ -33,6 +33,7 @@ def to_rgb(image:Image.Image, # any mode
         image = Image.fromarray(np.round(np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8), "L")
     return image.convert("RGB")
 
+# %% ../nbs/02_data.ipynb #c0f222ee
 def fit_image(image:Image.Image, # any size, any mode
               resolution:int,    # side of the square result
              )->Image.Image:     # RGB, (resolution, resolution)
@@ -94,25 +95,28 @@ class ImageCaptionDataset(Dataset):
 
     def __len__(self): return len(self.captions)
 
-    def load_image(self, i:int)->torch.Tensor:
-        "Image `i` as (3,R,R) in [0,1]; raises if it cannot be read."
-        img = _open_image(self.images[i])
-        if isinstance(img, torch.Tensor): return img.expand(3, -1, -1).float()
-        return pil_to_tensor(fit_image(img, self.resolution))
+# %% ../nbs/02_data.ipynb #a2e09396
+@patch
+def load_image(self:ImageCaptionDataset, i:int)->torch.Tensor:
+    "Image `i` as (3,R,R) in [0,1]; raises if it cannot be read."
+    img = _open_image(self.images[i])
+    if isinstance(img, torch.Tensor): return img.expand(3, -1, -1).float()
+    return pil_to_tensor(fit_image(img, self.resolution))
 
-    def __getitem__(self, i:int)->dict:
-        n = len(self)
-        if i < 0: i += n
-        if not 0 <= i < n: raise IndexError(f"index {i} is out of range for {n} images")   # ends iteration (list(ds))
-        for j in chain(range(i, n), range(0, i)):
-            if j in self._bad: continue
-            try: image = self.load_image(j)
-            except Exception as e:
-                self._bad.add(j)
-                warnings.warn(f"skipping unreadable image {j} ({error_line(e)})")
-                continue
-            return dict(image=image, caption=self.captions[j], index=j)
-        raise UserError("no image of this image-caption set can be read: check the files")
+@patch
+def __getitem__(self:ImageCaptionDataset, i:int)->dict:
+    n = len(self)
+    if i < 0: i += n
+    if not 0 <= i < n: raise IndexError(f"index {i} is out of range for {n} images")   # ends iteration (list(ds))
+    for j in chain(range(i, n), range(0, i)):
+        if j in self._bad: continue
+        try: image = self.load_image(j)
+        except Exception as e:
+            self._bad.add(j)
+            warnings.warn(f"skipping unreadable image {j} ({error_line(e)})")
+            continue
+        return dict(image=image, caption=self.captions[j], index=j)
+    raise UserError("no image of this image-caption set can be read: check the files")
 
 # %% ../nbs/02_data.ipynb #74338d25
 def collate(batch:list[dict], # items of an `ImageCaptionDataset`
@@ -170,6 +174,7 @@ def read_jsonl(path:Path, what:str="JSON lines file")->list:
         except json.JSONDecodeError as e: raise UserError(f"{path} line {n} is not valid JSON ({e.msg}, column {e.colno})") from None
     return rows
 
+# %% ../nbs/02_data.ipynb #94a32edf
 def _read_csv(path:Path, what:str, **kw):
     import pandas as pd
     try: return pd.read_csv(io.StringIO(read_text(path, what)), **kw)
@@ -184,6 +189,7 @@ def _read_metadata(folder:Path)->list[dict]:
     raise UserError(f"folder '{folder}' has no metadata.jsonl: write one line per image, "
                     '{"file_name": "img.png", "text": "its caption"} (Hugging Face imagefolder layout)')
 
+# %% ../nbs/02_data.ipynb #ddd8a363
 @patch(cls_method=True)
 def from_folder(cls:ImageCaptionDataset, path:str|Path,   # folder in the imagefolder layout (metadata.jsonl with file_name, text)
                  resolution:int=512,   # side of the square images
@@ -240,12 +246,6 @@ def from_hub(cls:ImageCaptionDataset, name:str,            # hub dataset id, e.g
     return cls(_Column(ds, image_column, rows), [captions[i] for i in keep], resolution, skipped=len(captions) - len(keep))
 
 # %% ../nbs/02_data.ipynb #bdbff6bf
-HUB_PROMPT_SETS = {
-    "hpdv2":    dict(repo="ymhao/HPDv2", split="test", column="prompt", file="{split}.json"),  # a script dataset: its files
-    "coco":     dict(repo="jxie/coco_captions", split="test", column="caption"),
-    "pickapic": dict(repo="yuvalkirstain/pickapic_v2_no_images", split="test_unique", column="caption"),
-}
-
 def _prompts_from_records(rows:list, where:str)->list[str|None]:
     if not isinstance(rows, list): raise UserError(f"{where} must hold a list of prompts (strings or objects with a prompt key)")
     if rows and isinstance(rows[0], dict):
@@ -253,6 +253,20 @@ def _prompts_from_records(rows:list, where:str)->list[str|None]:
         return [_caption(r.get(col)) if isinstance(r, dict) else None for r in rows]
     return [_caption(r) for r in rows]
 
+def _prompts_from_file(p:Path)->list[str|None]:
+    ext = p.suffix.lower()
+    if p.is_dir(): return [_caption(r.get(_pick_column(r.keys(), "caption", str(p)))) for r in _read_metadata(p)]
+    if ext == ".txt": return read_text(p, "prompt file").splitlines()
+    if ext in (".csv", ".tsv"):
+        df = _read_csv(p, "prompt file", sep="\t" if ext == ".tsv" else ",", keep_default_na=False)
+        return df[_pick_column(df.columns, "prompt", str(p), ("prompt", "text", "caption"))].astype(str).tolist()
+    if ext == ".jsonl": return _prompts_from_records(read_jsonl(p, "prompt file"), str(p))
+    if ext == ".json":
+        try: return _prompts_from_records(json.loads(read_text(p, "prompt file")), str(p))
+        except json.JSONDecodeError as e: raise UserError(f"{p} is not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    raise UserError(f"prompt file '{p}' has an unknown type: use .txt (one prompt a line), .csv/.tsv, .jsonl or .json")
+
+# %% ../nbs/02_data.ipynb #ed9782f5
 def _hub_file_prompts(repo:str,     # a hub dataset id
                       filename:str, # a JSON file of it holding a list of prompts or of objects with a prompt key
                      )->list[str|None]:
@@ -269,39 +283,41 @@ def _hub_file_prompts(repo:str,     # a hub dataset id
     try: return _prompts_from_records(json.loads(read_text(path, filename)), f"{repo}/{filename}")
     except json.JSONDecodeError as e: raise UserError(f"{filename} of dataset '{repo}' is not valid JSON ({e.msg})") from None
 
-def _prompts_from_file(p:Path)->list[str|None]:
-    ext = p.suffix.lower()
-    if p.is_dir(): return [_caption(r.get(_pick_column(r.keys(), "caption", str(p)))) for r in _read_metadata(p)]
-    if ext == ".txt": return read_text(p, "prompt file").splitlines()
-    if ext in (".csv", ".tsv"):
-        df = _read_csv(p, "prompt file", sep="\t" if ext == ".tsv" else ",", keep_default_na=False)
-        return df[_pick_column(df.columns, "prompt", str(p), ("prompt", "text", "caption"))].astype(str).tolist()
-    if ext == ".jsonl": return _prompts_from_records(read_jsonl(p, "prompt file"), str(p))
-    if ext == ".json":
-        try: return _prompts_from_records(json.loads(read_text(p, "prompt file")), str(p))
-        except json.JSONDecodeError as e: raise UserError(f"{p} is not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    raise UserError(f"prompt file '{p}' has an unknown type: use .txt (one prompt a line), .csv/.tsv, .jsonl or .json")
+# %% ../nbs/02_data.ipynb #e304d775
+HUB_PROMPT_SETS = {
+    "hpdv2":    dict(repo="ymhao/HPDv2", split="test", column="prompt", file="{split}.json"),  # a script dataset: its files
+    "coco":     dict(repo="jxie/coco_captions", split="test", column="caption"),
+    "pickapic": dict(repo="yuvalkirstain/pickapic_v2_no_images", split="test_unique", column="caption"),
+}
+
+PROMPT_SETS = registry("prompts")   # name -> loader `f(split) -> prompts` (split None: the set's default); plug-ins declare theirs
+
+def hub_prompt_set(repo:str,           # a hub dataset id
+                   split:str,          # its default split
+                   column:str,         # the prompts' column
+                   file:str|None=None, # read this JSON file of the repository instead ("{split}.json": a script dataset)
+                  ):
+    "A prompt set's loader `f(split=None)`: the hub dataset's prompts, de-duplicated in order."
+    def load(s:str|None=None):
+        s = s or split
+        ps = _hub_file_prompts(repo, file.format(split=s)) if file else [_caption(c) for c in _hub_dataset(repo, s)[column]]
+        return list(dict.fromkeys(ps))
+    return load
+
+for _name, _spec in HUB_PROMPT_SETS.items(): register("prompts", _name, hub_prompt_set(**_spec))
 
 # %% ../nbs/02_data.ipynb #ddf2d3b1
-def load_prompts(source:str,          # hpdv2, coco, pickapic, mini-digits, a hub dataset id, or a local file/folder
-                 split:str|None=None, # split; None: the source's default (see `HUB_PROMPT_SETS`; mini-digits: classes)
+def load_prompts(source:str,          # a name of `PROMPT_SETS` (hpdv2, coco, pickapic, mini-digits), a hub dataset id, or a local file/folder
+                 split:str|None=None, # split; None: the set's default (see `HUB_PROMPT_SETS`; mini-digits: classes)
                  limit:int|None=None, # keep only the first `limit` prompts
                 )->list[str]:
     "A list of prompts from a named set, a hub dataset or a local file (null entries are skipped with a warning)."
     source = str(source)
-    if source == "mini-digits":      # the mini world, imported only when asked for
-        from imagerefl.mini.data import mini_digits, mini_prompt
-        if split in (None, "classes"): prompts = [mini_prompt(k) for k in range(10)]
-        else: prompts = mini_digits(split).captions
-    elif source in HUB_PROMPT_SETS:
-        spec = HUB_PROMPT_SETS[source]
-        if "file" in spec: prompts = _hub_file_prompts(spec["repo"], spec["file"].format(split=split or spec["split"]))
-        else: prompts = [_caption(c) for c in _hub_dataset(spec["repo"], split or spec["split"])[spec["column"]]]
-        prompts = list(dict.fromkeys(prompts))
+    if source in PROMPT_SETS: prompts = PROMPT_SETS[source](split)
     elif Path(source).expanduser().exists():
         prompts = _prompts_from_file(Path(source).expanduser())
     elif looks_like_path(source):
-        raise UserError(f"prompt source '{source}' is neither a file nor a known set ({', '.join([*HUB_PROMPT_SETS, 'mini-digits'])})")
+        raise UserError(f"prompt source '{source}' is neither a file nor a known set ({', '.join(PROMPT_SETS)})")
     else:
         ds = _hub_dataset(source, split or "test")
         prompts = list(dict.fromkeys(_caption(c) for c in ds[_pick_column(ds.column_names, "prompt", f"dataset '{source}'")]))
@@ -312,23 +328,25 @@ def load_prompts(source:str,          # hpdv2, coco, pickapic, mini-digits, a hu
     return prompts
 
 # %% ../nbs/02_data.ipynb #4a8729f3
-HUB_IMAGE_SETS = {"coco": dict(repo="jxie/coco_captions", image_column="image", text_column="caption")}
+IMAGE_SETS = registry("images")   # name -> loader `f(split, resolution) -> ImageCaptionDataset`; plug-ins declare theirs
 
-def load_image_captions(source:str,             # coco, mini-digits, a local imagefolder or a hub dataset id
+@register("images", "coco")
+def coco_images(split:str="train",        # split to load
+                resolution:int|None=None, # side of the square images; None: 512
+               )->ImageCaptionDataset:
+    "COCO captions' images (`jxie/coco_captions`), the paper's ImageReFL training set."
+    return ImageCaptionDataset.from_hub("jxie/coco_captions", split, resolution or 512, "image", "caption")
+
+# %% ../nbs/02_data.ipynb #5eaef9d5
+def load_image_captions(source:str,             # a name of `IMAGE_SETS` (coco, mini-digits), a local imagefolder or a hub dataset id
                         split:str="train",       # split to load
-                        resolution:int|None=None,# side of the square images; None: 512 (32 for mini-digits)
+                        resolution:int|None=None,# side of the square images; None: the set's default (512; mini-digits: 32)
                        )->ImageCaptionDataset:
     "An image-caption set from a name, a local folder or a hub id."
     source = str(source)
-    if source == "mini-digits":      # the mini world, imported only when asked for
-        from imagerefl.mini.data import mini_digits
-        return mini_digits(split, resolution or 32)
-    resolution = resolution or 512
-    if source in HUB_IMAGE_SETS:
-        spec = HUB_IMAGE_SETS[source]
-        return ImageCaptionDataset.from_hub(spec["repo"], split, resolution, spec["image_column"], spec["text_column"])
-    if Path(source).expanduser().exists() or looks_like_path(source): return ImageCaptionDataset.from_folder(source, resolution)
-    return ImageCaptionDataset.from_hub(source, split, resolution)
+    if source in IMAGE_SETS: return IMAGE_SETS[source](split, resolution)
+    if Path(source).expanduser().exists() or looks_like_path(source): return ImageCaptionDataset.from_folder(source, resolution or 512)
+    return ImageCaptionDataset.from_hub(source, split, resolution or 512)
 
 # %% ../nbs/02_data.ipynb #d46c2ce9
 class PromptDataset(torch.utils.data.Dataset):
@@ -343,6 +361,7 @@ def collate_batch(items:list[dict])->dict:
     if "image" in items[0]: out["image"] = torch.stack([b["image"] for b in items])
     return out
 
+# %% ../nbs/02_data.ipynb #e103c823
 class EpochBatches(torch.utils.data.Sampler):
     "Row indices of one process's micro-batches in one epoch: a seeded shuffle, the global batch split by process."
     def __init__(self, n:int, batch_size:int, seed:int, epoch:int, # rows, per-process batch, run seed, epoch

@@ -109,7 +109,7 @@ def plot_tradeoff(results:pd.DataFrame|str|Path, # results table (see `load_resu
 # %% ../nbs/19_figures.ipynb #aecdda06
 METRIC_LABELS = {"reward": "reward", "diversity": "diversity", "reward_hps-v2.1": "HPSv2.1", "reward_hps-v2": "HPSv2",
                  "reward_pickscore": "PickScore", "reward_imagereward": "ImageReward", "reward_clip-score": "CLIP score",
-                 "reward_mps": "MPS", "reward_mini-digits": "digit reward", "fid": "FID", "kid": "KID"}
+                 "reward_mps": "MPS", "reward_mini-legibility": "legibility reward", "fid": "FID", "kid": "KID"}
 
 def metric_label(name:str)->str:
     "How metric `name` is called in the paper ('reward_pickscore' -> 'PickScore')."

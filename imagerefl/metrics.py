@@ -7,7 +7,7 @@ Docs: https://imagerefl.github.io/imagerefl/metrics.html.md"""
 
 # %% ../nbs/11_metrics.ipynb #c801f99d
 from __future__ import annotations
-import importlib, warnings
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
 import numpy as np
@@ -16,13 +16,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 import torch.nn.functional as F
-from .core import UserError, check_source, loading_weights, resolve_device
+from .core import UserError, check_source, loading_weights, register, registry, resolve_device
 from .data import ImageCaptionDataset, collate, resize_center_crop
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CLIP_MEAN', 'CLIP_STD', 'FEATURES', 'pairwise_diversity', 'Summary', 'summarize',
-           'DinoFeatures', 'ClipImageFeatures', 'load_features', 'feature_diversity', 'InceptionFeatures',
-           'image_distances', 'fid_kid']
+           'DinoFeatures', 'ClipImageFeatures', 'load_features', 'feature_diversity', 'InceptionFeatures', 'fid_kid',
+           'image_distances']
 
 # %% ../nbs/11_metrics.ipynb #1100475b
 def pairwise_diversity(features:torch.Tensor, # (N,D) image features, any scale
@@ -114,13 +114,11 @@ class ClipImageFeatures(_Features):
         return out if isinstance(out, torch.Tensor) else out.pooler_output    # transformers 5 returns an output object
 
 # %% ../nbs/11_metrics.ipynb #650b6f36
-FEATURES = {
-    "dino": lambda path=None, device=None: DinoFeatures(path or "facebook/dino-vits16").to(resolve_device(device)),
-    "clip": lambda path=None, device=None: ClipImageFeatures(path or "openai/clip-vit-base-patch32").to(resolve_device(device)),
-    "mini": lambda path=None, device=None: importlib.import_module("imagerefl.mini.nets").load_mini_features(path=path, device=device),
-}
+FEATURES = registry("features")   # name -> loader `f(path=None, device=None) -> nn.Module`; plug-ins declare theirs
+register("features", "dino", lambda path=None, device=None: DinoFeatures(path or "facebook/dino-vits16").to(resolve_device(device)))
+register("features", "clip", lambda path=None, device=None: ClipImageFeatures(path or "openai/clip-vit-base-patch32").to(resolve_device(device)))
 
-def load_features(name:str,           # a key of `FEATURES`: dino, clip, mini
+def load_features(name:str,           # a name of `FEATURES`: dino, clip, or a plug-in's (the mini world's: mini)
                   path:str|None=None,  # weights folder or hub id; None: the default for `name`
                   device=None,         # where to put it; None: CUDA if present
                  )->nn.Module:         # images [0,1] (B,3,H,W) -> (B,D)
@@ -161,6 +159,7 @@ def _module_device(m:nn.Module)->torch.device:
     for t in m.buffers(): return t.device
     return torch.device("cpu")
 
+# %% ../nbs/11_metrics.ipynb #7417a490
 def _tensor_batches(images, batch_size:int, resolution:int|None):
     "Batches (B,3,R,R) in [0,1] from a tensor, a Dataset, an iterable of batches, a folder or a list of files."
     if isinstance(images, torch.Tensor):
@@ -181,23 +180,6 @@ def _tensor_batches(images, batch_size:int, resolution:int|None):
     yield from images
 
 # %% ../nbs/11_metrics.ipynb #d4e72a3f
-def image_distances(generated,                      # [0,1] images: tensor (N,3,H,W), Dataset, folder, files or iterable of batches
-                    reference,                      # the real images, same forms
-                    feature:nn.Module|None=None,    # images -> (B,D); None: the standard FID Inception
-                    batch_size:int=32,              # images per feature batch
-                    kid_subsets:int=100,            # KID: number of random subsets
-                    kid_subset_size:int=1000,       # KID: subset size (capped at the smaller set's size)
-                    seed:int=0,                     # KID subset sampling seed
-                    resolution:int|None=None,       # size files are loaded at; None: 512
-                   )->dict:                         # fid, kid, kid_std, n_generated, n_reference
-    "FID and KID (torchmetrics) between generated and reference images."
-    feature = feature if feature is not None else InceptionFeatures()
-    dev = _module_device(feature)
-    with torch.no_grad():
-        feats = [[feature(b.to(dev, torch.float32)).float() for b in _tensor_batches(src, batch_size, resolution)]
-                 for src in (generated, reference)]
-    return fid_kid(*feats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
-
 class _Given(nn.Module):
     "Features computed beforehand, handed to torchmetrics' FID/KID as if extracted by them."
     def __init__(self, num_features:int): super().__init__(); self.num_features = num_features
@@ -226,3 +208,21 @@ def fid_kid(generated:list[Tensor],       # feature batches (B,D) of the generat
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
     return dict(fid=float(fid.compute()), kid=float(kid_mean), kid_std=float(kid_std), n_generated=n_gen, n_reference=n_ref)
+
+# %% ../nbs/11_metrics.ipynb #89e25bf8
+def image_distances(generated,                      # [0,1] images: tensor (N,3,H,W), Dataset, folder, files or iterable of batches
+                    reference,                      # the real images, same forms
+                    feature:nn.Module|None=None,    # images -> (B,D); None: the standard FID Inception
+                    batch_size:int=32,              # images per feature batch
+                    kid_subsets:int=100,            # KID: number of random subsets
+                    kid_subset_size:int=1000,       # KID: subset size (capped at the smaller set's size)
+                    seed:int=0,                     # KID subset sampling seed
+                    resolution:int|None=None,       # size files are loaded at; None: 512
+                   )->dict:                         # fid, kid, kid_std, n_generated, n_reference
+    "FID and KID (torchmetrics) between generated and reference images."
+    feature = feature if feature is not None else InceptionFeatures()
+    dev = _module_device(feature)
+    with torch.no_grad():
+        feats = [[feature(b.to(dev, torch.float32)).float() for b in _tensor_batches(src, batch_size, resolution)]
+                 for src in (generated, reference)]
+    return fid_kid(*feats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)

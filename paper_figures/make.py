@@ -23,7 +23,7 @@ EXPERIMENTS, FIGURES = ROOT/"nbs"/"experiments", ROOT/"paper_figures"
 # What each world trains and measures (the paper's protocol for sd15/sdxl: 400 HPDv2 test prompts x 5 seeds, N = 40).
 PAPER_REWARDS = ["hps-v2.1", "pickscore", "imagereward", "clip-score"]
 PLANS = {
-    "mini": dict(base="mini", runs=dict(refl="mini_refl", imagerefl="mini_imagerefl"), rewards=["mini-digits"],
+    "mini": dict(base="mini", runs=dict(refl="mini_refl", imagerefl="mini_imagerefl"), rewards=["mini-legibility"],
                  features=["mini"], prompts="mini-digits", prompts_split="test", num_prompts=30, images_per_prompt=5,
                  num_inference_steps=40, switch=dict(refl=[10, 20, 25, 30, 35], imagerefl=[20, 30]), aig=dict(refl=[1, 2, 4]),
                  reference="mini-digits", fid_features="mini", diversity_features="mini", batch_size=60),

@@ -98,7 +98,7 @@ def test_explorer_headless(world, made):
     from imagerefl.rewards import load_reward
     from imagerefl.explorer import make_explorer
     base_pipe, tuned_unet = load_models(world["base"], str(made/"train"/"imagerefl"))
-    ex = make_explorer(base_pipe, tuned_unet, load_reward("mini-digits", world["reward_path"]), prompt="a handwritten digit two",
+    ex = make_explorer(base_pipe, tuned_unet, load_reward("mini-legibility", world["reward_path"]), prompt="a handwritten digit two",
                        num_inference_steps=4, original_unet_steps=2)
     first = bytes(ex.images["combined"].value)
     assert first.startswith(b"\x89PNG") and all(ex.images[n].value for n in ("base", "tuned"))
@@ -172,7 +172,7 @@ def test_colab_demo_released_model_path(tmp_path, monkeypatch):
     (tmp_path/"released"/"model_index.json").write_text(json.dumps(idx))
     (tmp_path/"released"/"pipeline.py").write_text("raise RuntimeError('remote code was executed')\n")
     nb = run_notebook(ROOT/"nbs"/"notebooks"/"colab_demo.ipynb", tmp_path/"colab.ipynb", tmp_path/"cwd", smoke=True,
-                      world="released", model=str(tmp_path/"released"), reward="mini-digits", prompts=["a handwritten digit one", "a handwritten digit two"])
+                      world="released", model=str(tmp_path/"released"), reward="mini-legibility", prompts=["a handwritten digit one", "a handwritten digit two"])
     assert "released world on cpu (torch.float32)" in stdout(nb)
     table = last_output(nb)
     assert all(s in table for s in ("base", "combined (base for 2 of 4)", "tuned", "digit one", "digit two")), table

@@ -35,6 +35,7 @@ def _clip_bpe()->tuple[str, str]:
     vocab += ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     return json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), "#version: 0.2\n" + "\n".join(merges) + "\n"
 
+# %% ../../nbs/20_mini_components.ipynb #42d2c37a
 def clip_tokenizer_files(folder:str|Path, # where to write them (created if missing)
                         )->Path:
     "Write CLIP's `vocab.json` and `merges.txt` (from open_clip's bundled BPE) to `folder` and return it."

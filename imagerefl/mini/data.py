@@ -14,7 +14,7 @@ from ..data import ImageCaptionDataset
 
 # %% auto #0
 __all__ = ['MINI_DIGIT_WORDS', 'MINI_BOLD_QUANTILE', 'MINI_SLANT_QUANTILE', 'MINI_TEST_FRACTION', 'mini_prompt', 'ink_slant',
-           'mini_digits', 'digit_from_prompt']
+           'mini_digits', 'mini_prompts', 'digit_from_prompt']
 
 # %% ../../nbs/21_mini_data.ipynb #95cd52cf
 MINI_DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -24,6 +24,7 @@ def mini_prompt(digit:int)->str:
     "The plain class prompt of the mini world."
     return f"a handwritten digit {MINI_DIGIT_WORDS[digit]}"
 
+# %% ../../nbs/21_mini_data.ipynb #ac9b71bc
 def ink_slant(images:np.ndarray, # (..., h, w) ink intensities >= 0
              )->np.ndarray:      # (...) shear dx/dy of the ink; > 0 leans right
     "Slant of the ink from its second-order central moments: `-mu11/mu02`."
@@ -58,24 +59,32 @@ def _mini_digits_base():
     train, test = train_test_split(np.arange(len(y)), test_size=MINI_TEST_FRACTION, stratify=y, random_state=0)
     return x, y, captions, dict(train=np.sort(train), test=np.sort(test)), mass, slant
 
+# %% ../../nbs/21_mini_data.ipynb #7244e9a7
 @lru_cache(maxsize=4)
 def _mini_images(resolution:int)->torch.Tensor:
     x = torch.from_numpy(_mini_digits_base()[0]).float()[:, None] / 16
     return F.interpolate(x, size=(resolution, resolution), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
 
-# %% ../../nbs/21_mini_data.ipynb #7244e9a7
+# %% ../../nbs/21_mini_data.ipynb #30a5385b
 def mini_digits(split:str="train", # "train" (85 %), "test" (15 %, held out) or "all"
-                resolution:int=32, # side of the square images
+                resolution:int|None=None, # side of the square images; None: 32
                )->ImageCaptionDataset:
     "The mini world's captioned digits (scikit-learn `load_digits`), white on black RGB, in [0,1]."
     x, y, captions, splits, *_ = _mini_digits_base()
     if split == "all": idx = np.arange(len(y))
     elif split in splits: idx = splits[split]
     else: raise UserError(f"mini-digits split '{split}' does not exist: use train, test or all")
+    resolution = resolution or 32
     ims = _mini_images(resolution)[torch.from_numpy(idx)]
     ds = ImageCaptionDataset(ims, [captions[i] for i in idx], resolution)
     ds.labels, ds.source_index = torch.from_numpy(y[idx]), idx
     return ds
+
+# %% ../../nbs/21_mini_data.ipynb #20fd143a
+def mini_prompts(split:str|None=None, # None or "classes": the ten class prompts; "train", "test" or "all": the captions
+                )->list[str]:
+    "The mini world's prompts: the plain class prompts, or the captions of a split."
+    return [mini_prompt(k) for k in range(10)] if split in (None, "classes") else mini_digits(split).captions
 
 # %% ../../nbs/21_mini_data.ipynb #39f47d2b
 def digit_from_prompt(prompt:str, # e.g. "a handwritten digit seven, bold"

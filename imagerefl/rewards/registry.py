@@ -7,71 +7,23 @@ Docs: https://imagerefl.github.io/imagerefl/rewards.html.md"""
 
 # %% ../../nbs/05_rewards.ipynb #920c5f29
 from __future__ import annotations
-import functools, importlib.resources, inspect, os, sys
+import functools, inspect
+from fastcore.basics import patch
 from pathlib import Path
 from typing import Callable
 import torch
 from torch import Tensor, nn
-from ..core import UserError, error_line, hub_offline, loading_weights, looks_like_path, resolve_device
+from ..core import (UserError, error_line, hub_offline, import_object, loading_weights, looks_like_path, register,
+                            registry, resolve_device)
 from ..data import resize_center_crop
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_preprocessing, normalize, to_uint8_pil
 
 # %% auto #0
-__all__ = ['REWARDS', 'Reward', 'as_image_batch', 'check_reward_inputs', 'check_reward_output', 'RewardContract',
+__all__ = ['REWARDS', 'as_image_batch', 'check_reward_inputs', 'Reward', 'check_reward_output', 'RewardContract',
            'reward_contract', 'register_reward', 'reward_names', 'check_reward_name', 'checkpoint_blocks',
-           'load_reward', 'resolve_file', 'load_mini_digits', 'load_mini_preference_reward']
+           'load_reward', 'resolve_file']
 
-# %% ../../nbs/05_rewards.ipynb #2c53cdde
-class Reward(nn.Module):
-    "Base of all rewards: `reward(images in [0,1] (B,3,H,W), prompts) -> (B,)`, differentiable w.r.t. the images."
-    evaluation_path: str|None = None   # what `evaluation_pixels` does, in words; None: no official scorer to follow
-    def __init__(self, size:int=224, crop:int|None=None, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, rounding:str="round"):
-        super().__init__()
-        self.size, self.crop, self.mean, self.std, self.rounding = size, crop or size, tuple(mean), tuple(std), rounding
-        self.preprocessing = "training"
-
-    @property
-    def dtype(self): return next(self.parameters()).dtype
-    @property
-    def device(self): return next(self.parameters()).device
-
-    @property
-    def training_path(self)->str:
-        "What the training path does, in words."
-        return (f"float, shorter side to {self.size} (bicubic, antialiased), centre crop {self.crop} "
-                f"({self.rounding}ed offsets), normalise; differentiable")
-
-    def preprocessing_record(self, preprocessing:str|None=None)->str:
-        "Which path `preprocessing` runs for this reward and what it does (what an evaluation's `run.json` records)."
-        p = check_preprocessing(preprocessing or self.preprocessing)
-        if p == "evaluation" and self.evaluation_path is None:
-            return f"evaluation = training (no official scorer to follow): {self.training_path}"
-        return f"{p}: {self.evaluation_path if p == 'evaluation' else self.training_path}"
-
-    def evaluation_pixels(self, images:list)->Tensor:
-        "The official scorer's input for PIL `images` (subclasses with an `evaluation_path`)."
-        raise NotImplementedError
-
-    def pixel_values(self, images:Tensor, preprocessing:str|None=None)->Tensor:
-        "The model's input: resized, cropped, normalised, in the model's dtype, by the path `preprocessing` names."
-        p = check_preprocessing(preprocessing or self.preprocessing)
-        if p == "evaluation" and self.evaluation_path is not None:
-            if images.requires_grad:
-                raise UserError("the evaluation path scores 8-bit images, so it has no gradient: use preprocessing='training' to train")
-            return self.evaluation_pixels(to_uint8_pil(images)).to(self.device, self.dtype)
-        x = resize_center_crop(images.to(self.device, torch.float32), self.size, self.crop, self.rounding)
-        return normalize(x, self.mean, self.std).to(self.dtype)
-
-    def vision_blocks(self)->nn.ModuleList: raise NotImplementedError
-    def score(self, pixel_values:Tensor, prompts:list[str])->Tensor: raise NotImplementedError
-
-    def forward(self, images:Tensor, prompts:list[str],
-                preprocessing:str|None=None, # "training" or "evaluation"; None: the `preprocessing` attribute
-               )->Tensor:
-        images = as_image_batch(images)
-        check_reward_inputs(images, prompts)
-        return self.score(self.pixel_values(images, preprocessing), list(prompts)).float()
-
+# %% ../../nbs/05_rewards.ipynb #35037ca5
 def as_image_batch(images, # a (B,3,H,W) tensor, a PIL image or a list of them, or numpy (B,H,W,C) / (H,W,C)
                   )->Tensor:    # float (B,3,H,W) in [0,1]; tensors pass through untouched (gradients kept)
     "Images as a reward takes them, from what diffusers pipelines return (`output_type` pil, np or pt)."
@@ -92,12 +44,68 @@ def as_image_batch(images, # a (B,3,H,W) tensor, a PIL image or a list of them, 
         return t.permute(0, 3, 1, 2).expand(-1, 3, -1, -1)
     return images      # check_reward_inputs says what is wrong
 
+# %% ../../nbs/05_rewards.ipynb #dfb89706
 def check_reward_inputs(images, prompts):
     "Raise a one-line `UserError` unless `images` is (B,3,H,W) float and `prompts` B strings."
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
         raise UserError(f"a reward takes a float image tensor (B,3,H,W) in [0,1]; got {getattr(images, 'shape', type(images))}")
     if isinstance(prompts, str) or len(prompts) != len(images) or not all(isinstance(p, str) for p in prompts):
         raise UserError(f"a reward takes one prompt string per image: {len(images)} images, got {prompts!r:.80}")
+
+# %% ../../nbs/05_rewards.ipynb #2c53cdde
+class Reward(nn.Module):
+    "Base of all rewards: `reward(images in [0,1] (B,3,H,W), prompts) -> (B,)`, differentiable w.r.t. the images."
+    evaluation_path: str|None = None   # what `evaluation_pixels` does, in words; None: no official scorer to follow
+    def __init__(self, size:int=224, crop:int|None=None, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, rounding:str="round"):
+        super().__init__()
+        self.size, self.crop, self.mean, self.std, self.rounding = size, crop or size, tuple(mean), tuple(std), rounding
+        self.preprocessing = "training"
+
+    @property
+    def dtype(self): return next(self.parameters()).dtype
+    @property
+    def device(self): return next(self.parameters()).device
+
+    def vision_blocks(self)->nn.ModuleList: raise NotImplementedError
+    def score(self, pixel_values:Tensor, prompts:list[str])->Tensor: raise NotImplementedError
+
+    def forward(self, images:Tensor, prompts:list[str],
+                preprocessing:str|None=None, # "training" or "evaluation"; None: the `preprocessing` attribute
+               )->Tensor:
+        images = as_image_batch(images)
+        check_reward_inputs(images, prompts)
+        return self.score(self.pixel_values(images, preprocessing), list(prompts)).float()
+
+# %% ../../nbs/05_rewards.ipynb #b00975c2
+@patch(as_prop=True)
+def training_path(self:Reward)->str:
+    "What the training path does, in words."
+    return (f"float, shorter side to {self.size} (bicubic, antialiased), centre crop {self.crop} "
+            f"({self.rounding}ed offsets), normalise; differentiable")
+
+@patch
+def preprocessing_record(self:Reward, preprocessing:str|None=None)->str:
+    "Which path `preprocessing` runs for this reward and what it does (what an evaluation's `run.json` records)."
+    p = check_preprocessing(preprocessing or self.preprocessing)
+    if p == "evaluation" and self.evaluation_path is None:
+        return f"evaluation = training (no official scorer to follow): {self.training_path}"
+    return f"{p}: {self.evaluation_path if p == 'evaluation' else self.training_path}"
+
+@patch
+def evaluation_pixels(self:Reward, images:list)->Tensor:
+    "The official scorer's input for PIL `images` (subclasses with an `evaluation_path`)."
+    raise NotImplementedError
+
+@patch
+def pixel_values(self:Reward, images:Tensor, preprocessing:str|None=None)->Tensor:
+    "The model's input: resized, cropped, normalised, in the model's dtype, by the path `preprocessing` names."
+    p = check_preprocessing(preprocessing or self.preprocessing)
+    if p == "evaluation" and self.evaluation_path is not None:
+        if images.requires_grad:
+            raise UserError("the evaluation path scores 8-bit images, so it has no gradient: use preprocessing='training' to train")
+        return self.evaluation_pixels(to_uint8_pil(images)).to(self.device, self.dtype)
+    x = resize_center_crop(images.to(self.device, torch.float32), self.size, self.crop, self.rounding)
+    return normalize(x, self.mean, self.std).to(self.dtype)
 
 # %% ../../nbs/05_rewards.ipynb #d5c73a10
 def check_reward_output(scores,  # what the reward returned
@@ -125,6 +133,7 @@ def check_reward_output(scores,  # what the reward returned
                         f"({scores.detach()[bad][0].item()}) for finite images: {want}")
     return scores
 
+# %% ../../nbs/05_rewards.ipynb #f20b9954
 class RewardContract:
     "A reward's forward hook: its output goes through `check_reward_output`."
     def __init__(self, name:str): self.name = name
@@ -143,37 +152,22 @@ def reward_contract(reward:nn.Module, # a reward, registered or your own
     return reward
 
 # %% ../../nbs/05_rewards.ipynb #7cd32b4a
-REWARDS: dict[str, Callable] = {}
+REWARDS = registry("reward")   # name -> loader `f(path=None, arch=None, **kw) -> nn.Module`; plug-ins declare theirs
 
 def register_reward(name:str # the name `load_reward` will accept
                    ):
     "Decorator: register a loader `f(path=None, arch=None, **kw) -> nn.Module` under `name`."
-    def deco(f): REWARDS[name] = f; return f
-    return deco
+    return register("reward", name)
 
 def reward_names()->list[str]:
     "The names `load_reward` accepts (besides `module:attribute` for a reward of your own)."
     return sorted(REWARDS)
 
-def _import_reward(name:str):
-    "The object `module:attribute` names (the working directory is searched too, as `python -m` does)."
-    mod, _, attr = name.partition(":")
-    added = os.getcwd() not in sys.path
-    if added: sys.path.insert(0, os.getcwd())
-    try: m = importlib.import_module(mod)
-    except ImportError as e:
-        raise UserError(f"reward '{name}': cannot import module '{mod}' ({e}): put it in the working directory or on PYTHONPATH") from None
-    except Exception as e:           # the module itself fails: one line that names it and its error
-        raise UserError(f"reward '{name}': importing module '{mod}' failed ({error_line(e)}): fix that module") from None
-    finally:
-        if added: sys.path.remove(os.getcwd())
-    if not attr or not hasattr(m, attr): raise UserError(f"reward '{name}': module '{mod}' has no attribute '{attr}'")
-    return getattr(m, attr)
-
+# %% ../../nbs/05_rewards.ipynb #ea919aab
 def check_reward_name(name:str, key:str="reward") -> None:
     "A one-line `UserError` unless `name` is a registered reward or an importable `module:attribute`."
     if name in REWARDS: return
-    if isinstance(name, str) and ":" in name: _import_reward(name); return
+    if isinstance(name, str) and ":" in name: import_object(name, "reward"); return
     raise UserError(f"{key}={name!r} is not a known reward: use one of {', '.join(reward_names())}, "
                     "or module:attribute for a reward of your own")
 
@@ -195,6 +189,7 @@ def _pipeline_images_hook(module, args):
     p = next(module.parameters(), None)
     return (x.to(p.device) if torch.is_tensor(x) and p is not None else x, *args[1:])
 
+# %% ../../nbs/05_rewards.ipynb #62e6c088
 def load_reward(name:str,          # one of `reward_names()`, or `module:attribute` naming your own reward
                 path:str|Path|None=None, # checkpoint file/folder as published, or a hub id; None = the official one
                 arch=None,         # override the backbone architecture (tests use tiny ones)
@@ -205,11 +200,12 @@ def load_reward(name:str,          # one of `reward_names()`, or `module:attribu
                 **kw)->nn.Module:
     "Load reward `name`, frozen (`requires_grad=False`, eval mode)."
     check_preprocessing(preprocessing)
-    if name in REWARDS: f, kw = REWARDS[name], dict(path=path, arch=arch, **kw)
+    if name in REWARDS: f = REWARDS[name]
     elif ":" in str(name):         # a reward of your own: a class or loader taking the options given, or a module
-        f, kw = _import_reward(name), {k: v for k, v in dict(path=path, arch=arch, **kw).items() if v is not None}
+        f = import_object(name, "reward")
         if isinstance(f, nn.Module): f = (lambda m: lambda: m)(f)
     else: raise UserError(f"unknown reward '{name}'; known rewards: {', '.join(reward_names())}, or module:attribute for your own")
+    kw = {k: v for k, v in dict(path=path, arch=arch, **kw).items() if v is not None}   # the options given
     try: inspect.signature(f).bind(**kw)
     except TypeError as e: raise UserError(f"reward '{name}' does not take these options ({e}); it takes {inspect.signature(f)}") from None
     if name in REWARDS: r = f(**kw)      # (each family's loader reads its files through `loading_weights`)
@@ -245,16 +241,3 @@ def resolve_file(path, repo:str, filename:str, what:str)->Path:
         why = "HF_HUB_OFFLINE=1 and it is not cached" if hub_offline() else f"the download failed ({type(e).__name__})"
         raise UserError(f"{what}: {filename} from hub repo '{repo}' is unavailable ({why}); download it with "
                         f"`hf download {repo} {filename}` and pass path=<the file>") from None
-
-# %% ../../nbs/05_rewards.ipynb #d255f9c2
-@register_reward("mini-digits")
-def load_mini_digits(path=None, arch=None):
-    "The embedded mini world's reward (`imagerefl.mini.nets.load_mini_reward`)."
-    from imagerefl.mini.nets import load_mini_reward
-    return load_mini_reward(path=path)
-
-@register_reward("mini-preference")
-def load_mini_preference_reward(path=None, arch=None):
-    "The embedded mini world's learned preference reward (`imagerefl.mini.preference.load_mini_preference`)."
-    from imagerefl.mini.preference import load_mini_preference
-    return load_mini_preference(path=path)
