@@ -33,7 +33,7 @@ ORDER = [
     "imagerefl.sweeps",
     "imagerefl.claims",
     "imagerefl.figures",
-    "imagerefl.explorer",              # placeholder: the figures' widgets
+    "imagerefl.explorer",              # the ipywidgets explorer (figures and pipelines)
     "imagerefl.mini",
     "imagerefl.mini.components",
     "imagerefl.mini.data",
@@ -41,7 +41,7 @@ ORDER = [
     "imagerefl.mini.preference",
     "imagerefl.mini.pretrain",
     "imagerefl.mini.demo",
-    "imagerefl.mini.plugin",           # placeholder: the mini world's registry entries
+    "imagerefl.mini.plugin",           # the mini world's names, declared in the core registry (lazy strings)
     "imagerefl.testing",
     "imagerefl.cli",
 ]

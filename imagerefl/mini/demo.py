@@ -61,10 +61,10 @@ DEMO_PLANS = dict(
                    num_inference_steps=8, train_overrides=_N8),
 )
 
-DEMO_REWARDS = dict(preference="mini-preference", legibility="mini-digits")  # --reward name -> registered reward
+DEMO_REWARDS = dict(preference="mini-preference", legibility="mini-legibility")  # --reward name -> registered reward
 REWARD_WORDS = dict(preference="the learned preference reward (`mini-preference`: a Bradley-Terry network fitted to an annotator rule "
                                "that prefers crisp, solid strokes and, a tenth as much, the prompted digit)",
-                    legibility="the legibility reward (`mini-digits`: the prompted digit's log-probability under a classifier)")
+                    legibility="the legibility reward (`mini-legibility`: the prompted digit's log-probability under a classifier)")
 
 def demo_reward(name:str)->str:
     "The registered reward of a demo reward name, or one line listing the choices."
@@ -324,7 +324,7 @@ def _eval_world(prompts:int, images_per_prompt:int, batch_size:int, num_inferenc
     from imagerefl.data import load_prompts
     from imagerefl.mini.data import mini_digits
     base_pipe, _ = load_models("mini")
-    features, legibility, preference = load_mini_features(), load_reward("mini-digits"), load_reward("mini-preference")
+    features, legibility, preference = load_mini_features(), load_reward("mini-legibility"), load_reward("mini-preference")
     other = dict(preference=preference, legibility=legibility)   # every setting is scored by both rewards and the rule
     real = mini_digits("test", resolution=base_pipe.unet.config.sample_size * base_pipe.vae_scale_factor)
     reference = torch.stack([real[i]["image"] for i in range(len(real))])
