@@ -1,6 +1,6 @@
 """A battery of bad inputs and faults: each must end in one line that says what to do (status 2), never a traceback,
 never a silently wrong result. Quick cases call the CLI's `main()` in process; a few run the console entry point in a
-subprocess to prove the exit codes. The slow case (a user reward trained end to end) needs IMAGEREFL_SLOW=1."""
+subprocess to prove the exit codes. The slow case (a user reward trained end to end) runs with `pytest -m slow`."""
 import errno, json, os, shutil, stat, subprocess, sys, warnings
 from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -208,7 +208,7 @@ def test_subprocess_exit_codes():
 
 
 # ---------------------------------------------------------------------------------------------------- slow
-@pytest.mark.skipif(os.environ.get("IMAGEREFL_SLOW") != "1", reason="slow: trains the mini world for two steps; IMAGEREFL_SLOW=1")
+@pytest.mark.slow     # trains the mini world for two steps
 def test_user_reward_trains_from_the_cli(tmp_path, monkeypatch):
     (tmp_path/"my_reward.py").write_text("import torch\nclass Bright(torch.nn.Module):\n"
         "    def __init__(self): super().__init__(); self.w = torch.nn.Parameter(torch.ones(1))\n"

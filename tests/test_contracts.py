@@ -181,7 +181,7 @@ def test_an_interrupted_demo_stops_as_a_whole_and_the_next_run_resumes_it(tmp_pa
     assert f"resumed from {ck.name}" in capsys.readouterr().out
     assert (out/"train"/"refl-seed0"/"final"/"combined"/"model_index.json").exists() and snapshot(ck) == kept
 
-@pytest.mark.skipif(os.environ.get("IMAGEREFL_SLOW") != "1", reason="slow (about 1.5 minutes: two worker processes train); IMAGEREFL_SLOW=1")
+@pytest.mark.slow     # about 1.5 minutes: two worker processes train
 def test_sigterm_stops_a_demo_on_several_workers(tmp_path):
     "SIGTERM to the demo's process (not its workers): each worker's training saves and stops; status 143. (The full demo's default.)"
     out = tmp_path/"demo"

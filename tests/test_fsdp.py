@@ -12,7 +12,7 @@ accelerate cannot run FSDP on the CPU: it turns FSDP on only for GPU-like distri
 silently wraps the model in DDP instead (accelerate 1.15). So 1 and 2 drive torch's FSDP directly, the layer
 accelerate's FSDP plugin configures, and 3 switches a constructed `Accelerator`'s state to FSDP (two attributes: the
 distributed type, and the FSDP plugin built from the config `accelerate launch` read), after which accelerate's own
-FSDP2 preparation runs on the CPU. The multi-process tests are slow (IMAGEREFL_SLOW=1); the quick one runs 2 in one
+FSDP2 preparation runs on the CPU. The multi-process tests are slow (`pytest -m slow`); the quick one runs 2 in one
 process (a world of one).
 """
 import json, os, shutil, socket, subprocess, sys, textwrap
@@ -27,7 +27,7 @@ from imagerefl.runfolder import commit_checkpoint, find_checkpoint
 from imagerefl.checkpoint import save_sharded, load_sharded
 
 ROOT = Path(__file__).resolve().parents[1]
-slow = pytest.mark.skipif(os.environ.get("IMAGEREFL_SLOW") != "1", reason="slow: several gloo processes; IMAGEREFL_SLOW=1")
+slow = pytest.mark.slow      # several gloo processes
 
 
 def launch(tmp_path, script:str, *args, world=2, env=None, timeout=600):

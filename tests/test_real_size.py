@@ -8,15 +8,14 @@ Precision: fp32 always. bf16 (frozen parts in bf16, the adapter in fp32) only on
 (measured on a 2-core AMD EPYC without them: 0.4 against 41.6 GFLOP/s), and one ViT-H-14 forward alone would take
 minutes. The bf16 casts are tested with tiny components in the quick suite and at this size on a GPU by bench/gpu.py.
 
-Slow (minutes, peak RSS about 17 GB): IMAGEREFL_SLOW=1 python -m pytest tests/test_real_size.py -s
+Slow (minutes, peak RSS about 17 GB): python -m pytest -m slow tests/test_real_size.py -s
 """
 import copy, os, resource, sys, time
 from pathlib import Path
 import pytest, torch
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(os.environ.get("IMAGEREFL_SLOW") != "1",
-                                reason="slow: SD1.5-size UNet/VAE/CLIP-L and ViT-H-14 on the CPU (minutes, ~17 GB); IMAGEREFL_SLOW=1")
+pytestmark = pytest.mark.slow      # SD1.5-size UNet/VAE/CLIP-L and ViT-H-14 on the CPU (minutes, ~17 GB)
 RES, N = 64, 3            # 64 px (8x8 latents: every UNet level still runs, down to 1x1), 3 sampling steps
 
 

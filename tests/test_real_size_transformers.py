@@ -6,7 +6,7 @@ the T5 width (4096) the captions are projected from, SD3's 16 latent channels an
 text tokens, LoRA on the real block layout. The text encoders and the VAE are small stand-ins of the right output
 widths (the full T5-XXL alone is 4.7 B parameters), images are 256 px (32 x 32 latents, 256 image tokens), fp32.
 
-Slow (minutes, peak RSS about 12 GB): IMAGEREFL_SLOW=1 python -m pytest tests/test_real_size_transformers.py -s
+Slow (minutes, peak RSS about 12 GB): python -m pytest -m slow tests/test_real_size_transformers.py -s
 """
 import os, resource, sys, time
 from pathlib import Path
@@ -14,8 +14,7 @@ import pytest, torch
 from peft import LoraConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(os.environ.get("IMAGEREFL_SLOW") != "1",
-                                reason="slow: PixArt-XL-2 and SD3-medium transformers on the CPU (minutes, ~12 GB); IMAGEREFL_SLOW=1")
+pytestmark = pytest.mark.slow      # PixArt-XL-2 and SD3-medium transformers on the CPU (minutes, ~12 GB)
 RES = 256
 
 @pytest.mark.parametrize("family", ["pixart", "sd3"])

@@ -292,7 +292,7 @@ def test_transformers_rewards_bf16_and_checkpointing(tmp_path):
     assert len(calls) == 2 and not rc.training                               # recomputed in backward, in eval mode
 
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(os.environ.get("IMAGEREFL_SLOW") != "1", reason="slow: builds the real ViT-H-14 (986 M params, ~5 GB RAM); IMAGEREFL_SLOW=1")
+@pytest.mark.slow     # builds the real ViT-H-14 (986 M params, ~5 GB RAM)
 def test_real_hps_file_format_round_trip(tmp_path):
     import open_clip
     torch.manual_seed(0)
