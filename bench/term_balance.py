@@ -2,14 +2,15 @@
 term and the reward term at step 0, and ImageReFL's trade-off curve at weights spanning 10^4.
 
     python bench/term_balance.py ratio                                   # both rewards, the paper's 0.01 and the demo's weights
-    python bench/term_balance.py sensitivity --demo runs/demo-200 --reward preference   # w/100, w, w*100 on one training seed
+    python bench/term_balance.py sensitivity --out runs/sens-pref --reward preference --demo runs/demo-200   # w/100, w*100 (+ the demo's w)
 
 `ratio`: at the base model (step 0), on `--batches` training micro-batches of the demo's full plan (N = 20, batch 16),
 the gradient of ImageReFL's loss with the diffusion weight w and with weight 0, from the same random draws; their
 difference is the gradient of w * L_diffusion. Under Adam only the ratio of the two terms' gradients matters (a common
-scale cancels), so that ratio is what a weight sets. `sensitivity`: ImageReFL trained at w/100 and w*100 on a finished
-demo's first training seed, evaluated at the demo's checkpoints, drawn with the demo's own run at w in one trade-off
-figure (`sensitivity.png`, `sensitivity.csv` in the demo folder).
+scale cancels), so that ratio is what a weight sets. `sensitivity`: ImageReFL trained at w/100 and w*100 (the demo's full
+plan otherwise) on one training seed, evaluated at the plan's checkpoints, drawn with a finished demo's run at w on the
+same seeds in one trade-off figure (`sensitivity.png`, `sensitivity.csv` in `--out`; rerun with `--demo` once the demo
+has finished: finished training and evaluation are reused).
 """
 from __future__ import annotations
 import argparse, dataclasses, json, math, sys, tempfile
@@ -72,40 +73,38 @@ def ratio_main(a)->int:
 def sensitivity_main(a)->int:
     from imagerefl.mini.demo import DEMO_PLANS, Setting, _demo_job, checkpoint_steps, seed_summary
     from imagerefl.figures import plot_tradeoff_curves, save_figure
-    demo = Path(a.demo)
-    reward = json.loads((demo/"demo.json").read_text())["reward"]
-    plan = DEMO_PLANS["full"]
-    w = plan.diffusion_weights.get(reward, 0.01)
-    res = pd.read_csv(demo/"results.csv")
-    seed = int(res.train_seed.dropna().min())
+    plan, out = DEMO_PLANS["full"], Path(a.out)
+    w = plan.diffusion_weights.get(a.reward, 0.01)
     rows = []
     for f in a.factors:
         wf = w * f
-        p = dataclasses.replace(plan, diffusion_weights={reward: wf})
-        out = demo/"sensitivity"/f"w{wf:g}"
-        steps = checkpoint_steps(p, "imagerefl")
+        p = dataclasses.replace(plan, diffusion_weights={a.reward: wf})
         settings = [(i, Setting(f"imagerefl w={wf:g} (training)", "imagerefl", "tuned", fine_tuned_guidance_scale=1.0,
-                                train_seed=seed, train_step=t)) for i, t in enumerate(steps)]
-        eval_seed = int(res.eval_seed.iloc[0])
-        _, got = _demo_job(out, p, eval_seed, "imagerefl", seed, settings, True, len(settings), reward)
+                                train_seed=a.train_seed, train_step=t)) for i, t in enumerate(checkpoint_steps(p, "imagerefl"))]
+        _, got = _demo_job(out/f"w{wf:g}", p, a.eval_seed, "imagerefl", a.train_seed, settings, True, len(settings), a.reward)
         rows += [r for _, r in got]
-    mine = res[(res.model == "imagerefl") & (res.sampler == "tuned") & (res.train_seed == seed)].copy()
-    mine["method"] = f"imagerefl w={w:g} (training)"
-    base = res[(res.sampler == "base") & np.isclose(res.base_guidance, 1.0)]
-    refl = res[(res.model == "refl") & (res.sampler == "tuned") & (res.train_seed == seed)].copy(); refl["method"] = "refl (training)"
-    df = pd.concat([base, refl, mine, pd.DataFrame(rows)], ignore_index=True)
-    df.to_csv(demo/"sensitivity.csv", index=False)
-    save_figure(plot_tradeoff_curves(seed_summary(df), title=f"ImageReFL's diffusion weight, {reward} reward, training seed {seed}"),
-                demo/"sensitivity.png")
-    cols = ["method", "train_step", "reward_mean", "diversity_mean"]
-    print(df[cols].to_string(index=False))
+    df = pd.DataFrame(rows)
+    if a.demo:   # the demo's own run at w (same seeds), the base at CFG 1 and ReFL, from its results
+        res = pd.read_csv(Path(a.demo)/"results.csv")
+        one = lambda m: res[(res.model == m) & (res.sampler == "tuned") & (res.train_seed == a.train_seed) & np.isclose(res.tuned_guidance, 1.0)]
+        mine = one("imagerefl").assign(method=f"imagerefl w={w:g} (training)")
+        refl = one("refl").assign(method="refl (training)")
+        base = res[(res.sampler == "base") & np.isclose(res.base_guidance, 1.0)]
+        df = pd.concat([base, refl, mine, df], ignore_index=True)
+    df.to_csv(out/"sensitivity.csv", index=False)
+    save_figure(plot_tradeoff_curves(seed_summary(df), title=f"ImageReFL's diffusion weight ({a.reward} reward, training seed {a.train_seed})"),
+                out/"sensitivity.png")
+    print(df[["method", "train_step", "reward_mean", "diversity_mean"]].to_string(index=False))
     return 0
 
 def main(argv=None)->int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
     r = sub.add_parser("ratio"); r.add_argument("--rewards", nargs="*", default=["preference", "legibility"]); r.add_argument("--batches", type=int, default=3)
-    s = sub.add_parser("sensitivity"); s.add_argument("--demo", required=True); s.add_argument("--factors", type=float, nargs="*", default=[0.01, 100])
+    s = sub.add_parser("sensitivity"); s.add_argument("--out", required=True); s.add_argument("--reward", default="preference")
+    s.add_argument("--train-seed", type=int, default=200); s.add_argument("--eval-seed", type=int, default=200)
+    s.add_argument("--demo", help="a finished demo with the same seeds: its run at w joins the figure")
+    s.add_argument("--factors", type=float, nargs="*", default=[0.01, 100], help="multiples of the demo's weight trained here")
     a = ap.parse_args(argv)
     return ratio_main(a) if a.what == "ratio" else sensitivity_main(a)
 
