@@ -234,8 +234,8 @@ def parser()->argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("demo", help="the mini world's end-to-end demo on the CPU")
     p.add_argument("--out", default="imagerefl-demo", help="output folder; a rerun into it reuses finished training and evaluation")
-    p.add_argument("--quick", action="store_true", help="the smoke plan (one training seed, a few steps, about 20 s) instead of the full demo (about 3 minutes)")
-    p.add_argument("--seed", type=_seed, default=0, help="evaluation seed; training seeds are SEED + the plan's seeds (0, 1, 2)")
+    p.add_argument("--quick", action="store_true", help="the smoke plan (one training seed, a few steps, about 20 s) instead of the full demo (5 training seeds, about 6 minutes on 2 quiet cores)")
+    p.add_argument("--seed", type=_seed, default=0, help="evaluation seed; training seeds are SEED + the plan's seeds (0 to 4 in the full plan)")
     p.add_argument("--reward", default="preference", choices=("preference", "legibility"), help="the reward ReFL and ImageReFL train on and the claims are judged by: "
                    "preference (the learned appearance preference, the default) or legibility (the prompted digit's log-probability)")
     p.add_argument("--workers", type=_positive_int, default=None,

@@ -84,6 +84,16 @@ def test_quick_demo_writes_every_file(quick_run):
     spec = json.loads((quick_run/"figures.json").read_text())     # what `paper_figures/make.py figures --demo` reads
     assert len(spec["evals"]) == 6 and all((quick_run/d/"images.csv").is_file() for d in spec["evals"].values())
     assert (quick_run/spec["fig1_run"]/"train_log.csv").is_file()
+    # issue 34: the plan's properties and the prediction drift, with their columns, and both sections in the report
+    checks = pd.read_csv(quick_run/"plan_checks.csv")
+    assert checks.columns.tolist() == ["check", "plan", "model", "train_seed", "train_step", "level", "value", "ok"]
+    assert (checks.check == "first checkpoint keeps half the base's diversity").sum() == 2 * len(plan.train_seeds)
+    drift = pd.read_csv(quick_run/"drift.csv")
+    assert drift.columns.tolist() == ["level", "model", "train_seed", "train_step", "reward", "step_index", "drift"]
+    if len(drift):
+        assert set(drift.step_index) == set(range(plan.num_inference_steps)) and (drift.drift >= 0).all()
+        assert Image.open(quick_run/"drift.png").format == "PNG" and "prediction drift" in report
+    assert "## The plan's properties" in report
 
 def test_every_row_states_its_sampler_settings(quick_run):
     df = pd.read_csv(quick_run/"results.csv")

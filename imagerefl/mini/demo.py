@@ -21,7 +21,7 @@ from ..sweeps import Setting, evaluate_setting
 # %% auto #0
 __all__ = ['DEMO_PLANS', 'DEMO_REWARDS', 'REWARD_WORDS', 'SETTING_COLUMNS', 'DemoPlan', 'demo_reward', 'train_steps_of',
            'checkpoint_steps', 'demo_settings', 'seed_summary', 'claims_by', 'demo_report', 'DigitAccuracy',
-           'RuleUtility', 'demo']
+           'RuleUtility', 'demo', 'plan_checks', 'prediction_drift', 'demo_drift', 'plot_drift']
 
 # %% ../../nbs/24_mini_demo.ipynb #4d1bd904
 @dataclass
@@ -30,7 +30,7 @@ class DemoPlan:
     train_steps:int                 # ReFL's optimizer updates per training run
     imagerefl_steps:int             # ImageReFL's (the paper: twice ReFL's, each step cheaper)
     train_seeds:tuple               # one training run per method and seed
-    checkpoints:int                 # evaluation points along training, evenly spaced (the last one: the end)
+    checkpoints:int                 # evaluation points along training, evenly spaced (the last one: the end), unless `checkpoint_at` names them
     prompts:int                     # held-out prompts evaluated
     images_per_prompt:int           # images per prompt (diversity is within a prompt)
     base_guidances:tuple            # the base model's CFG sweep (each is the control of a tuned model at that CFG)
@@ -45,16 +45,23 @@ class DemoPlan:
     threads:int=1                   # torch threads per process: fixed, so that a seed gives the same numbers in any process
     workers:int=1                   # processes: each trains and evaluates whole training runs (the numbers do not depend on it)
     train_overrides:dict=field(default_factory=dict) # model name -> extra `key=value` settings of its training run
+    checkpoint_at:dict=field(default_factory=dict)   # model name -> the training steps evaluated (the last: the end), where the curve changes
+    diffusion_weights:dict=field(default_factory=dict) # demo reward name -> ImageReFL's diffusion weight (absent: the config's, 0.01)
+    drift_levels:bool=True          # measure each tuned model's prediction drift from the base at the matched reward levels
 
 _N20 = dict(refl=("objective.num_inference_steps=20", "objective.min_mid_index=15", "objective.max_mid_index=20", "validation.every=0"),
             imagerefl=("objective.num_inference_steps=20", "objective.start_index=15", "objective.min_mid_index=15",
                        "objective.max_mid_index=20", "validation.every=0"))
 _N8 = {k: tuple(s.replace("=20", "=8").replace("=15", "=6") for s in v) + ("batch_size=8",) for k, v in _N20.items()}  # --quick: a smoke run
 
+_LR = ("optimizer.lr=1e-5",)   # issue 34: at the configs' 1e-4 diversity collapses before the first checkpoint; at 1e-5 gradually
 DEMO_PLANS = dict(
-    full=DemoPlan(train_steps=30, imagerefl_steps=60, train_seeds=(0, 1, 2), checkpoints=3, prompts=12, images_per_prompt=4,
+    full=DemoPlan(train_steps=30, imagerefl_steps=60, train_seeds=(0, 1, 2, 3, 4), checkpoints=6, prompts=8, images_per_prompt=4,
                   base_guidances=(1, 2, 3, 5, 7.5), base_guidance=3, refl_original_unet_steps=(5, 10, 15), imagerefl_original_unet_steps=(5, 10, 15),
-                  aig_powers=(1, 4), refl_original_unet_steps_no_cfg=(5, 10, 15), workers=2, train_overrides=_N20),
+                  aig_powers=(1, 4), refl_original_unet_steps_no_cfg=(5, 10, 15), workers=2,
+                  train_overrides={k: v + _LR for k, v in _N20.items()},
+                  checkpoint_at=dict(refl=(2, 4, 8, 14, 22, 30), imagerefl=(4, 8, 16, 28, 44, 60)),
+                  diffusion_weights=dict(preference=1.6, legibility=0.05)),   # 0.01 x the reward's span / HPSv2.1's (below)
     quick=DemoPlan(train_steps=2, imagerefl_steps=4, train_seeds=(0,), checkpoints=2, prompts=4, images_per_prompt=4,
                    base_guidances=(1, 3), base_guidance=3, refl_original_unet_steps=(5,), imagerefl_original_unet_steps=(5,), aig_powers=(2,),
                    refl_original_unet_steps_no_cfg=(5,),
@@ -76,8 +83,12 @@ def train_steps_of(plan:DemoPlan, model:str)->int:
     return plan.imagerefl_steps if model == "imagerefl" else plan.train_steps
 
 def checkpoint_steps(plan:DemoPlan, model:str)->list[int]:
-    "The training steps at which `model` is evaluated: `plan.checkpoints` evenly spaced, the last one the end."
+    "The training steps at which `model` is evaluated: `plan.checkpoint_at`'s, else `plan.checkpoints` evenly spaced; the last one the end."
     n = train_steps_of(plan, model)
+    if model in plan.checkpoint_at:
+        steps = sorted(plan.checkpoint_at[model])
+        if steps[-1] != n or steps[0] < 1: raise UserError(f"checkpoint_at[{model!r}] = {steps}: steps from 1 to the run's end ({n})")
+        return steps
     return sorted({max(1, round(n*(i + 1)/plan.checkpoints)) for i in range(plan.checkpoints)})
 
 def demo_settings(plan:DemoPlan,
@@ -141,6 +152,8 @@ def _claims_table(claims:pd.DataFrame)->str:
 def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
                 smoke:bool=False, # a `--quick` run: say that its numbers mean nothing
                 reward:str="preference", # the reward the models were trained on (`DEMO_REWARDS`)
+                checks:pd.DataFrame|None=None, # `plan_checks` of the run
+                drift:pd.DataFrame|None=None,  # `demo_drift` of the run
                )->str:
     "The demo's `report.md`: what ran, the controls, which of the paper's claims held, the table, the time."
     from imagerefl.figures import paper_table, markdown_table, pareto_front
@@ -157,7 +170,9 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
              f"Training: ReFL for {plan.train_steps} and ImageReFL for {plan.imagerefl_steps} optimizer steps (the paper "
              f"trains ImageReFL for twice ReFL's steps), training seeds {seeds}, N = {plan.num_inference_steps} steps "
              "(configs mini_refl, mini_imagerefl); each run is also evaluated at "
-             f"{plan.checkpoints} checkpoints along training. Evaluation: {plan.prompts} held-out prompts x "
+             f"checkpoints along training (ReFL at steps {', '.join(map(str, checkpoint_steps(plan, 'refl')))}; ImageReFL at "
+             f"{', '.join(map(str, checkpoint_steps(plan, 'imagerefl')))})" + (f"; ImageReFL's diffusion weight {plan.diffusion_weights[reward]:g}"
+             if reward in plan.diffusion_weights else "") + ". Evaluation: {plan.prompts} held-out prompts x "
              f"{plan.images_per_prompt} images, {plan.num_inference_steps} DDPM steps, the same seeds for every setting. "
              f"Reward: {REWARD_WORDS[reward]}; every setting is also scored by {REWARD_WORDS[second]} (`reward_{second}`) and by "
              "the preference annotator's rule itself (`reward_rule`: crispness + 0.1 x legibility); accuracy: how often its classifier sees the prompted digit (prompt "
@@ -191,7 +206,7 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
              "(`claims_control_levels.csv`).", "",
              _claims_table(control), "",
              *[f"- {r.claim} ({r.control}): {r.detail}." for r in control.itertuples()], "",
-             *_regime_lines(agg, plan, reward), *_width_lines(results), "",
+             *_regime_lines(agg, plan, reward), *_width_lines(results), "", *_check_lines(checks), *_drift_lines(drift),
              "Pareto front (reward vs diversity, means over seeds): "
              f"{', '.join(dict.fromkeys(_label(r) for _, r in front.iterrows()))}.", "",
              "## Results (means over training seeds, 95 % interval across seeds)", "",
@@ -216,6 +231,34 @@ def _regime_lines(agg, plan, reward="preference")->list[str]:
             f"- ReFL without CFG: reward {r.reward_mean:.3f} [{r.reward_ci_low:.3f}, {r.reward_ci_high:.3f}]; the base's best over CFG "
             f"{', '.join(f'{g:g}' for g in plan.base_guidances)}: {best.reward_mean:.3f} at CFG {best.base_guidance:g} "
             f"({'above' if r.reward_ci_low > best.reward_mean else 'not clearly above'} it).", *rule, ""]
+
+def _check_lines(checks)->list[str]:
+    "The plan's properties (issue 34): first checkpoints keep half the base's diversity; matched levels bracketed by checkpoints."
+    if checks is None or not len(checks): return []
+    first, br = checks[checks.check.str.startswith("first")], checks[checks.check.str.startswith("level")]
+    low = first[~first.ok.astype(bool)]
+    out = ["## The plan's properties", "",
+           f"- First checkpoint's diversity / the base's at CFG 1: {first.value.min():.2f} to {first.value.max():.2f} over "
+           f"{len(first)} runs" + (f"; below one half in {len(low)} ({', '.join(f'{r.model} seed {int(r.train_seed)}' for r in low.itertuples())})" if len(low) else "; at least one half in every run") + "."]
+    for plan_, g in br.groupby("plan", sort=False):
+        miss = g[~g.ok.astype(bool)]
+        out.append(f"- Along-training levels ({plan_} plan: {', '.join(f'{v:.2f}' for v in dict.fromkeys(g.level))}) bracketed by measured "
+                   f"checkpoints of both curves in {len(g) - len(miss)} of {len(g)} (level, model, seed) cases"
+                   + (f"; not in {', '.join(f'{r.model} seed {int(r.train_seed)} at {r.level:.2f}' for r in miss.itertuples())}" if len(miss) else "") + ".")
+    if not len(br): out.append("- The along-training claim has no matched level (the curves share no reward range).")
+    return out + [""]
+
+def _drift_lines(drift)->list[str]:
+    "Prediction drift from the base, early against late denoising steps, per model at each matched level."
+    if drift is None or not len(drift): return []
+    n = int(drift.step_index.max()) + 1; h = n // 2
+    out = ["## Where the tuned models differ from the base (prediction drift)", "",
+           "RMS of ε_tuned − ε_base per image on the base's own trajectories without CFG, each seed's checkpoint nearest the level "
+           f"(`drift.csv`, `drift.png`); steps 0–{h - 1} (early, from pure noise) against {h}–{n - 1} (late), means over seeds:", ""]
+    for (lv, m), g in drift.groupby(["level", "model"], sort=False):
+        e, l = g[g.step_index < h].drift.mean(), g[g.step_index >= h].drift.mean()
+        out.append(f"- reward {lv:.2f}, {m} (steps {', '.join(str(s) for s in dict.fromkeys(g.train_step))}): early {e:.4f}, late {l:.4f} (late / early {l/e:.2f})")
+    return out + [""]
 
 def _width_lines(results)->list[str]:
     "What the sample size buys: the width of the diversity intervals at this plan's size."
@@ -267,8 +310,9 @@ def _train_once(config:str, out:Path, plan:DemoPlan, seed:int, reward:str="prefe
     from imagerefl.train import train
     model = config.removeprefix("mini_")
     steps = checkpoint_steps(plan, model)
-    every = steps[0] if all(s % steps[0] == 0 for s in steps) else 1
-    extra = plan.train_overrides.get(model, ())
+    every = math.gcd(*steps)
+    extra = (*plan.train_overrides.get(model, ()),
+             *([f"objective.diffusion_weight={plan.diffusion_weights[reward]}"] if model == "imagerefl" and reward in plan.diffusion_weights else []))
     r = train(config, report=False, overrides=[f"out_dir={out}", f"seed={seed}", f"max_steps={train_steps_of(plan, model)}", "resume=latest", f"reward.name={demo_reward(reward)}",
                        f"checkpoint_every={every}", f"keep_checkpoints={train_steps_of(plan, model) + 1}", *extra])   # room for one per step: interruptions add some
     if r["status"] == "interrupted" or r.get("signal"):   # Ctrl-C or SIGTERM while it trained: the demo stops too
@@ -350,13 +394,16 @@ def _demo_job(out:Path, plan:DemoPlan, seed:int, model:str, train_seed:int|None,
     unet, at = None, None
     for i, s in settings:
         _say(progress, f"stage 2/3: evaluate {s.name} ({i + 1} of {total})")
-        if s.model != "base" and at != s.train_step:
-            final = s.train_step == train_steps_of(plan, s.model)
-            unet, at = (load_tuned_denoiser(run/"final"/"unet" if (run/"final"/"unet").exists() else run, base_pipe) if final
-                        else load_tuned_denoiser(run, base_pipe, step=s.train_step)), s.train_step
+        if s.model != "base" and at != s.train_step: unet, at = _tuned_at(run, s.model, s.train_step, plan, base_pipe), s.train_step
         rows.append((i, evaluate_setting(base_pipe, unet, s, prompts, out/"eval", **kw)))
     timings[f"evaluate {model}" + (f", seed {train_seed}" if train_seed is not None else "")] = time.time() - t
     return timings, rows
+
+def _tuned_at(run:Path, model:str, step:int, plan:DemoPlan, base_pipe):
+    "The tuned UNet of training run `run` at `step` (its final weights at the end)."
+    if step == train_steps_of(plan, model):
+        return load_tuned_denoiser(run/"final"/"unet" if (run/"final"/"unet").exists() else run, base_pipe)
+    return load_tuned_denoiser(run, base_pipe, step=step)
 
 class _UnitStopped(Exception):
     "A worker's unit was interrupted (an `Exception`, which the pool hands back, where a `KeyboardInterrupt` loses the worker)."
@@ -455,8 +502,95 @@ def _demo(out, plan, quick, seed, progress, workers=1, reward="preference"):
                   tuned_guidance=s.aig_guidance_scale if s.sampler == "aig" else s.fine_tuned_guidance_scale) for s in shown]
     atomic_write_text(out/"figures.json", json.dumps(dict(evals={_label(r): f"eval/{s.name}" for s, r in zip(shown, rows_)},
                                                           fig1_run=f"train/refl-seed{s0}"), indent=1) + "\n")
+    drift, checks = None, plan_checks(results, plan)
+    if plan.drift_levels:
+        t = time.time(); drift = demo_drift(out, plan, results, seed, reward)
+        atomic_write_text(out/"drift.csv", drift.to_csv(index=False))
+        if len(drift): save_figure(plot_drift(drift), out/"drift.png")
+        timings["prediction drift"] = time.time() - t
+    atomic_write_text(out/"plan_checks.csv", checks.to_csv(index=False))
     timings["total"] = time.time() - t0
-    atomic_write_text(out/"report.md", demo_report(results, plan, timings, smoke=quick, reward=reward))
+    atomic_write_text(out/"report.md", demo_report(results, plan, timings, smoke=quick, reward=reward, checks=checks, drift=drift))
     atomic_write_text(out/"claims.csv", judge_claims(results).to_csv(index=False))
     atomic_write_text(out/"claims_control_levels.csv", judge_claims(results, with_levels(control_levels)).to_csv(index=False))
     return results
+
+# %% ../../nbs/24_mini_demo.ipynb #8a41d2e7
+def _tuned_rows(results:pd.DataFrame, model:str, seed)->pd.DataFrame:
+    "`model`'s rows sampled alone without CFG in training seed `seed`, by training step (its checkpoints and its end)."
+    r = results[(results.model == model) & (results.sampler == "tuned") & np.isclose(results.tuned_guidance.astype(float), 1.0)]
+    return r[r.train_seed == seed].sort_values("train_step")
+
+def _training_levels(results:pd.DataFrame)->dict:
+    "Analysis plan -> the reward levels of the along-training claim (ImageReFL against ReFL)."
+    from imagerefl.claims import claim_imagerefl_training, shared_levels
+    lv = lambda rule: [float(x) for x in judge_claims(results, with_levels(rule, [claim_imagerefl_training])).reward_level.dropna()]
+    return dict(shared=lv(shared_levels), control=lv(control_levels))
+
+def plan_checks(results:pd.DataFrame, plan:DemoPlan)->pd.DataFrame:
+    "Issue 34's properties of a finished demo: each first checkpoint keeps half the base's diversity; each matched level is bracketed by checkpoints."
+    base = results[(results.sampler == "base") & np.isclose(results.base_guidance.astype(float), 1.0)].diversity_mean.iloc[0]
+    rows, seeds = [], sorted(results.train_seed.dropna().unique())
+    for m in ("refl", "imagerefl"):
+        for s in seeds:
+            r = _tuned_rows(results, m, s).iloc[0]
+            rows.append(dict(check="first checkpoint keeps half the base's diversity", plan="", model=m, train_seed=s,
+                             train_step=r.train_step, level=math.nan, value=r.diversity_mean/base, ok=r.diversity_mean >= base/2))
+    for name, levels in _training_levels(results).items():
+        for level in levels:
+            for m in ("refl", "imagerefl"):
+                for s in seeds:
+                    rw = _tuned_rows(results, m, s).reward_mean
+                    rows.append(dict(check="level bracketed by checkpoints", plan=name, model=m, train_seed=s, train_step=math.nan,
+                                     level=level, value=math.nan, ok=bool(rw.min() <= level <= rw.max())))
+    return pd.DataFrame(rows)
+
+def prediction_drift(base_pipe,             # the base pipeline (its UNet draws the trajectories)
+                     unet,                  # the tuned UNet (any module called like the base's)
+                     prompts:list[str],     # one trajectory per prompt
+                     num_inference_steps:int=20, seed:int=0)->np.ndarray:
+    "Mean over images of the RMS of ε_tuned − ε_base at each denoising step, on the base's own trajectories without CFG."
+    pipe, dev = base_pipe, base_pipe.unet.device
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config); sched.set_timesteps(num_inference_steps)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        cond = pipe.encode_prompt(prompts, dev, 1, False)[0]
+        c, n = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+        x, out = torch.randn((len(prompts), c, n, n), generator=g).to(dev) * sched.init_noise_sigma, []
+        for t in sched.timesteps:
+            xi = sched.scale_model_input(x, t)
+            eb, et = (u(xi, t, encoder_hidden_states=cond).sample for u in (pipe.unet, unet))
+            out.append(((et - eb).flatten(1).pow(2).mean(1).sqrt()).mean().item())
+            x = sched.step(eb, t, x, generator=g).prev_sample
+    return np.array(out)
+
+
+# %% ../../nbs/24_mini_demo.ipynb #b93e0f55
+def demo_drift(out:Path, plan:DemoPlan, results:pd.DataFrame, seed:int=0, reward:str="preference")->pd.DataFrame:
+    "`prediction_drift` of each seed's ReFL and ImageReFL checkpoint nearest each level of the along-training claim (first analysis plan)."
+    base_pipe, _ = load_models("mini")
+    from imagerefl.data import load_prompts
+    prompts, rows = load_prompts("mini-digits", split="test")[:plan.prompts], []
+    for level in _training_levels(results)["shared"]:
+        for m in ("refl", "imagerefl"):
+            for s in sorted(results[results.model == m].train_seed.dropna().unique()):
+                ck = _tuned_rows(results, m, s); r = ck.iloc[int((ck.reward_mean - level).abs().argmin())]
+                unet = _tuned_at(out/"train"/f"{m}-seed{int(s)}", m, int(r.train_step), plan, base_pipe)
+                d = prediction_drift(base_pipe, unet, prompts, plan.num_inference_steps, seed)
+                rows += [dict(level=level, model=m, train_seed=int(s), train_step=int(r.train_step), reward=r.reward_mean,
+                              step_index=i, drift=v) for i, v in enumerate(d)]
+    return pd.DataFrame(rows, columns=["level", "model", "train_seed", "train_step", "reward", "step_index", "drift"])
+
+def plot_drift(drift:pd.DataFrame):
+    "Mean prediction drift from the base per denoising step, one panel per matched level, ReFL against ImageReFL (range over seeds shaded)."
+    import matplotlib.pyplot as plt
+    levels = sorted(drift.level.unique())
+    fig, axes = plt.subplots(1, len(levels), figsize=(5*len(levels), 3.6), squeeze=False)
+    for ax, lv in zip(axes[0], levels):
+        for m, label in (("refl", "ReFL"), ("imagerefl", "ImageReFL")):
+            g = drift[(drift.level == lv) & (drift.model == m)].groupby("step_index").drift
+            ax.plot(g.mean().index, g.mean(), label=label); ax.fill_between(g.mean().index, g.min(), g.max(), alpha=.2)
+        ax.set(title=f"checkpoints nearest reward {lv:.2f}", xlabel="denoising step (0 = pure noise)", ylabel="RMS of ε_tuned − ε_base")
+        ax.legend()
+    fig.tight_layout(); return fig
+
