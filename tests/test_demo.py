@@ -62,11 +62,11 @@ def test_a_folder_holds_one_rewards_demo(quick_run):
     with pytest.raises(UserError, match="holds a demo on the preference reward, not legibility"):
         demo(quick_run, quick=True, reward="legibility", progress=False)
 
-def test_an_older_demo_folder_counts_as_legibility(tmp_path):
-    "A demo folder written before the preference reward (evaluations, no demo.json) holds legibility results: not reused for preference."
+def test_eval_without_demo_json_is_not_a_demo_folder(tmp_path):
+    "A demo writes demo.json before anything else: evaluations without it are another tool's folder, refused and left as they were."
     from imagerefl.core import UserError
     (tmp_path/"eval").mkdir()
-    with pytest.raises(UserError, match="holds a demo on the legibility reward, not preference"): demo(tmp_path, quick=True, progress=False)
+    with pytest.raises(UserError, match="holds eval/ but no demo.json: not a demo folder"): demo(tmp_path, quick=True, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
 
 def test_quick_demo_writes_every_file(quick_run):

@@ -47,7 +47,7 @@ def test_plan_checks_known_answers():
 
 def test_drift_is_zero_where_the_tuned_model_is_the_base():
     "A tuned model equal to the base at the early steps (t >= 500) and the base plus 0.25 after: drift 0, then exactly 0.25."
-    from imagerefl.sweeps import load_models
+    from imagerefl.export import load_models
     base, _ = load_models("mini")
     class Late(torch.nn.Module):
         def __init__(self, u): super().__init__(); self.u = u

@@ -362,8 +362,10 @@ def demo(out_dir:str|Path="demo",  # output folder
     out = Path(out_dir)
     if found := run_files(out) + [n for n in ("run.json", "images.csv") if (out/n).exists()]:   # a training run's, an evaluation's
         raise UserError(f"{out} holds {', '.join(found)}: a training run or an evaluation, not a demo; choose another output folder")
-    was = json.loads((out/"demo.json").read_text()).get("reward") if (out/"demo.json").exists() else "legibility" if (out/"eval").is_dir() else None
-    if was is not None and was != reward:   # a demo folder without demo.json predates the preference reward
+    if (out/"eval").is_dir() and not (out/"demo.json").exists():   # a demo writes demo.json before anything else
+        raise UserError(f"{out} holds eval/ but no demo.json: not a demo folder; choose another output folder")
+    was = json.loads((out/"demo.json").read_text()).get("reward") if (out/"demo.json").exists() else None
+    if was is not None and was != reward:
         raise UserError(f"{out} holds a demo on the {was} reward, not {reward}: choose another output folder")
     out.mkdir(parents=True, exist_ok=True); atomic_write_text(out/"demo.json", json.dumps(dict(reward=reward)) + "\n")
     threads = torch.get_num_threads(); torch.set_num_threads(plan.threads)
