@@ -19,9 +19,9 @@ from ..export import load_models, load_tuned_denoiser
 from ..sweeps import Setting, evaluate_setting
 
 # %% auto #0
-__all__ = ['DEMO_PLANS', 'DEMO_REWARDS', 'REWARD_WORDS', 'SETTING_COLUMNS', 'DemoPlan', 'demo_reward', 'train_steps_of',
-           'checkpoint_steps', 'demo_settings', 'seed_summary', 'claims_by', 'demo_report', 'DigitAccuracy',
-           'RuleUtility', 'demo', 'plan_checks', 'prediction_drift', 'demo_drift', 'plot_drift']
+__all__ = ['DEMO_PLANS', 'REWARD_WORDS', 'SETTING_COLUMNS', 'DemoPlan', 'train_steps_of', 'checkpoint_steps', 'demo_settings',
+           'seed_summary', 'claims_by', 'demo_report', 'DigitAccuracy', 'RuleUtility', 'demo', 'plan_checks',
+           'prediction_drift', 'demo_drift', 'plot_drift']
 
 # %% ../../nbs/24_mini_demo.ipynb #4d1bd904
 @dataclass
@@ -46,7 +46,7 @@ class DemoPlan:
     workers:int=1                   # processes: each trains and evaluates whole training runs (the numbers do not depend on it)
     train_overrides:dict=field(default_factory=dict) # model name -> extra `key=value` settings of its training run
     checkpoint_at:dict=field(default_factory=dict)   # model name -> the training steps evaluated (the last: the end), where the curve changes
-    diffusion_weights:dict=field(default_factory=dict) # demo reward name -> ImageReFL's diffusion weight (absent: the config's, 0.01)
+    diffusion_weights:dict=field(default_factory=dict) # demo reward -> ImageReFL's diffusion weight (absent: the config's, 0.01)
     drift_levels:bool=True          # measure each tuned model's prediction drift from the base at the matched reward levels
 
 # %% ../../nbs/24_mini_demo.ipynb #4347557a
@@ -62,7 +62,7 @@ DEMO_PLANS = dict(
                   aig_powers=(1, 4), refl_original_unet_steps_no_cfg=(5, 10, 15), workers=2,
                   train_overrides={k: v + _LR for k, v in _N20.items()},
                   checkpoint_at=dict(refl=(2, 4, 8, 14, 22, 30), imagerefl=(4, 8, 16, 28, 44, 60)),
-                  diffusion_weights=dict(preference=1.6, legibility=0.05)),   # 0.01 x the reward's span / HPSv2.1's (below)
+                  diffusion_weights={"mini-preference": 1.6, "mini-legibility": 0.05}),   # 0.01 x the reward's span / HPSv2.1's (below)
     quick=DemoPlan(train_steps=2, imagerefl_steps=4, train_seeds=(0,), checkpoints=2, prompts=4, images_per_prompt=4,
                    base_guidances=(1, 3), base_guidance=3, refl_original_unet_steps=(5,), imagerefl_original_unet_steps=(5,), aig_powers=(2,),
                    refl_original_unet_steps_no_cfg=(5,),
@@ -70,15 +70,9 @@ DEMO_PLANS = dict(
 )
 
 # %% ../../nbs/24_mini_demo.ipynb #5a712b21
-DEMO_REWARDS = dict(preference="mini-preference", legibility="mini-legibility")  # --reward name -> registered reward
-REWARD_WORDS = dict(preference="the learned preference reward (`mini-preference`: a Bradley-Terry network fitted to an annotator rule "
-                               "that prefers crisp, solid strokes and, a tenth as much, the prompted digit)",
-                    legibility="the legibility reward (`mini-legibility`: the prompted digit's log-probability under a classifier)")
-
-def demo_reward(name:str)->str:
-    "The registered reward of a demo reward name, or one line listing the choices."
-    if name not in DEMO_REWARDS: raise UserError(f"unknown demo reward '{name}': choose one of {', '.join(DEMO_REWARDS)}")
-    return DEMO_REWARDS[name]
+REWARD_WORDS = {"mini-preference": "the learned preference reward (`mini-preference`: a Bradley-Terry network fitted to an annotator rule "
+                                   "that prefers crisp, solid strokes and, a tenth as much, the prompted digit)",
+                "mini-legibility": "the legibility reward (`mini-legibility`: the prompted digit's log-probability under a classifier)"}
 
 # %% ../../nbs/24_mini_demo.ipynb #868bad26
 def train_steps_of(plan:DemoPlan, model:str)->int:
@@ -155,7 +149,7 @@ def _claims_table(claims:pd.DataFrame)->str:
                           .set_index("claim")[["control", "measure", "reward_level", "effect", "interval", "seeds_held", "verdict"]])
 
 # %% ../../nbs/24_mini_demo.ipynb #01b15c91
-def _regime_lines(agg, plan, reward="preference")->list[str]:
+def _regime_lines(agg, plan, reward="mini-preference")->list[str]:
     "The preference reward's regime checks (headroom beyond guidance, the real digits' reward, the rule against the network)."
     base, refl = agg[agg.method == "base"], agg[(agg.method == "refl") & (agg.sampler == "tuned") & np.isclose(agg.tuned_guidance, 1.0)]
     if not len(base) or not len(refl) or "reward_rule_mean" not in agg: return []
@@ -163,7 +157,7 @@ def _regime_lines(agg, plan, reward="preference")->list[str]:
     r = refl.iloc[0]
     rule = [f"- The annotator's rule (what the preference network was fitted to): base at CFG 1 {base[np.isclose(base.base_guidance, 1.0)].reward_rule_mean.iloc[0]:.3f}, "
             f"best base {base.reward_rule_mean.max():.3f}, ReFL without CFG {r.reward_rule_mean:.3f}. Where the reward rises and the rule does not, "
-            "ReFL exploits the network's departures from the rule (reward hacking)."] if reward == "preference" else []
+            "ReFL exploits the network's departures from the rule (reward hacking)."] if reward == "mini-preference" else []
     return ["## Headroom" + (" and reward hacking" if rule else ""), "",
             f"- ReFL without CFG: reward {r.reward_mean:.3f} [{r.reward_ci_low:.3f}, {r.reward_ci_high:.3f}]; the base's best over CFG "
             f"{', '.join(f'{g:g}' for g in plan.base_guidances)}: {best.reward_mean:.3f} at CFG {best.base_guidance:g} "
@@ -233,13 +227,13 @@ def _label(r)->str:
 # %% ../../nbs/24_mini_demo.ipynb #32dffdd2
 def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
                 smoke:bool=False, # a `--quick` run: say that its numbers mean nothing
-                reward:str="preference", # the reward the models were trained on (`DEMO_REWARDS`)
+                reward:str="mini-preference", # the reward the models were trained on (`REWARD_WORDS`)
                 checks:pd.DataFrame|None=None, # `plan_checks` of the run
                 drift:pd.DataFrame|None=None,  # `demo_drift` of the run
                )->str:
     "The demo's `report.md`: what ran, the controls, which of the paper's claims held, the table, the time."
     from imagerefl.figures import paper_table, markdown_table, pareto_front
-    second = next(k for k in DEMO_REWARDS if k != reward)
+    second = next(k for k in REWARD_WORDS if k != reward)
     claims, agg = judge_claims(results), seed_summary(results)
     control = judge_claims(results, with_levels(control_levels))   # the second analysis plan's levels
     base = agg[agg.method == "base"].sort_values("base_guidance")
@@ -256,7 +250,7 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
              f"{', '.join(map(str, checkpoint_steps(plan, 'imagerefl')))})" + (f"; ImageReFL's diffusion weight {plan.diffusion_weights[reward]:g}"
              if reward in plan.diffusion_weights else "") + ". Evaluation: {plan.prompts} held-out prompts x "
              f"{plan.images_per_prompt} images, {plan.num_inference_steps} DDPM steps, the same seeds for every setting. "
-             f"Reward: {REWARD_WORDS[reward]}; every setting is also scored by {REWARD_WORDS[second]} (`reward_{second}`) and by "
+             f"Reward: {REWARD_WORDS[reward]}; every setting is also scored by {REWARD_WORDS[second]} (`reward_{second.removeprefix('mini-')}`) and by "
              "the preference annotator's rule itself (`reward_rule`: crispness + 0.1 x legibility); accuracy: how often its classifier sees the prompted digit (prompt "
              "adherence); diversity: mean pairwise 1 - cos of an independent feature network within a prompt; FID/KID: "
              "that network against held-out digits. Every row of `results.csv` states its sampler settings "
@@ -280,7 +274,7 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
              f"### Judged by the training reward ({reward})", "", _claims_table(claims), "",
              *[f"- {r.claim} ({r.control}): {r.detail}." for r in claims.itertuples()], "",
              f"### The same models judged by the {second} reward (not trained on)", "",
-             _claims_table(claims_by(results, f"reward_{second}")), "",
+             _claims_table(claims_by(results, f"reward_{second.removeprefix('mini-')}")), "",
              "### The second analysis plan: matched reward levels from the controls' curves", "",
              "The claims at equal reward again, by the training reward, with the levels at 1/3 and 2/3 of the reward range "
              "that every seed's control curve reaches (`claims.control_levels`), so that the claimed method's results play "
@@ -317,7 +311,7 @@ class RuleUtility(torch.nn.Module):
         return annotator_utility(images, prompts, self.legibility).to(images.device)
 
 # %% ../../nbs/24_mini_demo.ipynb #2c7c7cf4
-def _train_once(config:str, out:Path, plan:DemoPlan, seed:int, reward:str="preference")->Path:
+def _train_once(config:str, out:Path, plan:DemoPlan, seed:int, reward:str="mini-preference")->Path:
     "Train with a shipped config into `out` unless a finished run is already there; keep a checkpoint at each evaluation step."
     if (out/"final"/"combined"/"model_index.json").exists(): return out
     from imagerefl.train import train
@@ -326,7 +320,7 @@ def _train_once(config:str, out:Path, plan:DemoPlan, seed:int, reward:str="prefe
     every = math.gcd(*steps)
     extra = (*plan.train_overrides.get(model, ()),
              *([f"objective.diffusion_weight={plan.diffusion_weights[reward]}"] if model == "imagerefl" and reward in plan.diffusion_weights else []))
-    r = train(config, report=False, overrides=[f"out_dir={out}", f"seed={seed}", f"max_steps={train_steps_of(plan, model)}", "resume=latest", f"reward.name={demo_reward(reward)}",
+    r = train(config, report=False, overrides=[f"out_dir={out}", f"seed={seed}", f"max_steps={train_steps_of(plan, model)}", "resume=latest", f"reward.name={reward}",
                        f"checkpoint_every={every}", f"keep_checkpoints={train_steps_of(plan, model) + 1}", *extra])   # room for one per step: interruptions add some
     if r["status"] == "interrupted" or r.get("signal"):   # Ctrl-C or SIGTERM while it trained: the demo stops too
         raise Interrupted(f"training {out.name} stopped at step {r['step']}, its checkpoint saved" if r["status"] == "interrupted"
@@ -344,10 +338,10 @@ def demo(out_dir:str|Path="demo",  # output folder
          progress:bool=True,       # stage messages and progress bars
          plan:DemoPlan|None=None,  # how much to train and measure; None = `DEMO_PLANS["quick" or "full"]`
          workers:int|None=None,    # processes; None = the plan's (the results do not depend on it)
-         reward:str="preference",  # the reward ReFL and ImageReFL train on and the claims are judged by: preference or legibility
+         reward:str="mini-preference",  # the reward ReFL and ImageReFL train on and the claims are judged by: mini-preference or mini-legibility
         )->pd.DataFrame:           # the results table (also `results.csv`)
     "Train ReFL and ImageReFL on the mini world (several seeds), evaluate every setting and its controls, write results, figures and a report."
-    demo_reward(reward)
+    if reward not in REWARD_WORDS: raise UserError(f"unknown demo reward '{reward}': choose one of {', '.join(REWARD_WORDS)}")
     plan = plan or DEMO_PLANS["quick" if quick else "full"]
     check_seed(seed)
     if seed + max(plan.train_seeds) > SEED_MAX:
@@ -378,7 +372,7 @@ def demo(out_dir:str|Path="demo",  # output folder
 
 # %% ../../nbs/24_mini_demo.ipynb #9c3df644
 @functools.lru_cache(maxsize=1)
-def _eval_world(prompts:int, images_per_prompt:int, batch_size:int, num_inference_steps:int, seed:int, reward:str="preference")->tuple:
+def _eval_world(prompts:int, images_per_prompt:int, batch_size:int, num_inference_steps:int, seed:int, reward:str="mini-preference")->tuple:
     "The evaluation's fixed parts, loaded once per process: base pipeline, prompts and `evaluate_setting`'s keyword arguments."
     from imagerefl.mini.nets import load_mini_features
     from imagerefl.rewards import load_reward
@@ -389,7 +383,7 @@ def _eval_world(prompts:int, images_per_prompt:int, batch_size:int, num_inferenc
     other = dict(preference=preference, legibility=legibility)   # every setting is scored by both rewards and the rule
     real = mini_digits("test", resolution=base_pipe.unet.config.sample_size * base_pipe.vae_scale_factor)
     reference = torch.stack([real[i]["image"] for i in range(len(real))])
-    rewards = {"reward": other.pop(reward), **other, "rule": RuleUtility(legibility), "accuracy": DigitAccuracy(legibility)}
+    rewards = {"reward": other.pop(reward.removeprefix("mini-")), **other, "rule": RuleUtility(legibility), "accuracy": DigitAccuracy(legibility)}
     kw = dict(rewards=rewards, features={"mini": features},
               reference_images=reference, fid_features=features, images_per_prompt=images_per_prompt,
               batch_size=batch_size, seed=seed, num_inference_steps=num_inference_steps, progress=False,
@@ -398,7 +392,7 @@ def _eval_world(prompts:int, images_per_prompt:int, batch_size:int, num_inferenc
 
 # %% ../../nbs/24_mini_demo.ipynb #9289c91c
 def _demo_job(out:Path, plan:DemoPlan, seed:int, model:str, train_seed:int|None, settings:list, # [(row index, Setting)]
-              progress:bool, total:int, reward:str="preference")->tuple:
+              progress:bool, total:int, reward:str="mini-preference")->tuple:
     "One unit of the demo: train one run (unless finished), then evaluate its settings; (timings, [(row index, row)])."
     torch.set_num_threads(plan.threads)
     timings, rows = {}, []
@@ -454,7 +448,7 @@ def _worker_init(loading_bars:bool, stop=None):
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # between units; during one, `interruptible` (or the trainer) handles it
 
 # %% ../../nbs/24_mini_demo.ipynb #91d7df1e
-def _run_jobs(out, plan, seed, progress, workers, jobs, total, reward="preference")->tuple:
+def _run_jobs(out, plan, seed, progress, workers, jobs, total, reward="mini-preference")->tuple:
     "Run the units in this process (workers=1) or in a pool of fresh processes; (timings, rows in table order)."
     args = [(out, plan, seed, model, s, group, progress, total, reward) for (model, s), group in jobs]
     if workers == 1: done = [_demo_job(*a) for a in args]
@@ -497,7 +491,7 @@ def _run_jobs(out, plan, seed, progress, workers, jobs, total, reward="preferenc
     return timings, [rows[i] for i in range(total)]
 
 # %% ../../nbs/24_mini_demo.ipynb #5ebb9ea3
-def _demo(out, plan, quick, seed, progress, workers=1, reward="preference"):
+def _demo(out, plan, quick, seed, progress, workers=1, reward="mini-preference"):
     from imagerefl.figures import plot_tradeoff_curves, plot_training_curves, comparison_grid, save_figure
     t0 = time.time()
     settings, seeds = demo_settings(plan, seed), [seed + s for s in plan.train_seeds]
@@ -588,7 +582,7 @@ def prediction_drift(base_pipe,             # the base pipeline (its UNet draws 
 
 
 # %% ../../nbs/24_mini_demo.ipynb #b93e0f55
-def demo_drift(out:Path, plan:DemoPlan, results:pd.DataFrame, seed:int=0, reward:str="preference")->pd.DataFrame:
+def demo_drift(out:Path, plan:DemoPlan, results:pd.DataFrame, seed:int=0, reward:str="mini-preference")->pd.DataFrame:
     "`prediction_drift` of each seed's ReFL and ImageReFL checkpoint nearest each level of the along-training claim (first analysis plan)."
     base_pipe, _ = load_models("mini")
     from imagerefl.data import load_prompts
