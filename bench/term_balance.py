@@ -2,7 +2,7 @@
 term and the reward term at step 0, and ImageReFL's trade-off curve at weights spanning 10^4.
 
     python bench/term_balance.py ratio                                   # both rewards, the paper's 0.01 and the demo's weights
-    python bench/term_balance.py sensitivity --out runs/sens-pref --reward preference --demo runs/demo-200   # w/100, w*100 (+ the demo's w)
+    python bench/term_balance.py sensitivity --out runs/sens-pref --reward mini-preference --demo runs/demo-200   # w/100, w*100 (+ the demo's w)
 
 `ratio`: at the base model (step 0), on `--batches` training micro-batches of the demo's full plan (N = 20, batch 16),
 the gradient of ImageReFL's loss with the diffusion weight w and with weight 0, from the same random draws; their
@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch
 
 def _trainer(reward:str, weight:float, seed:int=0):
-    "A Trainer of the demo's full-plan ImageReFL run on `reward` (a demo name) with diffusion weight `weight`."
-    from imagerefl.mini.demo import DEMO_PLANS, demo_reward
+    "A Trainer of the demo's full-plan ImageReFL run on `reward` (a demo reward: mini-preference or mini-legibility) with diffusion weight `weight`."
+    from imagerefl.mini.demo import DEMO_PLANS
     from imagerefl.config import load_config, model_source
     from imagerefl.train import Trainer, build_data
     from imagerefl.objectives import make_objective
     from imagerefl.diffusion import Backbone
     from imagerefl.rewards import load_reward
     plan = DEMO_PLANS["full"]
-    cfg = load_config("mini_imagerefl", [f"out_dir={tempfile.mkdtemp()}", f"seed={seed}", f"reward.name={demo_reward(reward)}",
+    cfg = load_config("mini_imagerefl", [f"out_dir={tempfile.mkdtemp()}", f"seed={seed}", f"reward.name={reward}",
                                          f"objective.diffusion_weight={weight}", *plan.train_overrides["imagerefl"]])
     oc = dict(cfg.objective); objective = make_objective(oc.pop("name"), oc)
     src = model_source(cfg.model.source)
@@ -100,8 +100,8 @@ def sensitivity_main(a)->int:
 def main(argv=None)->int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
-    r = sub.add_parser("ratio"); r.add_argument("--rewards", nargs="*", default=["preference", "legibility"]); r.add_argument("--batches", type=int, default=3)
-    s = sub.add_parser("sensitivity"); s.add_argument("--out", required=True); s.add_argument("--reward", default="preference")
+    r = sub.add_parser("ratio"); r.add_argument("--rewards", nargs="*", default=["mini-preference", "mini-legibility"]); r.add_argument("--batches", type=int, default=3)
+    s = sub.add_parser("sensitivity"); s.add_argument("--out", required=True); s.add_argument("--reward", default="mini-preference")
     s.add_argument("--train-seed", type=int, default=200); s.add_argument("--eval-seed", type=int, default=200)
     s.add_argument("--demo", help="a finished demo with the same seeds: its run at w joins the figure")
     s.add_argument("--factors", type=float, nargs="*", default=[0.01, 100], help="multiples of the demo's weight trained here")

@@ -133,7 +133,7 @@ def cmd_demo(a):
     try: demo(a.out, quick=a.quick, seed=a.seed, workers=a.workers, reward=a.reward)
     except Interrupted as e:           # the same command resumes it: finished runs and evaluations are reused
         again = ["imagerefl", "demo", "--out", a.out] + ["--quick"] * a.quick + ["--seed", str(a.seed)] * (a.seed != 0) \
-                + ["--reward", a.reward] * (a.reward != "preference") + ["--workers", str(a.workers)] * (a.workers is not None)
+                + ["--reward", a.reward] * (a.reward != "mini-preference") + ["--workers", str(a.workers)] * (a.workers is not None)
         import shlex
         raise Interrupted(f"{e}; continue with: {shlex.join(again)}", e.signum) from None
     print(f"wrote {a.out}/results.csv, claims.csv, claims_control_levels.csv, report.md, tradeoff.png, collapse.png, grid.png"); return 0
@@ -236,8 +236,8 @@ def parser()->argparse.ArgumentParser:
     p.add_argument("--out", default="imagerefl-demo", help="output folder; a rerun into it reuses finished training and evaluation")
     p.add_argument("--quick", action="store_true", help="the smoke plan (one training seed, a few steps, about 20 s) instead of the full demo (5 training seeds, about 6 minutes on 2 quiet cores)")
     p.add_argument("--seed", type=_seed, default=0, help="evaluation seed; training seeds are SEED + the plan's seeds (0 to 4 in the full plan)")
-    p.add_argument("--reward", default="preference", choices=("preference", "legibility"), help="the reward ReFL and ImageReFL train on and the claims are judged by: "
-                   "preference (the learned appearance preference, the default) or legibility (the prompted digit's log-probability)")
+    p.add_argument("--reward", default="mini-preference", choices=("mini-preference", "mini-legibility"), help="the reward ReFL and ImageReFL train on and the claims are judged by: "
+                   "mini-preference (the learned appearance preference, the default) or mini-legibility (the prompted digit's log-probability)")
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="processes, each training and evaluating whole runs with one torch thread (default: 2 for the full plan, 1 with --quick); the results do not depend on it")
     p.set_defaults(func=cmd_demo)

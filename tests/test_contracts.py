@@ -199,9 +199,9 @@ def test_sigterm_stops_a_demo_on_several_workers(tmp_path):
                                   ["evaluate", "--model", "m", "--prompts", "p", "--seed", "-1"]])
 def test_a_seed_is_a_seed_in_every_command(capsys, tmp_path, argv):
     "`demo --seed -1` trained one run and then crashed; now every command refuses it where it is parsed, in the same words."
-    (tmp_path/"d").mkdir(); (tmp_path/"d"/"demo.json").write_text('{"reward": "preference"}\n')
+    (tmp_path/"d").mkdir(); (tmp_path/"d"/"demo.json").write_text('{"reward": "mini-preference"}\n')
     assert parse_error(capsys, *argv, "--out", tmp_path/"d").endswith("argument --seed: -1 is not a seed: give an integer from 0 to 4294967295")
-    assert snapshot(tmp_path/"d") == {"demo.json": hashlib.sha256(b'{"reward": "preference"}\n').hexdigest()}
+    assert snapshot(tmp_path/"d") == {"demo.json": hashlib.sha256(b'{"reward": "mini-preference"}\n').hexdigest()}
 
 def test_a_seed_is_a_seed_in_a_config_too(capsys, tmp_path):
     rc, err = run_main(capsys, "train", "--config", "mini_refl", "--set", "seed=-1", "--set", f"out_dir={tmp_path/'r'}")

@@ -30,11 +30,11 @@ def quick_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def quick_legibility(tmp_path_factory):
     "One quick demo through the CLI on the legibility reward."
-    return _cli_demo(tmp_path_factory.mktemp("demo")/"quick-legibility", "--reward", "legibility")
+    return _cli_demo(tmp_path_factory.mktemp("demo")/"quick-legibility", "--reward", "mini-legibility")
 
 def test_quick_reports_hold_both_tables(quick_run, quick_legibility):
     "Each report judges the claims by the reward trained on and again by the other one; every setting carries both rewards and the rule."
-    for out, trained, other in ((quick_run, "preference", "legibility"), (quick_legibility, "legibility", "preference")):
+    for out, trained, other in ((quick_run, "mini-preference", "mini-legibility"), (quick_legibility, "mini-legibility", "mini-preference")):
         report = (out/"report.md").read_text()
         assert f"### Judged by the training reward ({trained})" in report
         assert f"### The same models judged by the {other} reward (not trained on)" in report
@@ -42,7 +42,7 @@ def test_quick_reports_hold_both_tables(quick_run, quick_legibility):
         assert report.count("| claim | control | measure | reward_level | effect | interval | seeds_held | verdict |") == 3
         assert "diversity intervals (over prompts, 16 images per setting) are" in report
         df = pd.read_csv(out/"results.csv")
-        assert df[[f"reward_{other}_mean", "reward_rule_mean"]].notna().all().all()
+        assert df[[f"reward_{other.removeprefix('mini-')}_mean", "reward_rule_mean"]].notna().all().all()
         assert json.loads((out/"demo.json").read_text()) == {"reward": trained}
     assert "Headroom and reward hacking" in (quick_run/"report.md").read_text()
     a, b = (pd.read_csv(o/"results.csv") for o in (quick_run, quick_legibility))
@@ -59,14 +59,14 @@ def test_unknown_reward_is_refused_in_one_line(tmp_path):
 
 def test_a_folder_holds_one_rewards_demo(quick_run):
     from imagerefl.core import UserError
-    with pytest.raises(UserError, match="holds a demo on the preference reward, not legibility"):
-        demo(quick_run, quick=True, reward="legibility", progress=False)
+    with pytest.raises(UserError, match="holds a demo on the mini-preference reward, not mini-legibility"):
+        demo(quick_run, quick=True, reward="mini-legibility", progress=False)
 
-def test_an_older_demo_folder_counts_as_legibility(tmp_path):
-    "A demo folder written before the preference reward (evaluations, no demo.json) holds legibility results: not reused for preference."
+def test_eval_without_demo_json_is_not_a_demo_folder(tmp_path):
+    "A demo writes demo.json before anything else: evaluations without it are another tool's folder, refused and left as they were."
     from imagerefl.core import UserError
     (tmp_path/"eval").mkdir()
-    with pytest.raises(UserError, match="holds a demo on the legibility reward, not preference"): demo(tmp_path, quick=True, progress=False)
+    with pytest.raises(UserError, match="holds eval/ but no demo.json: not a demo folder"): demo(tmp_path, quick=True, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
 
 def test_quick_demo_writes_every_file(quick_run):
@@ -119,11 +119,11 @@ def test_every_row_states_its_sampler_settings(quick_run):
 
 # the legibility case is `slow`: the same units on the same worker pool, another reward network, so the preference case's
 # assertion (the worker count does not change a result) again, at one more quick demo (~32 CPU s)
-@pytest.mark.parametrize("reward", ["preference", pytest.param("legibility", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("reward", ["mini-preference", pytest.param("mini-legibility", marks=pytest.mark.slow)])
 def test_same_seed_same_results(quick_run, quick_legibility, tmp_path, reward):
     "For each reward, a run with the same seed on two worker processes gives the one-process CLI run's results.csv, bit for bit."
     demo(tmp_path/"again", quick=True, seed=0, progress=False, workers=2, reward=reward)
-    cli = quick_run if reward == "preference" else quick_legibility
+    cli = quick_run if reward == "mini-preference" else quick_legibility
     assert (tmp_path/"again"/"results.csv").read_bytes() == (cli/"results.csv").read_bytes()
 
 def test_a_failing_worker_stops_the_demo_with_its_error(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """Issue 34: the full demo plan samples the gradual part of the trade-off. The plan's shape; `plan_checks` on tables with
 known answers; the prediction drift on a case with a known answer; and the plan's properties on the finished
 confirmatory demos of the shipped plan (`tests/data/demo_seed200_<reward>_results.csv`, the `results.csv` of
-`imagerefl demo --seed 200 [--reward legibility]`)."""
+`imagerefl demo --seed 200 [--reward mini-legibility]`)."""
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from imagerefl.mini.demo import DEMO_PLANS, checkpoint_steps, plan_checks, prediction_drift, demo_settings
@@ -16,7 +16,7 @@ def test_the_full_plan_samples_the_curve():
         assert len(steps) >= 6 and steps[-1] == n and steps[0] <= n / 10
         assert "optimizer.lr=1e-5" in FULL.train_overrides[m]
     assert len(FULL.train_seeds) >= 5
-    assert set(FULL.diffusion_weights) == {"preference", "legibility"}
+    assert set(FULL.diffusion_weights) == {"mini-preference", "mini-legibility"}
     assert {s.train_step for s in demo_settings(FULL) if s.model == "refl"} == set(checkpoint_steps(FULL, "refl"))
 
 def _table(first_reward:float, first_div:float=0.15)->pd.DataFrame:
@@ -47,7 +47,7 @@ def test_plan_checks_known_answers():
 
 def test_drift_is_zero_where_the_tuned_model_is_the_base():
     "A tuned model equal to the base at the early steps (t >= 500) and the base plus 0.25 after: drift 0, then exactly 0.25."
-    from imagerefl.sweeps import load_models
+    from imagerefl.export import load_models
     base, _ = load_models("mini")
     class Late(torch.nn.Module):
         def __init__(self, u): super().__init__(); self.u = u

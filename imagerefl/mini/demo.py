@@ -19,9 +19,9 @@ from ..export import load_models, load_tuned_denoiser
 from ..sweeps import Setting, evaluate_setting
 
 # %% auto #0
-__all__ = ['DEMO_PLANS', 'DEMO_REWARDS', 'REWARD_WORDS', 'SETTING_COLUMNS', 'DemoPlan', 'demo_reward', 'train_steps_of',
-           'checkpoint_steps', 'demo_settings', 'seed_summary', 'claims_by', 'demo_report', 'DigitAccuracy',
-           'RuleUtility', 'demo', 'plan_checks', 'prediction_drift', 'demo_drift', 'plot_drift']
+__all__ = ['DEMO_PLANS', 'REWARD_WORDS', 'SETTING_COLUMNS', 'DemoPlan', 'train_steps_of', 'checkpoint_steps', 'demo_settings',
+           'seed_summary', 'claims_by', 'demo_report', 'DigitAccuracy', 'RuleUtility', 'demo', 'plan_checks',
+           'prediction_drift', 'demo_drift', 'plot_drift']
 
 # %% ../../nbs/24_mini_demo.ipynb #4d1bd904
 @dataclass
@@ -46,9 +46,10 @@ class DemoPlan:
     workers:int=1                   # processes: each trains and evaluates whole training runs (the numbers do not depend on it)
     train_overrides:dict=field(default_factory=dict) # model name -> extra `key=value` settings of its training run
     checkpoint_at:dict=field(default_factory=dict)   # model name -> the training steps evaluated (the last: the end), where the curve changes
-    diffusion_weights:dict=field(default_factory=dict) # demo reward name -> ImageReFL's diffusion weight (absent: the config's, 0.01)
+    diffusion_weights:dict=field(default_factory=dict) # demo reward -> ImageReFL's diffusion weight (absent: the config's, 0.01)
     drift_levels:bool=True          # measure each tuned model's prediction drift from the base at the matched reward levels
 
+# %% ../../nbs/24_mini_demo.ipynb #4347557a
 _N20 = dict(refl=("objective.num_inference_steps=20", "objective.min_mid_index=15", "objective.max_mid_index=20", "validation.every=0"),
             imagerefl=("objective.num_inference_steps=20", "objective.start_index=15", "objective.min_mid_index=15",
                        "objective.max_mid_index=20", "validation.every=0"))
@@ -61,23 +62,19 @@ DEMO_PLANS = dict(
                   aig_powers=(1, 4), refl_original_unet_steps_no_cfg=(5, 10, 15), workers=2,
                   train_overrides={k: v + _LR for k, v in _N20.items()},
                   checkpoint_at=dict(refl=(2, 4, 8, 14, 22, 30), imagerefl=(4, 8, 16, 28, 44, 60)),
-                  diffusion_weights=dict(preference=1.6, legibility=0.05)),   # 0.01 x the reward's span / HPSv2.1's (below)
+                  diffusion_weights={"mini-preference": 1.6, "mini-legibility": 0.05}),   # 0.01 x the reward's span / HPSv2.1's (below)
     quick=DemoPlan(train_steps=2, imagerefl_steps=4, train_seeds=(0,), checkpoints=2, prompts=4, images_per_prompt=4,
                    base_guidances=(1, 3), base_guidance=3, refl_original_unet_steps=(5,), imagerefl_original_unet_steps=(5,), aig_powers=(2,),
                    refl_original_unet_steps_no_cfg=(5,),
                    num_inference_steps=8, train_overrides=_N8),
 )
 
-DEMO_REWARDS = dict(preference="mini-preference", legibility="mini-legibility")  # --reward name -> registered reward
-REWARD_WORDS = dict(preference="the learned preference reward (`mini-preference`: a Bradley-Terry network fitted to an annotator rule "
-                               "that prefers crisp, solid strokes and, a tenth as much, the prompted digit)",
-                    legibility="the legibility reward (`mini-legibility`: the prompted digit's log-probability under a classifier)")
+# %% ../../nbs/24_mini_demo.ipynb #5a712b21
+REWARD_WORDS = {"mini-preference": "the learned preference reward (`mini-preference`: a Bradley-Terry network fitted to an annotator rule "
+                                   "that prefers crisp, solid strokes and, a tenth as much, the prompted digit)",
+                "mini-legibility": "the legibility reward (`mini-legibility`: the prompted digit's log-probability under a classifier)"}
 
-def demo_reward(name:str)->str:
-    "The registered reward of a demo reward name, or one line listing the choices."
-    if name not in DEMO_REWARDS: raise UserError(f"unknown demo reward '{name}': choose one of {', '.join(DEMO_REWARDS)}")
-    return DEMO_REWARDS[name]
-
+# %% ../../nbs/24_mini_demo.ipynb #868bad26
 def train_steps_of(plan:DemoPlan, model:str)->int:
     "Optimizer steps of `model`'s training runs."
     return plan.imagerefl_steps if model == "imagerefl" else plan.train_steps
@@ -91,6 +88,7 @@ def checkpoint_steps(plan:DemoPlan, model:str)->list[int]:
         return steps
     return sorted({max(1, round(n*(i + 1)/plan.checkpoints)) for i in range(plan.checkpoints)})
 
+# %% ../../nbs/24_mini_demo.ipynb #10f40d2f
 def demo_settings(plan:DemoPlan,
                   seed:int=0, # the demo's seed: training seeds are `seed + plan.train_seeds`
                  )->list[Setting]:
@@ -134,6 +132,7 @@ def seed_summary(results:pd.DataFrame)->pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows)
 
+# %% ../../nbs/24_mini_demo.ipynb #b5db15de
 def _fmt(v, d=3): return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{d}f}"
 
 def claims_by(results:pd.DataFrame, metric:str)->pd.DataFrame:
@@ -149,15 +148,92 @@ def _claims_table(claims:pd.DataFrame)->str:
                                         reward_level=claims.reward_level.map(lambda v: _fmt(v)))
                           .set_index("claim")[["control", "measure", "reward_level", "effect", "interval", "seeds_held", "verdict"]])
 
+# %% ../../nbs/24_mini_demo.ipynb #01b15c91
+def _regime_lines(agg, plan, reward="mini-preference")->list[str]:
+    "The preference reward's regime checks (headroom beyond guidance, the real digits' reward, the rule against the network)."
+    base, refl = agg[agg.method == "base"], agg[(agg.method == "refl") & (agg.sampler == "tuned") & np.isclose(agg.tuned_guidance, 1.0)]
+    if not len(base) or not len(refl) or "reward_rule_mean" not in agg: return []
+    best = base.loc[base.reward_mean.idxmax()]
+    r = refl.iloc[0]
+    rule = [f"- The annotator's rule (what the preference network was fitted to): base at CFG 1 {base[np.isclose(base.base_guidance, 1.0)].reward_rule_mean.iloc[0]:.3f}, "
+            f"best base {base.reward_rule_mean.max():.3f}, ReFL without CFG {r.reward_rule_mean:.3f}. Where the reward rises and the rule does not, "
+            "ReFL exploits the network's departures from the rule (reward hacking)."] if reward == "mini-preference" else []
+    return ["## Headroom" + (" and reward hacking" if rule else ""), "",
+            f"- ReFL without CFG: reward {r.reward_mean:.3f} [{r.reward_ci_low:.3f}, {r.reward_ci_high:.3f}]; the base's best over CFG "
+            f"{', '.join(f'{g:g}' for g in plan.base_guidances)}: {best.reward_mean:.3f} at CFG {best.base_guidance:g} "
+            f"({'above' if r.reward_ci_low > best.reward_mean else 'not clearly above'} it).", *rule, ""]
+
+# %% ../../nbs/24_mini_demo.ipynb #27fcb5fe
+def _check_lines(checks)->list[str]:
+    "The plan's properties (issue 34): first checkpoints keep half the base's diversity; matched levels bracketed by checkpoints."
+    if checks is None or not len(checks): return []
+    first, br = checks[checks.check.str.startswith("first")], checks[checks.check.str.startswith("level")]
+    low = first[~first.ok.astype(bool)]
+    out = ["## The plan's properties", "",
+           f"- First checkpoint's diversity / the base's at CFG 1: {first.value.min():.2f} to {first.value.max():.2f} over "
+           f"{len(first)} runs" + (f"; below one half in {len(low)} ({', '.join(f'{r.model} seed {int(r.train_seed)}' for r in low.itertuples())})" if len(low) else "; at least one half in every run") + "."]
+    for plan_, g in br.groupby("plan", sort=False):
+        miss = g[~g.ok.astype(bool)]
+        out.append(f"- Along-training levels ({plan_} plan: {', '.join(f'{v:.2f}' for v in dict.fromkeys(g.level))}) bracketed by measured "
+                   f"checkpoints of both curves in {len(g) - len(miss)} of {len(g)} (level, model, seed) cases"
+                   + (f"; not in {', '.join(f'{r.model} seed {int(r.train_seed)} at {r.level:.2f}' for r in miss.itertuples())}" if len(miss) else "") + ".")
+    if not len(br): out.append("- The along-training claim has no matched level (the curves share no reward range).")
+    return out + [""]
+
+# %% ../../nbs/24_mini_demo.ipynb #a4a0a841
+def _drift_lines(drift)->list[str]:
+    "Prediction drift from the base, early against late denoising steps, per model at each matched level."
+    if drift is None or not len(drift): return []
+    n = int(drift.step_index.max()) + 1; h = n // 2
+    out = ["## Where the tuned models differ from the base (prediction drift)", "",
+           "RMS of ε_tuned − ε_base per image on the base's own trajectories without CFG, each seed's checkpoint nearest the level "
+           f"(`drift.csv`, `drift.png`); steps 0–{h - 1} (early, from pure noise) against {h}–{n - 1} (late), means over seeds:", ""]
+    for (lv, m), g in drift.groupby(["level", "model"], sort=False):
+        e, l = g[g.step_index < h].drift.mean(), g[g.step_index >= h].drift.mean()
+        out.append(f"- reward {lv:.2f}, {m} (steps {', '.join(str(s) for s in dict.fromkeys(g.train_step))}): early {e:.4f}, late {l:.4f} (late / early {l/e:.2f})")
+    return out + [""]
+
+# %% ../../nbs/24_mini_demo.ipynb #fe34692f
+def _width_lines(results)->list[str]:
+    "What the sample size buys: the width of the diversity intervals at this plan's size."
+    t = results[results.method == "base"]
+    if not len(t): return []
+    w = (t.diversity_ci_high - t.diversity_ci_low).to_numpy(float)
+    return [f"Sample size: the base model's diversity intervals (over prompts, {int(t.n_images.iloc[0])} images per setting) are "
+            f"{np.nanmean(w):.4f} wide on average ({np.nanmin(w):.4f} to {np.nanmax(w):.4f}); `bench/demo_subsample.py` "
+            "recomputes the claims on fewer images and prompts.", ""]
+
+# %% ../../nbs/24_mini_demo.ipynb #9fc9feb0
+def _cost_lines(plan, timings)->list[str]:
+    "What each method's training cost per run and per step (runs reused from an earlier demo are left out)."
+    out = []
+    for m, label in (("refl", "ReFL"), ("imagerefl", "ImageReFL")):
+        t = [v for k, v in timings.items() if k.startswith(f"train {m},") and v > 1]
+        if t: out.append(f"- {label} training: {np.mean(t):.0f} s per run of {train_steps_of(plan, m)} steps "
+                         f"({np.mean(t)/train_steps_of(plan, m):.2f} s per step, {len(t)} runs timed)")
+    return out
+
+# %% ../../nbs/24_mini_demo.ipynb #f9c4d3d9
+def _label(r)->str:
+    "A readable setting label with the guidance and training step that matter for it."
+    m, parts = str(r["method"]), []
+    if not pd.isna(r.get("original_unet_steps")) and r["sampler"] == "combined": parts.append(f"k={int(r['original_unet_steps'])}")
+    if not pd.isna(r.get("aig_power")): parts.append(f"p={float(r['aig_power']):g}")
+    if r["sampler"] == "base": parts.append(f"CFG {r['base_guidance']:g}")
+    if r["sampler"] == "tuned" and not np.isclose(r["tuned_guidance"], 1.0): parts.append(f"CFG {r['tuned_guidance']:g}")
+    if m.endswith("(training)"): m = m[:-len(" (training)")]; parts.append(f"step {int(r['train_step'])}")
+    return f"{m} ({', '.join(parts)})" if parts else m
+
+# %% ../../nbs/24_mini_demo.ipynb #32dffdd2
 def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
                 smoke:bool=False, # a `--quick` run: say that its numbers mean nothing
-                reward:str="preference", # the reward the models were trained on (`DEMO_REWARDS`)
+                reward:str="mini-preference", # the reward the models were trained on (`REWARD_WORDS`)
                 checks:pd.DataFrame|None=None, # `plan_checks` of the run
                 drift:pd.DataFrame|None=None,  # `demo_drift` of the run
                )->str:
     "The demo's `report.md`: what ran, the controls, which of the paper's claims held, the table, the time."
     from imagerefl.figures import paper_table, markdown_table, pareto_front
-    second = next(k for k in DEMO_REWARDS if k != reward)
+    second = next(k for k in REWARD_WORDS if k != reward)
     claims, agg = judge_claims(results), seed_summary(results)
     control = judge_claims(results, with_levels(control_levels))   # the second analysis plan's levels
     base = agg[agg.method == "base"].sort_values("base_guidance")
@@ -174,7 +250,7 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
              f"{', '.join(map(str, checkpoint_steps(plan, 'imagerefl')))})" + (f"; ImageReFL's diffusion weight {plan.diffusion_weights[reward]:g}"
              if reward in plan.diffusion_weights else "") + ". Evaluation: {plan.prompts} held-out prompts x "
              f"{plan.images_per_prompt} images, {plan.num_inference_steps} DDPM steps, the same seeds for every setting. "
-             f"Reward: {REWARD_WORDS[reward]}; every setting is also scored by {REWARD_WORDS[second]} (`reward_{second}`) and by "
+             f"Reward: {REWARD_WORDS[reward]}; every setting is also scored by {REWARD_WORDS[second]} (`reward_{second.removeprefix('mini-')}`) and by "
              "the preference annotator's rule itself (`reward_rule`: crispness + 0.1 x legibility); accuracy: how often its classifier sees the prompted digit (prompt "
              "adherence); diversity: mean pairwise 1 - cos of an independent feature network within a prompt; FID/KID: "
              "that network against held-out digits. Every row of `results.csv` states its sampler settings "
@@ -198,7 +274,7 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
              f"### Judged by the training reward ({reward})", "", _claims_table(claims), "",
              *[f"- {r.claim} ({r.control}): {r.detail}." for r in claims.itertuples()], "",
              f"### The same models judged by the {second} reward (not trained on)", "",
-             _claims_table(claims_by(results, f"reward_{second}")), "",
+             _claims_table(claims_by(results, f"reward_{second.removeprefix('mini-')}")), "",
              "### The second analysis plan: matched reward levels from the controls' curves", "",
              "The claims at equal reward again, by the training reward, with the levels at 1/3 and 2/3 of the reward range "
              "that every seed's control curve reaches (`claims.control_levels`), so that the claimed method's results play "
@@ -218,76 +294,6 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
              "Fig. 1), `grid.png` (same prompts and seeds, one row per method).", ""]
     return "\n".join(lines)
 
-def _regime_lines(agg, plan, reward="preference")->list[str]:
-    "The preference reward's regime checks (headroom beyond guidance, the real digits' reward, the rule against the network)."
-    base, refl = agg[agg.method == "base"], agg[(agg.method == "refl") & (agg.sampler == "tuned") & np.isclose(agg.tuned_guidance, 1.0)]
-    if not len(base) or not len(refl) or "reward_rule_mean" not in agg: return []
-    best = base.loc[base.reward_mean.idxmax()]
-    r = refl.iloc[0]
-    rule = [f"- The annotator's rule (what the preference network was fitted to): base at CFG 1 {base[np.isclose(base.base_guidance, 1.0)].reward_rule_mean.iloc[0]:.3f}, "
-            f"best base {base.reward_rule_mean.max():.3f}, ReFL without CFG {r.reward_rule_mean:.3f}. Where the reward rises and the rule does not, "
-            "ReFL exploits the network's departures from the rule (reward hacking)."] if reward == "preference" else []
-    return ["## Headroom" + (" and reward hacking" if rule else ""), "",
-            f"- ReFL without CFG: reward {r.reward_mean:.3f} [{r.reward_ci_low:.3f}, {r.reward_ci_high:.3f}]; the base's best over CFG "
-            f"{', '.join(f'{g:g}' for g in plan.base_guidances)}: {best.reward_mean:.3f} at CFG {best.base_guidance:g} "
-            f"({'above' if r.reward_ci_low > best.reward_mean else 'not clearly above'} it).", *rule, ""]
-
-def _check_lines(checks)->list[str]:
-    "The plan's properties (issue 34): first checkpoints keep half the base's diversity; matched levels bracketed by checkpoints."
-    if checks is None or not len(checks): return []
-    first, br = checks[checks.check.str.startswith("first")], checks[checks.check.str.startswith("level")]
-    low = first[~first.ok.astype(bool)]
-    out = ["## The plan's properties", "",
-           f"- First checkpoint's diversity / the base's at CFG 1: {first.value.min():.2f} to {first.value.max():.2f} over "
-           f"{len(first)} runs" + (f"; below one half in {len(low)} ({', '.join(f'{r.model} seed {int(r.train_seed)}' for r in low.itertuples())})" if len(low) else "; at least one half in every run") + "."]
-    for plan_, g in br.groupby("plan", sort=False):
-        miss = g[~g.ok.astype(bool)]
-        out.append(f"- Along-training levels ({plan_} plan: {', '.join(f'{v:.2f}' for v in dict.fromkeys(g.level))}) bracketed by measured "
-                   f"checkpoints of both curves in {len(g) - len(miss)} of {len(g)} (level, model, seed) cases"
-                   + (f"; not in {', '.join(f'{r.model} seed {int(r.train_seed)} at {r.level:.2f}' for r in miss.itertuples())}" if len(miss) else "") + ".")
-    if not len(br): out.append("- The along-training claim has no matched level (the curves share no reward range).")
-    return out + [""]
-
-def _drift_lines(drift)->list[str]:
-    "Prediction drift from the base, early against late denoising steps, per model at each matched level."
-    if drift is None or not len(drift): return []
-    n = int(drift.step_index.max()) + 1; h = n // 2
-    out = ["## Where the tuned models differ from the base (prediction drift)", "",
-           "RMS of ε_tuned − ε_base per image on the base's own trajectories without CFG, each seed's checkpoint nearest the level "
-           f"(`drift.csv`, `drift.png`); steps 0–{h - 1} (early, from pure noise) against {h}–{n - 1} (late), means over seeds:", ""]
-    for (lv, m), g in drift.groupby(["level", "model"], sort=False):
-        e, l = g[g.step_index < h].drift.mean(), g[g.step_index >= h].drift.mean()
-        out.append(f"- reward {lv:.2f}, {m} (steps {', '.join(str(s) for s in dict.fromkeys(g.train_step))}): early {e:.4f}, late {l:.4f} (late / early {l/e:.2f})")
-    return out + [""]
-
-def _width_lines(results)->list[str]:
-    "What the sample size buys: the width of the diversity intervals at this plan's size."
-    t = results[results.method == "base"]
-    if not len(t): return []
-    w = (t.diversity_ci_high - t.diversity_ci_low).to_numpy(float)
-    return [f"Sample size: the base model's diversity intervals (over prompts, {int(t.n_images.iloc[0])} images per setting) are "
-            f"{np.nanmean(w):.4f} wide on average ({np.nanmin(w):.4f} to {np.nanmax(w):.4f}); `bench/demo_subsample.py` "
-            "recomputes the claims on fewer images and prompts.", ""]
-
-def _cost_lines(plan, timings)->list[str]:
-    "What each method's training cost per run and per step (runs reused from an earlier demo are left out)."
-    out = []
-    for m, label in (("refl", "ReFL"), ("imagerefl", "ImageReFL")):
-        t = [v for k, v in timings.items() if k.startswith(f"train {m},") and v > 1]
-        if t: out.append(f"- {label} training: {np.mean(t):.0f} s per run of {train_steps_of(plan, m)} steps "
-                         f"({np.mean(t)/train_steps_of(plan, m):.2f} s per step, {len(t)} runs timed)")
-    return out
-
-def _label(r)->str:
-    "A readable setting label with the guidance and training step that matter for it."
-    m, parts = str(r["method"]), []
-    if not pd.isna(r.get("original_unet_steps")) and r["sampler"] == "combined": parts.append(f"k={int(r['original_unet_steps'])}")
-    if not pd.isna(r.get("aig_power")): parts.append(f"p={float(r['aig_power']):g}")
-    if r["sampler"] == "base": parts.append(f"CFG {r['base_guidance']:g}")
-    if r["sampler"] == "tuned" and not np.isclose(r["tuned_guidance"], 1.0): parts.append(f"CFG {r['tuned_guidance']:g}")
-    if m.endswith("(training)"): m = m[:-len(" (training)")]; parts.append(f"step {int(r['train_step'])}")
-    return f"{m} ({', '.join(parts)})" if parts else m
-
 # %% ../../nbs/24_mini_demo.ipynb #0b709e93
 class DigitAccuracy(torch.nn.Module):
     "Prompt adherence in the mini world: 1 where the reward's classifier sees the prompted digit, else 0."
@@ -304,7 +310,8 @@ class RuleUtility(torch.nn.Module):
         from imagerefl.mini.preference import annotator_utility
         return annotator_utility(images, prompts, self.legibility).to(images.device)
 
-def _train_once(config:str, out:Path, plan:DemoPlan, seed:int, reward:str="preference")->Path:
+# %% ../../nbs/24_mini_demo.ipynb #2c7c7cf4
+def _train_once(config:str, out:Path, plan:DemoPlan, seed:int, reward:str="mini-preference")->Path:
     "Train with a shipped config into `out` unless a finished run is already there; keep a checkpoint at each evaluation step."
     if (out/"final"/"combined"/"model_index.json").exists(): return out
     from imagerefl.train import train
@@ -313,7 +320,7 @@ def _train_once(config:str, out:Path, plan:DemoPlan, seed:int, reward:str="prefe
     every = math.gcd(*steps)
     extra = (*plan.train_overrides.get(model, ()),
              *([f"objective.diffusion_weight={plan.diffusion_weights[reward]}"] if model == "imagerefl" and reward in plan.diffusion_weights else []))
-    r = train(config, report=False, overrides=[f"out_dir={out}", f"seed={seed}", f"max_steps={train_steps_of(plan, model)}", "resume=latest", f"reward.name={demo_reward(reward)}",
+    r = train(config, report=False, overrides=[f"out_dir={out}", f"seed={seed}", f"max_steps={train_steps_of(plan, model)}", "resume=latest", f"reward.name={reward}",
                        f"checkpoint_every={every}", f"keep_checkpoints={train_steps_of(plan, model) + 1}", *extra])   # room for one per step: interruptions add some
     if r["status"] == "interrupted" or r.get("signal"):   # Ctrl-C or SIGTERM while it trained: the demo stops too
         raise Interrupted(f"training {out.name} stopped at step {r['step']}, its checkpoint saved" if r["status"] == "interrupted"
@@ -324,16 +331,17 @@ def _train_once(config:str, out:Path, plan:DemoPlan, seed:int, reward:str="prefe
 def _say(progress, msg):
     if progress: print(f"[demo] {msg}", flush=True)
 
+# %% ../../nbs/24_mini_demo.ipynb #dcb911be
 def demo(out_dir:str|Path="demo",  # output folder
          quick:bool=False,         # a smoke run (well under a minute) instead of the full demo
          seed:int=0,               # evaluation seed; training seeds are `seed + plan.train_seeds`
          progress:bool=True,       # stage messages and progress bars
          plan:DemoPlan|None=None,  # how much to train and measure; None = `DEMO_PLANS["quick" or "full"]`
          workers:int|None=None,    # processes; None = the plan's (the results do not depend on it)
-         reward:str="preference",  # the reward ReFL and ImageReFL train on and the claims are judged by: preference or legibility
+         reward:str="mini-preference",  # the reward ReFL and ImageReFL train on and the claims are judged by: mini-preference or mini-legibility
         )->pd.DataFrame:           # the results table (also `results.csv`)
     "Train ReFL and ImageReFL on the mini world (several seeds), evaluate every setting and its controls, write results, figures and a report."
-    demo_reward(reward)
+    if reward not in REWARD_WORDS: raise UserError(f"unknown demo reward '{reward}': choose one of {', '.join(REWARD_WORDS)}")
     plan = plan or DEMO_PLANS["quick" if quick else "full"]
     check_seed(seed)
     if seed + max(plan.train_seeds) > SEED_MAX:
@@ -348,8 +356,10 @@ def demo(out_dir:str|Path="demo",  # output folder
     out = Path(out_dir)
     if found := run_files(out) + [n for n in ("run.json", "images.csv") if (out/n).exists()]:   # a training run's, an evaluation's
         raise UserError(f"{out} holds {', '.join(found)}: a training run or an evaluation, not a demo; choose another output folder")
-    was = json.loads((out/"demo.json").read_text()).get("reward") if (out/"demo.json").exists() else "legibility" if (out/"eval").is_dir() else None
-    if was is not None and was != reward:   # a demo folder without demo.json predates the preference reward
+    if (out/"eval").is_dir() and not (out/"demo.json").exists():   # a demo writes demo.json before anything else
+        raise UserError(f"{out} holds eval/ but no demo.json: not a demo folder; choose another output folder")
+    was = json.loads((out/"demo.json").read_text()).get("reward") if (out/"demo.json").exists() else None
+    if was is not None and was != reward:
         raise UserError(f"{out} holds a demo on the {was} reward, not {reward}: choose another output folder")
     out.mkdir(parents=True, exist_ok=True); atomic_write_text(out/"demo.json", json.dumps(dict(reward=reward)) + "\n")
     threads = torch.get_num_threads(); torch.set_num_threads(plan.threads)
@@ -360,8 +370,9 @@ def demo(out_dir:str|Path="demo",  # output folder
                           "same arguments", getattr(e, "signum", signal.SIGINT)) from None
     finally: torch.set_num_threads(threads)
 
+# %% ../../nbs/24_mini_demo.ipynb #9c3df644
 @functools.lru_cache(maxsize=1)
-def _eval_world(prompts:int, images_per_prompt:int, batch_size:int, num_inference_steps:int, seed:int, reward:str="preference")->tuple:
+def _eval_world(prompts:int, images_per_prompt:int, batch_size:int, num_inference_steps:int, seed:int, reward:str="mini-preference")->tuple:
     "The evaluation's fixed parts, loaded once per process: base pipeline, prompts and `evaluate_setting`'s keyword arguments."
     from imagerefl.mini.nets import load_mini_features
     from imagerefl.rewards import load_reward
@@ -372,15 +383,16 @@ def _eval_world(prompts:int, images_per_prompt:int, batch_size:int, num_inferenc
     other = dict(preference=preference, legibility=legibility)   # every setting is scored by both rewards and the rule
     real = mini_digits("test", resolution=base_pipe.unet.config.sample_size * base_pipe.vae_scale_factor)
     reference = torch.stack([real[i]["image"] for i in range(len(real))])
-    rewards = {"reward": other.pop(reward), **other, "rule": RuleUtility(legibility), "accuracy": DigitAccuracy(legibility)}
+    rewards = {"reward": other.pop(reward.removeprefix("mini-")), **other, "rule": RuleUtility(legibility), "accuracy": DigitAccuracy(legibility)}
     kw = dict(rewards=rewards, features={"mini": features},
               reference_images=reference, fid_features=features, images_per_prompt=images_per_prompt,
               batch_size=batch_size, seed=seed, num_inference_steps=num_inference_steps, progress=False,
               base_steps_cache=BaseStepsCache())   # combined generation reuses the base model's steps at the same CFG
     return base_pipe, load_prompts("mini-digits", split="test")[:prompts], kw
 
+# %% ../../nbs/24_mini_demo.ipynb #9289c91c
 def _demo_job(out:Path, plan:DemoPlan, seed:int, model:str, train_seed:int|None, settings:list, # [(row index, Setting)]
-              progress:bool, total:int, reward:str="preference")->tuple:
+              progress:bool, total:int, reward:str="mini-preference")->tuple:
     "One unit of the demo: train one run (unless finished), then evaluate its settings; (timings, [(row index, row)])."
     torch.set_num_threads(plan.threads)
     timings, rows = {}, []
@@ -405,6 +417,14 @@ def _tuned_at(run:Path, model:str, step:int, plan:DemoPlan, base_pipe):
         return load_tuned_denoiser(run/"final"/"unet" if (run/"final"/"unet").exists() else run, base_pipe)
     return load_tuned_denoiser(run, base_pipe, step=step)
 
+# %% ../../nbs/24_mini_demo.ipynb #7c9ba941
+def _demo_jobs(settings:list)->list:
+    "The demo's units of work, largest first: the base sweep, and one per training run (its training and its settings)."
+    groups = {}
+    for i, s in enumerate(settings): groups.setdefault((s.model, s.train_seed), []).append((i, s))
+    return sorted(groups.items(), key=lambda kv: -len(kv[1]))
+
+# %% ../../nbs/24_mini_demo.ipynb #a2378858
 class _UnitStopped(Exception):
     "A worker's unit was interrupted (an `Exception`, which the pool hands back, where a `KeyboardInterrupt` loses the worker)."
 
@@ -427,13 +447,8 @@ def _worker_init(loading_bars:bool, stop=None):
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # in the background group, output to the terminal still goes through
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # between units; during one, `interruptible` (or the trainer) handles it
 
-def _demo_jobs(settings:list)->list:
-    "The demo's units of work, largest first: the base sweep, and one per training run (its training and its settings)."
-    groups = {}
-    for i, s in enumerate(settings): groups.setdefault((s.model, s.train_seed), []).append((i, s))
-    return sorted(groups.items(), key=lambda kv: -len(kv[1]))
-
-def _run_jobs(out, plan, seed, progress, workers, jobs, total, reward="preference")->tuple:
+# %% ../../nbs/24_mini_demo.ipynb #91d7df1e
+def _run_jobs(out, plan, seed, progress, workers, jobs, total, reward="mini-preference")->tuple:
     "Run the units in this process (workers=1) or in a pool of fresh processes; (timings, rows in table order)."
     args = [(out, plan, seed, model, s, group, progress, total, reward) for (model, s), group in jobs]
     if workers == 1: done = [_demo_job(*a) for a in args]
@@ -475,7 +490,8 @@ def _run_jobs(out, plan, seed, progress, workers, jobs, total, reward="preferenc
     for t, r in done: timings.update(t); rows.update(r)
     return timings, [rows[i] for i in range(total)]
 
-def _demo(out, plan, quick, seed, progress, workers=1, reward="preference"):
+# %% ../../nbs/24_mini_demo.ipynb #5ebb9ea3
+def _demo(out, plan, quick, seed, progress, workers=1, reward="mini-preference"):
     from imagerefl.figures import plot_tradeoff_curves, plot_training_curves, comparison_grid, save_figure
     t0 = time.time()
     settings, seeds = demo_settings(plan, seed), [seed + s for s in plan.train_seeds]
@@ -566,7 +582,7 @@ def prediction_drift(base_pipe,             # the base pipeline (its UNet draws 
 
 
 # %% ../../nbs/24_mini_demo.ipynb #b93e0f55
-def demo_drift(out:Path, plan:DemoPlan, results:pd.DataFrame, seed:int=0, reward:str="preference")->pd.DataFrame:
+def demo_drift(out:Path, plan:DemoPlan, results:pd.DataFrame, seed:int=0, reward:str="mini-preference")->pd.DataFrame:
     "`prediction_drift` of each seed's ReFL and ImageReFL checkpoint nearest each level of the along-training claim (first analysis plan)."
     base_pipe, _ = load_models("mini")
     from imagerefl.data import load_prompts
