@@ -9,6 +9,7 @@ import pytest, torch
 from imagerefl.cli import main
 from imagerefl.core import UserError
 from imagerefl.mini.nets import mini_base_path
+from imagerefl.mini.demo import DEMO_PLANS
 import imagerefl.sampling   # diffusers' log handler binds the real stderr now, not a test's captured one
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +215,8 @@ def test_numbers_refused_before_anything_runs(capsys, tmp_path):
     assert parse_error(capsys, "sample", "--model", "m", "--prompt", "a", "--out", "o", "--guidance-scale", "-2").endswith(
         "-2 is not a guidance scale: give a number >= 0 (1: no guidance)")
     rc, err = run_main(capsys, "demo", "--seed", "4294967295", "--out", tmp_path/"d")
-    assert rc == 2 and "the demo also trains with seed + 2, so give at most 4294967293" in err and not (tmp_path/"d").exists()
+    k = max(DEMO_PLANS["full"].train_seeds)   # the full plan's last training seed is seed + k
+    assert rc == 2 and f"the demo also trains with seed + {k}, so give at most {2**32 - 1 - k}" in err and not (tmp_path/"d").exists()
     rc, err = run_main(capsys, "sample", "--model", mini_base_path(), "--prompt", "a", "--steps", "5000", "--device", "cpu", "--out", tmp_path/"o")
     assert rc == 2 and "--steps=5000 is more than the 1000 timesteps this model's scheduler has: use at most 1000" in err
     assert not (tmp_path/"o").exists()

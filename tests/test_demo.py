@@ -41,6 +41,7 @@ def test_quick_reports_hold_both_tables(quick_run, quick_legibility):
         assert "### The second analysis plan: matched reward levels from the controls' curves" in report
         assert report.count("| claim | control | measure | reward_level | effect | interval | seeds_held | verdict |") == 3
         assert "diversity intervals (over prompts, 16 images per setting) are" in report
+        assert "Evaluation: 4 held-out prompts x 4 images, 8 DDPM steps" in report and "{" not in report   # every field filled in
         df = pd.read_csv(out/"results.csv")
         assert df[[f"reward_{other.removeprefix('mini-')}_mean", "reward_rule_mean"]].notna().all().all()
         assert json.loads((out/"demo.json").read_text()) == {"reward": trained}

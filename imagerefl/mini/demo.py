@@ -224,6 +224,70 @@ def _label(r)->str:
     if m.endswith("(training)"): m = m[:-len(" (training)")]; parts.append(f"step {int(r['train_step'])}")
     return f"{m} ({', '.join(parts)})" if parts else m
 
+# %% ../../nbs/24_mini_demo.ipynb #4ce3cbff
+def _setup_lines(plan:DemoPlan, reward:str="mini-preference", smoke:bool=False)->list[str]:
+    "The report's opening: what was trained and how every setting was sampled and scored (and a warning on a smoke run)."
+    second = next(k for k in REWARD_WORDS if k != reward)
+    steps = {m: ", ".join(map(str, checkpoint_steps(plan, m))) for m in ("refl", "imagerefl")}
+    weight = f"; ImageReFL's diffusion weight {plan.diffusion_weights[reward]:g}" if reward in plan.diffusion_weights else ""
+    return ["# imagerefl demo: the paper's comparison on the embedded mini world", "",
+            f"Training: ReFL for {plan.train_steps} and ImageReFL for {plan.imagerefl_steps} optimizer steps (the paper "
+            f"trains ImageReFL for twice ReFL's steps), training seeds {', '.join(map(str, plan.train_seeds))}, "
+            f"N = {plan.num_inference_steps} steps (configs mini_refl, mini_imagerefl); each run is also evaluated at "
+            f"checkpoints along training (ReFL at steps {steps['refl']}; ImageReFL at {steps['imagerefl']}){weight}. "
+            f"Evaluation: {plan.prompts} held-out prompts x {plan.images_per_prompt} images, {plan.num_inference_steps} "
+            f"DDPM steps, the same seeds for every setting. Reward: {REWARD_WORDS[reward]}; every setting is also scored "
+            f"by {REWARD_WORDS[second]}, in `reward_{second.removeprefix('mini-')}`, and by the preference annotator's "
+            "rule itself (`reward_rule`: crispness + 0.1 x legibility); accuracy: how often its classifier sees the "
+            "prompted digit (prompt adherence); diversity: mean pairwise 1 - cos of an independent feature network "
+            "within a prompt; FID/KID: that network against held-out digits. Every row of `results.csv` states its "
+            "sampler settings (`base_guidance`, `tuned_guidance`: the CFG each UNet ran with, empty if it ran no step; "
+            "`num_inference_steps`, `aig_power`, `train_seed`, `train_step`).", "",
+            *(["**This is a smoke run (`--quick`): a few training steps and images, so the numbers below test the "
+               "plumbing, not the paper's claims. Run `imagerefl demo` without `--quick` for those.**", ""] if smoke else [])]
+
+
+# %% ../../nbs/24_mini_demo.ipynb #7c931197
+def _control_lines(agg:pd.DataFrame, plan:DemoPlan)->list[str]:
+    "The base model across guidance scales (the controls), and the guidance each tuned model is judged at."
+    base = agg[agg.method == "base"].sort_values("base_guidance")
+    g1 = base[np.isclose(base.base_guidance, 1.0)]
+    sweep = "; ".join(f"CFG {r.base_guidance:g}: reward {r.reward_mean:.3f}, diversity {r.diversity_mean:.4f}"
+                      + (f", accuracy {r.accuracy_mean:.2f}" if "accuracy_mean" in agg else "") for r in base.itertuples())
+    other = [float(g) for g in plan.tuned_guidances if not _same(g, 1.0)]
+    return ["## The base model across guidance scales (the controls)", "", f"{sweep}.", "",
+            f"Tuned models are sampled without CFG, as in the paper, and their training effect is judged against the base "
+            f"model at the same guidance: CFG 1 (diversity {_fmt(g1.diversity_mean.iloc[0] if len(g1) else math.nan, 4)}) "
+            "is where the base has the most diversity to lose, so it is the positive control's setting. Combined "
+            f"generation runs the base UNet at CFG {plan.base_guidance:g}: a guidance that buys reward while keeping "
+            "part of the base's diversity (at 7.5 little is left)." + (
+                f" Each tuned model is also sampled alone at CFG {', '.join(f'{g:g}' for g in other)}, against the base "
+                "at the same CFG." if other else ""), ""]
+
+
+# %% ../../nbs/24_mini_demo.ipynb #dbfcf291
+def _claims_lines(results:pd.DataFrame, reward:str="mini-preference")->list[str]:
+    "Which of the paper's claims held: by the training reward, by the other reward, and at the controls' levels."
+    second = next(k for k in REWARD_WORDS if k != reward)
+    claims = judge_claims(results)
+    control = judge_claims(results, with_levels(control_levels))   # the second analysis plan's levels
+    return ["## Which of the paper's claims held here", "",
+            "Effects are tuned minus control (or method A minus method B at equal reward); the interval is a 95 % "
+            "t-interval across training seeds unless it says otherwise; *held* means the interval excludes zero on "
+            "the claimed side.", "",
+            f"### Judged by the training reward ({reward})", "", _claims_table(claims), "",
+            *[f"- {r.claim} ({r.control}): {r.detail}." for r in claims.itertuples()], "",
+            f"### The same models judged by the {second} reward (not trained on)", "",
+            _claims_table(claims_by(results, f"reward_{second.removeprefix('mini-')}")), "",
+            "### The second analysis plan: matched reward levels from the controls' curves", "",
+            "The claims at equal reward again, by the training reward, with the levels at 1/3 and 2/3 of the reward range "
+            "that every seed's control curve reaches (`claims.control_levels`), so that the claimed method's results play "
+            "no part in where it is judged; a seed whose curve does not reach a level is \"not reached\" there "
+            "(`claims_control_levels.csv`).", "",
+            _claims_table(control), "",
+            *[f"- {r.claim} ({r.control}): {r.detail}." for r in control.itertuples()], ""]
+
+
 # %% ../../nbs/24_mini_demo.ipynb #32dffdd2
 def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
                 smoke:bool=False, # a `--quick` run: say that its numbers mean nothing
@@ -233,66 +297,20 @@ def demo_report(results:pd.DataFrame, plan:DemoPlan, timings:dict,
                )->str:
     "The demo's `report.md`: what ran, the controls, which of the paper's claims held, the table, the time."
     from imagerefl.figures import paper_table, markdown_table, pareto_front
-    second = next(k for k in REWARD_WORDS if k != reward)
-    claims, agg = judge_claims(results), seed_summary(results)
-    control = judge_claims(results, with_levels(control_levels))   # the second analysis plan's levels
-    base = agg[agg.method == "base"].sort_values("base_guidance")
-    g1 = base[np.isclose(base.base_guidance, 1.0)]
-    sweep = "; ".join(f"CFG {r.base_guidance:g}: reward {r.reward_mean:.3f}, diversity {r.diversity_mean:.4f}"
-                      + (f", accuracy {r.accuracy_mean:.2f}" if "accuracy_mean" in agg else "") for r in base.itertuples())
+    agg = seed_summary(results)
     front = agg[pareto_front(agg.diversity_mean, agg.reward_mean)]
-    seeds = ", ".join(str(s) for s in plan.train_seeds)
-    lines = ["# imagerefl demo: the paper's comparison on the embedded mini world", "",
-             f"Training: ReFL for {plan.train_steps} and ImageReFL for {plan.imagerefl_steps} optimizer steps (the paper "
-             f"trains ImageReFL for twice ReFL's steps), training seeds {seeds}, N = {plan.num_inference_steps} steps "
-             "(configs mini_refl, mini_imagerefl); each run is also evaluated at "
-             f"checkpoints along training (ReFL at steps {', '.join(map(str, checkpoint_steps(plan, 'refl')))}; ImageReFL at "
-             f"{', '.join(map(str, checkpoint_steps(plan, 'imagerefl')))})" + (f"; ImageReFL's diffusion weight {plan.diffusion_weights[reward]:g}"
-             if reward in plan.diffusion_weights else "") + ". Evaluation: {plan.prompts} held-out prompts x "
-             f"{plan.images_per_prompt} images, {plan.num_inference_steps} DDPM steps, the same seeds for every setting. "
-             f"Reward: {REWARD_WORDS[reward]}; every setting is also scored by {REWARD_WORDS[second]} (`reward_{second.removeprefix('mini-')}`) and by "
-             "the preference annotator's rule itself (`reward_rule`: crispness + 0.1 x legibility); accuracy: how often its classifier sees the prompted digit (prompt "
-             "adherence); diversity: mean pairwise 1 - cos of an independent feature network within a prompt; FID/KID: "
-             "that network against held-out digits. Every row of `results.csv` states its sampler settings "
-             "(`base_guidance`, `tuned_guidance`: the CFG each UNet ran with, empty if it ran no step; "
-             "`num_inference_steps`, `aig_power`, `train_seed`, `train_step`).", "",
-             *(["**This is a smoke run (`--quick`): a few training steps and images, so the numbers below test the "
-                "plumbing, not the paper's claims. Run `imagerefl demo` without `--quick` for those.**", ""] if smoke else []),
-             "## The base model across guidance scales (the controls)", "",
-             f"{sweep}.", "",
-             f"Tuned models are sampled without CFG, as in the paper, and their training effect is judged against the base "
-             f"model at the same guidance: CFG 1 (diversity {_fmt(g1.diversity_mean.iloc[0] if len(g1) else math.nan, 4)}) "
-             "is where the base has the most diversity to lose, so it is the positive control's setting. Combined "
-             f"generation runs the base UNet at CFG {plan.base_guidance:g}: a guidance that buys reward while keeping "
-             "part of the base's diversity (at 7.5 little is left)." + (
-                 f" Each tuned model is also sampled alone at CFG {', '.join(f'{g:g}' for g in other)}, against the base at the same CFG."
-                 if (other := [float(g) for g in plan.tuned_guidances if not _same(g, 1.0)]) else ""), "",
-             "## Which of the paper's claims held here", "",
-             "Effects are tuned minus control (or method A minus method B at equal reward); the interval is a 95 % "
-             "t-interval across training seeds unless it says otherwise; *held* means the interval excludes zero on "
-             "the claimed side.", "",
-             f"### Judged by the training reward ({reward})", "", _claims_table(claims), "",
-             *[f"- {r.claim} ({r.control}): {r.detail}." for r in claims.itertuples()], "",
-             f"### The same models judged by the {second} reward (not trained on)", "",
-             _claims_table(claims_by(results, f"reward_{second.removeprefix('mini-')}")), "",
-             "### The second analysis plan: matched reward levels from the controls' curves", "",
-             "The claims at equal reward again, by the training reward, with the levels at 1/3 and 2/3 of the reward range "
-             "that every seed's control curve reaches (`claims.control_levels`), so that the claimed method's results play "
-             "no part in where it is judged; a seed whose curve does not reach a level is \"not reached\" there "
-             "(`claims_control_levels.csv`).", "",
-             _claims_table(control), "",
-             *[f"- {r.claim} ({r.control}): {r.detail}." for r in control.itertuples()], "",
+    table = paper_table(agg.assign(method=[_label(r) for _, r in agg.iterrows()], original_unet_steps=math.nan, aig_power=math.nan))
+    lines = [*_setup_lines(plan, reward, smoke), *_control_lines(agg, plan), *_claims_lines(results, reward),
              *_regime_lines(agg, plan, reward), *_width_lines(results), "", *_check_lines(checks), *_drift_lines(drift),
              "Pareto front (reward vs diversity, means over seeds): "
              f"{', '.join(dict.fromkeys(_label(r) for _, r in front.iterrows()))}.", "",
-             "## Results (means over training seeds, 95 % interval across seeds)", "",
-             markdown_table(paper_table(agg.assign(method=[_label(r) for _, r in agg.iterrows()], original_unet_steps=math.nan,
-                                                   aig_power=math.nan))), "",
+             "## Results (means over training seeds, 95 % interval across seeds)", "", markdown_table(table), "",
              "## Time", "", *_cost_lines(plan, timings), *[f"- {k}: {v:.0f} s" for k, v in timings.items()], "",
              "Figures: `tradeoff.png` (reward vs diversity, curves over switch points, AIG powers, guidance and "
              "checkpoints, intervals across seeds), `collapse.png` (reward and diversity along training, the paper's "
              "Fig. 1), `grid.png` (same prompts and seeds, one row per method).", ""]
     return "\n".join(lines)
+
 
 # %% ../../nbs/24_mini_demo.ipynb #0b709e93
 class DigitAccuracy(torch.nn.Module):
