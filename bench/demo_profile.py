@@ -36,7 +36,7 @@ def timed(fn, n:int):
     return out, prof
 
 def trainer(plan, model:str):
-    from imagerefl.mini.demo import train_steps_of
+    from imagerefl.mini.plan import train_steps_of
     from imagerefl.config import load_config
     from imagerefl.train import Trainer, build_data
     from imagerefl.config import model_source
@@ -74,11 +74,11 @@ def eval_setting(plan):
 
 def main(argv=None)->int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--plan", default="full", help="a key of imagerefl.mini.demo.DEMO_PLANS")
+    ap.add_argument("--plan", default="full", help="a key of imagerefl.mini.plan.DEMO_PLANS")
     ap.add_argument("--threads", type=int, nargs="*", help="torch thread counts to run in turn (default: the plan's)")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps timed per objective (after one warm-up step)")
     a = ap.parse_args(argv)
-    from imagerefl.mini.demo import DEMO_PLANS
+    from imagerefl.mini.plan import DEMO_PLANS
     plan = DEMO_PLANS[a.plan]
     print(f"plan {a.plan}: N = {plan.num_inference_steps}, {plan.prompts} prompts x {plan.images_per_prompt} images, "
           f"batch {plan.batch_size}; os.cpu_count() = {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")

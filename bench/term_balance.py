@@ -19,7 +19,7 @@ import numpy as np, pandas as pd, torch
 
 def _trainer(reward:str, weight:float, seed:int=0):
     "A Trainer of the demo's full-plan ImageReFL run on `reward` (a demo reward: mini-preference or mini-legibility) with diffusion weight `weight`."
-    from imagerefl.mini.demo import DEMO_PLANS
+    from imagerefl.mini.plan import DEMO_PLANS
     from imagerefl.config import load_config, model_source
     from imagerefl.train import Trainer, build_data
     from imagerefl.objectives import make_objective
@@ -58,7 +58,7 @@ def term_ratio(reward:str, batches:int=3)->dict:
     return df
 
 def ratio_main(a)->int:
-    from imagerefl.mini.demo import DEMO_PLANS
+    from imagerefl.mini.plan import DEMO_PLANS
     w_demo = DEMO_PLANS["full"].diffusion_weights
     print("| reward | batch | mean reward | ||grad L_diff|| | ||grad L_reward|| | ratio at w = 0.01 | ratio at the demo's w |")
     print("|---|---|---|---|---|---|---|")
@@ -71,7 +71,9 @@ def ratio_main(a)->int:
     return 0
 
 def sensitivity_main(a)->int:
-    from imagerefl.mini.demo import DEMO_PLANS, Setting, _demo_job, checkpoint_steps, seed_summary
+    from imagerefl.mini.demo import _demo_job
+    from imagerefl.mini.plan import DEMO_PLANS, checkpoint_steps, seed_summary
+    from imagerefl.sweeps import Setting
     from imagerefl.figures import plot_tradeoff_curves, save_figure
     plan, out = DEMO_PLANS["full"], Path(a.out)
     w = plan.diffusion_weights.get(a.reward, 0.01)

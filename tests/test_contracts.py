@@ -9,7 +9,7 @@ import pytest, torch
 from imagerefl.cli import main
 from imagerefl.core import UserError
 from imagerefl.mini.nets import mini_base_path
-from imagerefl.mini.demo import DEMO_PLANS
+from imagerefl.mini.plan import DEMO_PLANS
 import imagerefl.sampling   # diffusers' log handler binds the real stderr now, not a test's captured one
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def test_an_interrupted_demo_stops_as_a_whole_and_the_next_run_resumes_it(tmp_pa
            last.endswith(f"is kept for the next run with the same arguments; continue with: imagerefl demo --out {out} --quick")
     assert not (out/"eval").exists() and not (out/"results.csv").exists()    # no further stage ran
     from imagerefl.runfolder import find_checkpoint
-    from imagerefl.mini.demo import DEMO_PLANS, _train_once
+    from imagerefl.mini.demo import _train_once
     ck = find_checkpoint(out/"train"/"refl-seed0"/"checkpoints", print)
     assert ck is not None and not (out/"train"/"refl-seed0"/"final").exists()
     kept = snapshot(ck)

@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import pytest
 from PIL import Image
-from imagerefl.mini.demo import demo, DEMO_PLANS, demo_settings
+from imagerefl.mini.demo import demo
+from imagerefl.mini.plan import DEMO_PLANS, demo_settings
 from imagerefl.claims import judge_claims, with_levels, control_levels
 
 METRIC_COLS = ["reward_mean", "reward_ci_low", "reward_ci_high", "accuracy_mean", "diversity_mean", "diversity_ci_low",
@@ -131,7 +132,6 @@ def test_a_failing_worker_stops_the_demo_with_its_error(tmp_path, monkeypatch):
     "A unit of work that fails in a worker process surfaces as the same one-line error, and nothing is left running."
     import dataclasses
     from imagerefl.core import UserError
-    from imagerefl.mini.demo import DEMO_PLANS
     bad = dataclasses.replace(DEMO_PLANS["quick"], train_overrides={"refl": ("optimizer.lr=-1",)})
     with pytest.raises(UserError, match="lr"): demo(tmp_path/"bad", plan=bad, progress=False, workers=2)
 

@@ -4,7 +4,8 @@ confirmatory demos of the shipped plan (`tests/data/demo_seed200_<reward>_result
 `imagerefl demo --seed 200 [--reward mini-legibility]`)."""
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
-from imagerefl.mini.demo import DEMO_PLANS, checkpoint_steps, plan_checks, prediction_drift, demo_settings
+from imagerefl.mini.demo import prediction_drift
+from imagerefl.mini.plan import DEMO_PLANS, checkpoint_steps, plan_checks, demo_settings
 
 DATA = Path(__file__).parent/"data"
 FULL = DEMO_PLANS["full"]

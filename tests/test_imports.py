@@ -40,6 +40,7 @@ ORDER = [
     "imagerefl.mini.nets",
     "imagerefl.mini.preference",
     "imagerefl.mini.pretrain",
+    "imagerefl.mini.plan",             # the demo's plan, report and analysis plans (what runs and how it is judged)
     "imagerefl.mini.demo",
     "imagerefl.mini.plugin",           # the mini world's names, declared in the core registry (lazy strings)
     "imagerefl.testing",
