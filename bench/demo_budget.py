@@ -13,7 +13,7 @@ import argparse, json, os, subprocess, sys, time
 def reference_workload(repeats:int=1, threads:int=2)->float:
     "Seconds for the mini base pipeline to draw 60 images at 40 steps with CFG 7.5 (best of `repeats`)."
     import torch
-    from imagerefl.sweeps import load_models
+    from imagerefl.export import load_models
     from imagerefl.data import load_prompts
     torch.set_num_threads(threads)
     pipe, _ = load_models("mini")

@@ -1,5 +1,5 @@
 "bench/gpu.py's CPU rehearsal: the GPU script's code paths run on tiny components, and a broken path fails loudly."
-import sys
+import ast, importlib, sys
 from pathlib import Path
 import pytest
 
@@ -38,3 +38,21 @@ def test_reward_preprocessing_bench_pixels():
     at224 = t[t["size"] == "224x224"]
     assert len(at224) == 6 and at224.max_abs.max() < 1e-6                    # at the model's size every path agrees
     assert 0 < t[t.reward.str.startswith("ImageReward") & (t["size"] == "512x512")].mean_abs.min() < 0.01
+
+
+def test_scripts_import_what_exists():
+    "Every `from imagerefl... import name` in the benchmarks, tools and figure scripts (lazy ones included) names a module and attribute that exist."
+    root, missing, n = Path(__file__).resolve().parents[1], [], 0
+    for f in sorted([*root.glob("bench/*.py"), *root.glob("tools/*.py"), *root.glob("paper_figures/*.py")]):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "imagerefl":
+                mod = importlib.import_module(node.module)
+                for a in node.names:
+                    n += 1
+                    if not hasattr(mod, a.name):
+                        try: importlib.import_module(f"{node.module}.{a.name}")
+                        except ImportError: missing.append(f"{f.name}:{node.lineno} {node.module}.{a.name}")
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.split(".")[0] == "imagerefl": n += 1; importlib.import_module(a.name)
+    assert n > 20 and not missing, missing
