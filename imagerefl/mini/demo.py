@@ -18,7 +18,7 @@ from ..sampling import BaseStepsCache
 from ..export import load_models, load_tuned_denoiser
 from ..sweeps import Setting, evaluate_setting
 from .plan import (DEMO_PLANS, REWARD_WORDS, DemoPlan, train_steps_of, checkpoint_steps, demo_settings, seed_summary, demo_report,
-    plan_checks, _label, _tuned_rows, _training_levels)
+    plan_checks, _label, _tuned_rows, _training_levels, _score_key)
 
 
 # %% auto #0
@@ -113,7 +113,7 @@ def _eval_world(prompts:int, images_per_prompt:int, batch_size:int, num_inferenc
     other = dict(preference=preference, legibility=legibility)   # every setting is scored by both rewards and the rule
     real = mini_digits("test", resolution=base_pipe.unet.config.sample_size * base_pipe.vae_scale_factor)
     reference = torch.stack([real[i]["image"] for i in range(len(real))])
-    rewards = {"reward": other.pop(reward.removeprefix("mini-")), **other, "rule": RuleUtility(legibility), "accuracy": DigitAccuracy(legibility)}
+    rewards = {"reward": other.pop(_score_key(reward)), **other, "rule": RuleUtility(legibility), "accuracy": DigitAccuracy(legibility)}
     kw = dict(rewards=rewards, features={"mini": features},
               reference_images=reference, fid_features=features, images_per_prompt=images_per_prompt,
               batch_size=batch_size, seed=seed, num_inference_steps=num_inference_steps, progress=False,

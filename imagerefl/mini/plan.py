@@ -69,6 +69,14 @@ REWARD_WORDS = {"mini-preference": "the learned preference reward (`mini-prefere
                                    "that prefers crisp, solid strokes and, a tenth as much, the prompted digit)",
                 "mini-legibility": "the legibility reward (`mini-legibility`: the prompted digit's log-probability under a classifier)"}
 
+def _other_reward(reward:str)->str:
+    "The demo reward not trained on (every setting is scored by it too)."
+    return next(k for k in REWARD_WORDS if k != reward)
+
+def _score_key(reward:str)->str:
+    "A demo reward's name in the results table (`reward_<key>_mean`): `preference`, `legibility`."
+    return reward.removeprefix("mini-")
+
 # %% ../../nbs/23a_mini_plan.ipynb #868bad26
 def train_steps_of(plan:DemoPlan, model:str)->int:
     "Optimizer steps of `model`'s training runs."
@@ -222,7 +230,7 @@ def _label(r)->str:
 # %% ../../nbs/23a_mini_plan.ipynb #4ce3cbff
 def _setup_lines(plan:DemoPlan, reward:str="mini-preference", smoke:bool=False)->list[str]:
     "The report's opening: what was trained and how every setting was sampled and scored (and a warning on a smoke run)."
-    second = next(k for k in REWARD_WORDS if k != reward)
+    second = _other_reward(reward)
     steps = {m: ", ".join(map(str, checkpoint_steps(plan, m))) for m in ("refl", "imagerefl")}
     weight = f"; ImageReFL's diffusion weight {plan.diffusion_weights[reward]:g}" if reward in plan.diffusion_weights else ""
     return ["# imagerefl demo: the paper's comparison on the embedded mini world", "",
@@ -232,7 +240,7 @@ def _setup_lines(plan:DemoPlan, reward:str="mini-preference", smoke:bool=False)-
             f"checkpoints along training (ReFL at steps {steps['refl']}; ImageReFL at {steps['imagerefl']}){weight}. "
             f"Evaluation: {plan.prompts} held-out prompts x {plan.images_per_prompt} images, {plan.num_inference_steps} "
             f"DDPM steps, the same seeds for every setting. Reward: {REWARD_WORDS[reward]}; every setting is also scored "
-            f"by {REWARD_WORDS[second]}, in `reward_{second.removeprefix('mini-')}`, and by the preference annotator's "
+            f"by {REWARD_WORDS[second]}, in `reward_{_score_key(second)}`, and by the preference annotator's "
             "rule itself (`reward_rule`: crispness + 0.1 x legibility); accuracy: how often its classifier sees the "
             "prompted digit (prompt adherence); diversity: mean pairwise 1 - cos of an independent feature network "
             "within a prompt; FID/KID: that network against held-out digits. Every row of `results.csv` states its "
@@ -263,7 +271,7 @@ def _control_lines(agg:pd.DataFrame, plan:DemoPlan)->list[str]:
 # %% ../../nbs/23a_mini_plan.ipynb #dbfcf291
 def _claims_lines(results:pd.DataFrame, reward:str="mini-preference")->list[str]:
     "Which of the paper's claims held: by the training reward, by the other reward, and at the controls' levels."
-    second = next(k for k in REWARD_WORDS if k != reward)
+    second = _other_reward(reward)
     claims = judge_claims(results)
     control = judge_claims(results, with_levels(control_levels))   # the second analysis plan's levels
     return ["## Which of the paper's claims held here", "",
@@ -273,7 +281,7 @@ def _claims_lines(results:pd.DataFrame, reward:str="mini-preference")->list[str]
             f"### Judged by the training reward ({reward})", "", _claims_table(claims), "",
             *[f"- {r.claim} ({r.control}): {r.detail}." for r in claims.itertuples()], "",
             f"### The same models judged by the {second} reward (not trained on)", "",
-            _claims_table(claims_by(results, f"reward_{second.removeprefix('mini-')}")), "",
+            _claims_table(claims_by(results, f"reward_{_score_key(second)}")), "",
             "### The second analysis plan: matched reward levels from the controls' curves", "",
             "The claims at equal reward again, by the training reward, with the levels at 1/3 and 2/3 of the reward range "
             "that every seed's control curve reaches (`claims.control_levels`), so that the claimed method's results play "
