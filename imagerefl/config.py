@@ -175,7 +175,7 @@ CHOICES = {"mixed_precision": ("bf16", "fp16", "no"), "log_with": ("tensorboard"
            "optimizer.name": ("adam", "adamw", "adam8bit", "adamw8bit", "sgd"),
            "optimizer.lr_scheduler": ("constant", "linear", "cosine"),
            "model.scheduler": (None, "ddpm", "ddim", "euler", "dpm", "flow_euler"), "model.frozen_dtype": ("auto", "fp32")}
-MINIMA = {"max_steps": 1, "batch_size": 1, "gradient_accumulation_steps": 1, "checkpoint_every": 0,
+MINIMA = {"max_steps": 1, "batch_size": 1, "model.resolution": 8, "gradient_accumulation_steps": 1, "checkpoint_every": 0,
           "keep_checkpoints": 1, "max_bad_steps": 1, "log_every": 1, "model.lora_rank": 0, "optimizer.warmup_steps": 0,
           "validation.every": 0, "validation.num_prompts": 1, "validation.images_per_prompt": 1,
           "validation.num_inference_steps": 1, "validation.batch_size": 1, "data.num_workers": 0, "data.limit": 1}

@@ -117,7 +117,12 @@ class Backbone:
                           if scheduler else pipe.scheduler)
         pipe.scheduler = self.scheduler
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.resolution = resolution or self.denoiser.config.sample_size * self.vae_scale_factor
+        native = self.denoiser.config.sample_size * self.vae_scale_factor
+        # the pipelines' own input checks: sides in multiples of 8, and of the VAE's factor x the patch size for a transformer
+        step = max(8, self.vae_scale_factor * (getattr(self.denoiser.config, "patch_size", None) or 1))
+        if resolution is not None and (resolution <= 0 or resolution % step):
+            raise UserError(f"resolution {resolution} does not fit this model: use a multiple of {step} (its native size is {native})")
+        self.resolution = native if resolution is None else resolution
         self.set_timesteps(num_inference_steps)
 
 # %% ../nbs/03_diffusion.ipynb #186558a1

@@ -210,6 +210,18 @@ def test_a_seed_is_a_seed_in_a_config_too(capsys, tmp_path):
     assert not (tmp_path/"r").exists()
     assert "4294967296 is not a seed" in parse_error(capsys, "sample", "--model", "m", "--prompt", "a", "--out", "o", "--seed", str(2**32))
 
+def test_an_image_size_the_model_cannot_take_is_refused_before_the_run_folder(capsys, tmp_path):
+    "model.resolution: at least 8, and a multiple of 8 for the mini SD pipeline (its own input check), refused in one line before anything is written."
+    for v, says in (("0", "model.resolution=0 is too small: it must be >= 8"), ("-8", "model.resolution=-8 is too small: it must be >= 8"),
+                    ("12", "resolution 12 does not fit this model: use a multiple of 8 (its native size is 32)")):
+        rc, err = run_main(capsys, "train", "--config", "mini_refl", "--set", f"model.resolution={v}", "--set", f"out_dir={tmp_path/v}")
+        assert rc == 2 and err.endswith(says), err
+        assert not (tmp_path/v).exists()
+    from imagerefl.diffusion import Backbone
+    from imagerefl.export import load_models
+    pipe, _ = load_models("mini")
+    assert Backbone(pipe, resolution=24).resolution == 24 and Backbone(pipe).resolution == 32   # a multiple of 8; None: native
+
 def test_numbers_refused_before_anything_runs(capsys, tmp_path):
     "A negative guidance scale, a seed that leaves no room for the demo's training seeds, more steps than the scheduler has."
     assert parse_error(capsys, "sample", "--model", "m", "--prompt", "a", "--out", "o", "--guidance-scale", "-2").endswith(
