@@ -196,17 +196,17 @@ def test_sdxl_denoising_end(sdxl):
 
 @pytest.mark.parametrize("which", ["freeu", "qkv"])
 def test_unet_changes_reach_both_models(which):
-    base, tuned, comb = family(tiny_sd_pipeline)
-    for pipe in (comb, base, tuned):
-        if which == "freeu": pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
-        else: pipe.fuse_qkv_projections()
-    if which == "qkv":
-        for unet in (comb.original_unet, comb.fine_tuned_unet):
-            assert all(isinstance(p, FusedAttnProcessor2_0) for p in unet.attn_processors.values())
+    base, tuned, comb = family(tiny_sd_pipeline)   # base and tuned hold the combined pipeline's two UNets: only `comb` is changed
+    if which == "freeu": comb.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    else: comb.fuse_qkv_projections()
+    for unet in (comb.original_unet, comb.fine_tuned_unet):
+        if which == "qkv": assert all(isinstance(p, FusedAttnProcessor2_0) for p in unet.attn_processors.values())
+        else: assert unet.up_blocks[0].b1 == 1.2
     ends_equal(base, tuned, comb)
     if which == "freeu":
-        for pipe in (comb, base, tuned): pipe.disable_freeu()
-        assert not hasattr(comb.fine_tuned_unet.up_blocks[0], "b1") or comb.fine_tuned_unet.up_blocks[0].b1 is None
+        comb.disable_freeu()
+        for unet in (comb.original_unet, comb.fine_tuned_unet):
+            assert not hasattr(unet.up_blocks[0], "b1") or unet.up_blocks[0].b1 is None
 
 
 def test_dtype_and_attention_processors_reach_both_models(sd):
